@@ -1,0 +1,204 @@
+"""The only code that reads weights: CompVis single files (.safetensors, .ckpt), diffusers folders, VAE files.
+
+`load_model(path)` returns a ready `LatentDiffusion` (eval mode, no grad) and a `LoadInfo`.
+Weights are assigned tensor by tensor into a model built on the meta device, converted straight to the
+target dtype and device, so loading never holds a second copy of the model.
+"""
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..models.sd import LatentDiffusion, ModelConfig
+from . import diffusers_keys
+from .detect import CLIP, UNET, VAE, clip_config, config_from_yaml, detect, unet_config, vae_config
+from .sources import TensorSource, merge, open_file
+
+EMA = "model_ema."
+EMA_CHOICES = ("auto", "on", "off")
+
+
+@dataclass
+class LoadInfo:
+    path: str
+    config: ModelConfig
+    ema_used: bool
+    vae_path: str | None = None
+    notes: list[str] = field(default_factory=list)  # one-line facts worth telling the user once
+
+
+def ema_key(key: str) -> str:
+    """LitEma's name for a UNet weight: `model.` dropped, then every dot removed."""
+    return EMA + key[len("model."):].replace(".", "")
+
+
+def has_ema(src: TensorSource) -> bool:
+    return sum(1 for k in src.keys() if k.startswith(EMA) and k not in (EMA + "decay", EMA + "num_updates")) > 100
+
+
+# ---------------------------------------------------------------- diffusers folders
+
+def _component_file(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors", f"{stem}.bin", f"{stem}.fp16.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def open_diffusers_folder(root: Path) -> TensorSource:
+    """A diffusers folder seen under CompVis names (config from the tensors, checked against ours)."""
+    parts = {}
+    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
+        f = _component_file(root / sub, stem) or (_component_file(root / sub, "pytorch_model") if sub == "text_encoder" else None)
+        if f is None:
+            raise CheckpointError(f"{root}: a diffusers folder needs {sub}/{stem}.safetensors (or .bin); not found")
+        parts[sub] = open_file(f)
+
+    # The UNet's layout is read from its config.json; we rebuild our key names from it.
+    try:
+        ucfg = json.loads((root / "unet" / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{root}/unet/config.json: unreadable ({e})") from None
+    te_src = parts["text_encoder"]
+    layers = ucfg.get("layers_per_block", 2)
+
+    # Build our model on meta from the folder's configs, then find each of our tensors under its diffusers name.
+    our = {}
+    cfg = _diffusers_config(ucfg, te_src, root)
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg)
+    te_prefix = "text_model." if any(k.startswith("text_model.") for k in te_src.keys()) else ""
+    for key in model.state_dict():
+        if key.startswith(UNET):
+            our[key] = ("unet", diffusers_keys.unet_key(key[len(UNET):], layers))
+        elif key.startswith(VAE):
+            our[key] = ("vae", diffusers_keys.vae_key(key[len(VAE):], len(cfg.vae.ch_mult)))
+        else:
+            our[key] = ("text_encoder", te_prefix + key[len(CLIP):])
+    missing = [f"{sub}/{name}" for sub, name in our.values() if name not in parts[sub]]
+    if missing:
+        raise CheckpointError(f"{root}: not a Stable Diffusion 1.x diffusers folder; missing e.g. {missing[:3]}")
+
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def get(key):
+        sub, name = our[key]
+        t = parts[sub].get(name)
+        return t.reshape(expected[key]) if t.shape != expected[key] else t  # VAE attention: linear ↔ 1x1 conv
+
+    return TensorSource(expected, get, {"kiln_config": json.dumps(cfg.to_dict())}, str(root))
+
+
+def _diffusers_config(ucfg, te_src, root) -> ModelConfig:
+    if ucfg.get("cross_attention_dim", 768) != 768 or ucfg.get("use_linear_projection") or ucfg.get("addition_embed_type"):
+        raise CheckpointError(f"{root}: an SD 2.x/SDXL diffusers folder; only SD 1.x is supported yet")
+    from ..models.unet import UNetConfig
+    from ..models.vae import VAEConfig
+    from ..models.clip_text import CLIPTextConfig
+
+    blocks = ucfg["down_block_types"]
+    mc = ucfg["block_out_channels"][0]
+    unet = UNetConfig(
+        in_channels=ucfg["in_channels"], out_channels=ucfg["out_channels"], model_channels=mc,
+        attention_resolutions=tuple(2 ** i for i, b in enumerate(blocks) if "CrossAttn" in b),
+        num_res_blocks=ucfg["layers_per_block"], channel_mult=tuple(c // mc for c in ucfg["block_out_channels"]),
+        num_heads=ucfg.get("attention_head_dim", 8) if isinstance(ucfg.get("attention_head_dim", 8), int) else 8,
+        context_dim=ucfg.get("cross_attention_dim", 768))
+    vcfg = json.loads((root / "vae" / "config.json").read_text()) if (root / "vae" / "config.json").is_file() else {}
+    ch = vcfg.get("block_out_channels", [128, 256, 512, 512])
+    vae = VAEConfig(in_channels=vcfg.get("in_channels", 3), out_ch=vcfg.get("out_channels", 3), ch=ch[0],
+                    ch_mult=tuple(c // ch[0] for c in ch), num_res_blocks=vcfg.get("layers_per_block", 2),
+                    z_channels=vcfg.get("latent_channels", 4), embed_dim=vcfg.get("latent_channels", 4))
+    te_prefix = "text_model." if any(k.startswith("text_model.") for k in te_src.keys()) else ""
+    text = clip_config(te_src, te_prefix)
+    family = {4: "sd1", 9: "sd1-inpaint"}.get(unet.in_channels, "sd1")
+    return ModelConfig(family=family, unet=unet, vae=vae, text=text, scale_factor=vcfg.get("scaling_factor", 0.18215))
+
+
+# ---------------------------------------------------------------- separate VAE files
+
+def open_vae(path) -> TensorSource:
+    """A VAE file in CompVis naming, with or without the `first_stage_model.` prefix."""
+    src = open_file(path)
+    if any(k.startswith(VAE + "encoder.") for k in src.keys()):
+        mapping = {k: k for k in src.keys() if k.startswith(VAE)}
+    elif "encoder.conv_in.weight" in src:
+        mapping = {VAE + k: k for k in src.keys() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+    else:
+        raise CheckpointError(f"{path}: not a VAE file (no 'encoder.conv_in.weight' or 'first_stage_model.encoder.*')")
+    return src.renamed(mapping, str(path))
+
+
+# ---------------------------------------------------------------- the loader
+
+def open_source(path) -> TensorSource:
+    path = Path(path)
+    if path.is_dir():
+        return open_diffusers_folder(path)
+    return open_file(path)
+
+
+def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: str | None = None,
+               dtype: torch.dtype = torch.float32, device="cpu") -> tuple[LatentDiffusion, LoadInfo]:
+    if ema not in EMA_CHOICES:
+        raise CheckpointError(f"--ema must be one of {', '.join(EMA_CHOICES)}, not {ema!r}")
+    src = open_source(path)
+    cfg = detect(src)
+    if config_yaml:
+        cfg = replace(cfg, **config_from_yaml(config_yaml))
+    notes = []
+    if "global_step" in src.metadata:
+        notes.append(f"global step {src.metadata['global_step']}")
+
+    use_ema = has_ema(src) and ema != "off"
+    if ema == "on" and not has_ema(src):
+        raise CheckpointError(f"{path}: --ema on, but the file holds no EMA weights (no 'model_ema.*' tensors)")
+    if use_ema:
+        notes.append("using the EMA weights stored in the file (model_ema.*); pass --ema off for the raw weights")
+
+    vae_src = open_vae(vae) if vae else None
+    if vae_src is not None:
+        vcfg = vae_config(vae_src)
+        if vcfg != cfg.vae:
+            raise CheckpointError(f"{vae}: this VAE does not fit the model (its layout {vcfg} differs from {cfg.vae})")
+
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg)
+    expected = model.state_dict()
+
+    def pick(key):
+        if vae_src is not None and key.startswith(VAE):
+            return vae_src, key
+        if use_ema and key.startswith(UNET):
+            return src, ema_key(key)
+        return src, key
+
+    missing, wrong = [], []
+    for key, want in expected.items():
+        s, k = pick(key)
+        if k not in s:
+            missing.append(k)
+        elif s.shape(k) != tuple(want.shape):
+            wrong.append(f"{k}: file {list(s.shape(k))}, model {list(want.shape)}")
+    if missing or wrong:
+        detail = (f"{len(missing)} tensors missing, e.g. {missing[:3]}" if missing else "") + \
+                 ("; " if missing and wrong else "") + (f"{len(wrong)} of the wrong shape, e.g. {wrong[:2]}" if wrong else "")
+        raise CheckpointError(f"{path}: does not match the detected {cfg.family} architecture: {detail}")
+
+    state = {}
+    for key in expected:
+        s, k = pick(key)
+        state[key] = s.get(k).to(device=device, dtype=dtype)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:  # cannot happen after the checks above, but never leave a half-built model
+        raise CheckpointError(f"{path}: {e}") from None
+    del state
+    model.requires_grad_(False).eval()
+    return model, LoadInfo(str(path), cfg, use_ema, str(vae) if vae else None, notes)
+
+
+__all__ = ["load_model", "LoadInfo", "open_source", "open_file", "open_vae", "detect", "unet_config", "vae_config",
+           "clip_config", "config_from_yaml", "ema_key", "has_ema", "EMA_CHOICES"]

@@ -1,0 +1,82 @@
+"""The whole latent-diffusion model as one module whose state-dict keys are the CompVis checkpoint keys.
+
+`LatentDiffusion(cfg).state_dict()` has exactly the keys `model.diffusion_model.*`, `first_stage_model.*`
+and `cond_stage_model.transformer.text_model.*` of a CompVis SD v1 file, so loading is `load_state_dict`.
+"""
+from dataclasses import dataclass, field, asdict
+
+import torch
+from torch import nn
+
+from .clip_text import CLIPTextConfig, CLIPTextTransformer
+from .unet import UNetConfig, UNetModel
+from .vae import AutoencoderKL, VAEConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = "sd1"  # sd1 | sd1-inpaint | sd2 | sd2-inpaint ...
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    scale_factor: float = 0.18215
+    parameterization: str = "eps"  # eps | v
+    linear_start: float = 0.00085
+    linear_end: float = 0.0120
+    timesteps: int = 1000
+    native_size: int = 512  # default H and W in pixels
+    watermark: str = "StableDiffusionV1"
+
+    @property
+    def latent_channels(self):
+        return self.unet.out_channels
+
+    @property
+    def downscale(self):
+        return self.vae.downscale
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        tup = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+        return cls(**{**d, "unet": UNetConfig(**tup(d["unet"])), "vae": VAEConfig(**tup(d["vae"])),
+                      "text": CLIPTextConfig(**d["text"])})
+
+
+def alphas_cumprod(cfg: ModelConfig) -> torch.Tensor:
+    """ᾱ of the "scaled linear" schedule, computed in float64 and stored as float32 as CompVis does."""
+    betas = torch.linspace(cfg.linear_start ** 0.5, cfg.linear_end ** 0.5, cfg.timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+class _Holder(nn.Module):
+    """An empty module that only carries named children, to spell out the checkpoint prefixes."""
+
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+class LatentDiffusion(nn.Module):
+    def __init__(self, cfg: ModelConfig = ModelConfig()):
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Holder(diffusion_model=UNetModel(cfg.unet))
+        self.first_stage_model = AutoencoderKL(cfg.vae)
+        self.cond_stage_model = _Holder(transformer=_Holder(text_model=CLIPTextTransformer(cfg.text)))
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.model.diffusion_model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.first_stage_model
+
+    @property
+    def text_model(self) -> CLIPTextTransformer:
+        return self.cond_stage_model.transformer.text_model

@@ -1,0 +1,260 @@
+"""The latent-diffusion UNet of CompVis' `openaimodel.py` with `SpatialTransformer` cross-attention.
+
+Attribute names follow the checkpoint keys under `model.diffusion_model.`. One config covers SD 1.x
+(8 heads, conv proj, context 768), SD 2.x (64-channel heads, linear proj, context 1024), inpainting
+(9 input channels) and SDXL (per-level transformer depth, `label_emb` vector conditioning).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)
+    num_res_blocks: int = 2
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_heads: int = 8
+    num_head_channels: int = -1  # SD 2.x / SDXL: 64 (heads = channels // 64)
+    transformer_depth: int | tuple[int, ...] = 1  # SDXL: one depth per level
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False
+    adm_in_channels: int | None = None  # SDXL vector conditioning width (2816)
+    upcast_attention: bool = False  # compute attention in fp32 under fp16 (SD 2.1)
+
+    def depth(self, level):
+        d = self.transformer_depth
+        return d[level] if isinstance(d, (tuple, list)) else d
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32, as CompVis does (keeps fp16 runs stable)."""
+
+    def forward(self, x):
+        w, b = self.weight.float(), self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
+
+
+def norm32(ch):
+    return GroupNorm32(32, ch, eps=1e-5)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding, cos first (CompVis `util.timestep_embedding`); t may be fractional."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch, emb_ch, out_ch):
+        super().__init__()
+        self.in_layers = nn.Sequential(norm32(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
+        self.out_layers = nn.Sequential(norm32(out_ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
+
+    def forward(self, x, emb):
+        h = self.in_layers(x) + self.emb_layers(emb).type(x.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim, context_dim, heads, dim_head, upcast=False):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.upcast = heads, upcast
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None):
+        context = x if context is None else context
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).type(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    def __init__(self, dim, heads, dim_head, context_dim, upcast):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head, upcast)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, upcast)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, ch, heads, dim_head, depth, context_dim, linear, upcast):
+        super().__init__()
+        inner = heads * dim_head
+        self.linear = linear
+        self.norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth))
+        self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.linear:
+            x = self.proj_in(x)
+        x = x.flatten(2).transpose(1, 2)
+        if self.linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.linear:
+            x = self.proj_out(x)
+        x = x.transpose(1, 2).reshape(b, -1, h, w)
+        if not self.linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x, size=None):
+        # `size` (the next skip's size) lets latents that are not a multiple of 8 work, as diffusers allows.
+        up = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(up)
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    def forward(self, x, emb, context, size=None):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    def __init__(self, cfg: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.cfg = cfg
+        mc = cfg.model_channels
+        emb_ch = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
+
+        def attention(ch, level):
+            if cfg.num_head_channels == -1:
+                heads, dim_head = cfg.num_heads, ch // cfg.num_heads
+            else:
+                heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
+            return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim,
+                                      cfg.use_linear_in_transformer, cfg.upcast_attention)
+
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_chans, ch, ds = [mc], mc, 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [ResBlock(ch, emb_ch, mult * mc)]
+                ch = mult * mc
+                if ds in cfg.attention_resolutions:
+                    layers.append(attention(ch, level))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(cfg.channel_mult) - 1:
+                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_chans.append(ch)
+                ds *= 2
+
+        last = len(cfg.channel_mult) - 1
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_ch, ch), attention(ch, last), ResBlock(ch, emb_ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_chans.pop(), emb_ch, mc * mult)]
+                ch = mc * mult
+                if ds in cfg.attention_resolutions:
+                    layers.append(attention(ch, level))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepEmbedSequential(*layers))
+
+        self.out = nn.Sequential(norm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+
+    @property
+    def dtype(self):
+        return self.time_embed[0].weight.dtype
+
+    def forward(self, x, t, context, y=None):
+        """x: [B, C, h, w] latents; t: [B] timesteps (may be fractional); context: [B, n, context_dim];
+        y: [B, adm_in_channels] vector conditioning (SDXL only)."""
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.dtype))
+        if self.cfg.adm_in_channels is not None:
+            emb = emb + self.label_emb(y.to(self.dtype))
+        h = x.to(self.dtype)
+        context = context.to(self.dtype)
+        hs = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
+        return self.out(h).to(x.dtype)

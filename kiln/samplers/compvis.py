@@ -1,0 +1,90 @@
+"""DDIM and PLMS exactly as CompVis' `ldm/models/diffusion/{ddim,plms}.py`, over a noise predictor.
+
+`eps_fn(x, t)` returns the (guided) noise prediction at integer timestep `t`; samplers know nothing else
+about the model. `noise(x)` draws fresh noise shaped like `x` (per-image generators live in the caller).
+`callback(i, total, x, pred_x0)` runs after every step.
+"""
+import numpy as np
+import torch
+
+
+def ddim_timesteps(steps: int, num_train: int = 1000) -> np.ndarray:
+    """CompVis 'uniform' discretisation: every c-th step, shifted by one; more than `steps` when c does not divide.
+
+    Where the shift would reach index `num_train` (CompVis crashes there, e.g. for 3 or 1000 steps) the last
+    timestep is clamped to `num_train - 1` and duplicates dropped."""
+    if not 1 <= steps <= num_train:
+        raise ValueError(f"steps must be between 1 and {num_train}, got {steps}")
+    c = num_train // steps
+    return np.unique(np.minimum(np.arange(0, num_train, c) + 1, num_train - 1))
+
+
+def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float = 0.0):
+    """(timesteps, ᾱ_t, ᾱ_prev, σ_t) for the DDIM sub-schedule; the first ᾱ_prev is ᾱ[0], not 1."""
+    ts = ddim_timesteps(steps, len(alphas_cumprod))
+    ac = alphas_cumprod.double().cpu()
+    a = ac[ts]
+    a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
+    sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
+    return ts, a.float(), a_prev.float(), sigma.float()
+
+
+def ddim_step(x, e_t, a_t, a_prev, sigma_t, noise=None):
+    """One DDIM update from the noise prediction; returns (x_prev, pred_x0)."""
+    pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
+    dir_xt = (1 - a_prev - sigma_t ** 2).sqrt() * e_t
+    x_prev = a_prev.sqrt() * pred_x0 + dir_xt
+    if sigma_t > 0:
+        x_prev = x_prev + sigma_t * noise(x)
+    return x_prev, pred_x0
+
+
+@torch.no_grad()
+def sample_ddim(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None):
+    """Run DDIM from pure noise `x` (or, with `start` = k, from a latent noised to the k-th sub-step: img2img)."""
+    ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, eta)
+    if eta > 0 and noise is None:
+        raise ValueError("eta > 0 needs a noise source")
+    n = len(ts) if start is None else start
+    order = list(reversed(range(n)))
+    for i, index in enumerate(order):
+        e_t = eps_fn(x, int(ts[index]))
+        x, pred_x0 = ddim_step(x, e_t, a[index], a_prev[index], sigma[index], noise)
+        if callback:
+            callback(i, len(order), x, pred_x0)
+    return x
+
+
+def plms_eps(e_t, old_eps):
+    """Adams–Bashforth combination of the current and stored noise predictions (CompVis `p_sample_plms`)."""
+    if len(old_eps) == 1:
+        return (3 * e_t - old_eps[-1]) / 2
+    if len(old_eps) == 2:
+        return (23 * e_t - 16 * old_eps[-1] + 5 * old_eps[-2]) / 12
+    return (55 * e_t - 59 * old_eps[-1] + 37 * old_eps[-2] - 9 * old_eps[-3]) / 24
+
+
+@torch.no_grad()
+def sample_plms(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None):
+    """PLMS: a pseudo improved-Euler first step (two evaluations), then 2-, 3-, 4-step Adams–Bashforth."""
+    if eta != 0:
+        raise ValueError("PLMS is deterministic: eta must be 0")
+    ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, 0.0)
+    n = len(ts) if start is None else start
+    order = list(reversed(range(n)))
+    old_eps = []
+    for i, index in enumerate(order):
+        e_t = eps_fn(x, int(ts[index]))
+        if not old_eps:
+            x_next, _ = ddim_step(x, e_t, a[index], a_prev[index], sigma[index])
+            t_next = int(ts[order[min(i + 1, len(order) - 1)]])
+            e_prime = (e_t + eps_fn(x_next, t_next)) / 2
+        else:
+            e_prime = plms_eps(e_t, old_eps)
+        x, pred_x0 = ddim_step(x, e_prime, a[index], a_prev[index], sigma[index])
+        old_eps.append(e_t)
+        if len(old_eps) >= 4:
+            old_eps.pop(0)
+        if callback:
+            callback(i, len(order), x, pred_x0)
+    return x

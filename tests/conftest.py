@@ -1,0 +1,53 @@
+import gc
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import sdref  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd15(tmp_path_factory):
+    """Random full-size SD 1.5 weights written once per run, in every layout the loader reads:
+    fp32 and fp16 CompVis .safetensors, a Lightning .ckpt holding EMA and non-EMA UNet weights (fp16),
+    and a diffusers folder written by diffusers' own converters and `save_pretrained`."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("sd15")
+    state = sdref.random_state(seed=0)
+    sdref.calibrate(state)
+    extra = sdref.schedule_buffers()
+    files = {"fp32": root / "sd15-fp32.safetensors", "fp16": root / "sd15-fp16.safetensors",
+             "ckpt": root / "sd15-ema.ckpt", "diffusers": root / "sd15-diffusers", "tokenizer": root / "tokenizer"}
+    save_file({**state, **extra}, files["fp32"])
+    for k in state:
+        state[k] = state[k].half()
+    save_file({**state, **extra}, files["fp16"])
+
+    # EMA shadow weights: the UNet perturbed by noise of 30% of each tensor's own scale, as LitEma names them.
+    gen = torch.Generator().manual_seed(1)
+    ema = {}
+    for k, v in state.items():
+        if k.startswith("model.diffusion_model."):
+            v32 = v.float()
+            ema[sdref.ema_name(k)] = (v32 + 0.3 * v32.std() * torch.randn(v.shape, generator=gen)).half()
+    ema["model_ema.decay"] = torch.tensor(0.9999)
+    ema["model_ema.num_updates"] = torch.tensor(840000, dtype=torch.int32)
+    torch.save({"state_dict": {**state, **ema, **extra}, "global_step": 840000, "epoch": 6}, files["ckpt"])
+    del ema
+    gc.collect()
+
+    # A diffusers folder, converted by diffusers itself from the fp16 CompVis weights.
+    full = {k: v.float() for k, v in state.items()}
+    del state
+    sdref.ref_unet(full).save_pretrained(files["diffusers"] / "unet")
+    sdref.ref_vae(full).save_pretrained(files["diffusers"] / "vae")
+    sdref.ref_clip(full).save_pretrained(files["diffusers"] / "text_encoder")
+    del full
+    gc.collect()
+    sdref.hf_tokenizer_files(files["tokenizer"])
+    return files
