@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def txt2img_parser(sub):
                    help=f"weights: CompVis .ckpt/.safetensors or a diffusers folder (default: {COMPVIS_CKPT})")
     p.add_argument("--seed", type=int, default=42, help="image i of the run uses seed + i")
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
-                   help="full = fp32; autocast = fp16 on CUDA/MPS, bf16 on CPU")
+                   help="full = fp32; autocast = fp16 on CUDA/MPS, bf16 on CPUs with native bf16 (else fp32)")
     p.add_argument("--ema", choices=["auto", "on", "off"], default="auto", help="use the file's EMA weights (auto: when present)")
     p.add_argument("--vae", type=str, default=None, help="a separate VAE file (CompVis layout, e.g. the ft-MSE VAE)")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps")
@@ -70,12 +69,18 @@ def read_prompts(opt) -> list[str]:
 
 
 def resolve_ckpt(opt) -> str:
+    """--ckpt, else CompVis' default path when it exists, else the embedded demo model."""
+    from .demo.report import EMBEDDED
+
     if opt.ckpt:
         return opt.ckpt
     if Path(COMPVIS_CKPT).exists():
         return COMPVIS_CKPT
-    raise KilnError(f"no --ckpt given and {COMPVIS_CKPT} does not exist; pass --ckpt FILE "
-                    "(a CompVis .ckpt/.safetensors file or a diffusers folder)")
+    if EMBEDDED.exists():
+        say("kiln: no --ckpt given: using the embedded demo model (64x64 shapes; pass --ckpt for a real checkpoint)")
+        return str(EMBEDDED)
+    raise KilnError(f"no --ckpt given, {COMPVIS_CKPT} does not exist and the embedded model is missing; "
+                    "pass --ckpt FILE (a CompVis .ckpt/.safetensors file or a diffusers folder)")
 
 
 def run_txt2img(opt):
@@ -144,10 +149,65 @@ def run_txt2img(opt):
     say(f"Your samples are ready and waiting for you here:\n{out.root}\n\nEnjoy.")
 
 
+def train_parser(sub):
+    p = sub.add_parser("train", help="train the embedded demo model", description="Train kiln's tiny demo model "
+                       "(the SD v1 architecture at a tiny size) on the procedural captioned-shapes data.")
+    p.add_argument("what", choices=["demo"])
+    p.add_argument("--out", default="kiln-demo.safetensors", help="where to write the trained model")
+    p.add_argument("--workdir", default="kiln-demo-train", help="training state (resumable), loss log")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=None)
+    p.add_argument("--unet-steps", type=int, default=None)
+    p.add_argument("--images", type=int, default=None, help="training images to generate")
+    return p
+
+
+def eval_parser(sub):
+    p = sub.add_parser("eval", help="measure prompt adherence of the demo model",
+                       description="Generate the held-out shapes prompts and judge them with the pixel analyzer.")
+    p.add_argument("what", choices=["demo"])
+    p.add_argument("--ckpt", default=None, help="model to evaluate (default: the embedded demo model)")
+    p.add_argument("--samplers", default="ddim,plms")
+    p.add_argument("--scales", default="1,5")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def run_train(opt):
+    from dataclasses import replace
+
+    from .demo.train import Trainer, TrainOptions
+
+    o = TrainOptions(seed=opt.seed)
+    for field, value in (("vae_steps", opt.vae_steps), ("unet_steps", opt.unet_steps), ("images", opt.images)):
+        if value is not None:
+            if value < 1:
+                raise KilnError(f"--{field.replace('_', '-')} must be at least 1")
+            o = replace(o, **{field: value})
+    Trainer(opt.workdir, o, log=lambda m: say(f"kiln: {m}")).run(Path(opt.out))
+
+
+def run_eval(opt):
+    from .demo.report import EMBEDDED, table
+    from .pipeline import load
+
+    pipe = load(opt.ckpt or EMBEDDED, device=opt.device, precision="full")
+    try:
+        scales = [float(s) for s in opt.scales.split(",")]
+    except ValueError:
+        raise KilnError(f"--scales must be comma-separated numbers, not {opt.scales!r}") from None
+    text, _ = table(pipe, samplers=opt.samplers.split(","), scales=scales, steps=opt.steps, seed=opt.seed)
+    print(text)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="kiln", description="Stable Diffusion in plain, fast, verifiable PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     txt2img_parser(sub)
+    train_parser(sub)
+    eval_parser(sub)
     return parser
 
 
@@ -155,8 +215,7 @@ def main(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     try:
-        if opt.command == "txt2img":
-            run_txt2img(opt)
+        {"txt2img": run_txt2img, "train": run_train, "eval": run_eval}[opt.command](opt)
     except KilnError as e:
         say(f"kiln: error: {e}")
         return 1

@@ -39,13 +39,23 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 matrix math (AVX512-BF16 or AMX); without it bf16 on a CPU is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """`full` is fp32; `autocast` is fp16 on CUDA/MPS and bf16 on CPU (what autocast would compute in)."""
+    """`full` is fp32; `autocast` is fp16 on CUDA/MPS and bf16 on CPUs with native bf16 (fp32 on other CPUs)."""
     if precision not in PRECISIONS:
         raise KilnError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if precision == "full":
         return torch.float32
-    return torch.bfloat16 if device.type == "cpu" else torch.float16
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.float16
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""CLIP byte-pair-encoding tokenizer (openai/clip-vit-large-patch14, as used by SD1).
+r"""CLIP byte-pair-encoding tokenizer (openai/clip-vit-large-patch14, as used by SD1).
 
 The merges come from ``kiln/assets/bpe_simple_vocab_16e6.txt.gz`` (open_clip /
 OpenAI CLIP, MIT licence, see ``kiln/assets/LICENSE-open_clip.txt``).
@@ -7,43 +7,48 @@ Vocabulary (49,408 ids): the 256 byte-level characters, the same 256 with
 ``</w>`` appended, one token per merge for the first 48,894 merges, then
 ``<|startoftext|>`` = 49406 and ``<|endoftext|>`` = 49407.
 
-Text handling reproduces the transformers ``CLIPTokenizer`` that is installed
-here (transformers 5.x, where ``CLIPTokenizer`` and ``CLIPTokenizerFast`` are
-the same class, backed by the Rust ``tokenizers`` library; it is identical to
-4.x's ``CLIPTokenizerFast``):
+Text handling.  The ids equal those of transformers' CLIP tokenizers; the
+installed transformers 5.x has one ``CLIPTokenizer`` (``CLIPTokenizerFast`` is
+an alias), backed by the Rust ``tokenizers`` library, the same pipeline as
+4.x's ``CLIPTokenizerFast``.  Steps:
 
-1. ``<|startoftext|>`` / ``<|endoftext|>`` written literally (exact case) in the
-   text are split off first and map to their special ids; the text between
-   them is processed on its own.
+1. ``<|startoftext|>`` / ``<|endoftext|>`` written literally (exact case) are
+   split off first and give their special ids; the text between them is
+   processed on its own.
 2. Normalise: Unicode NFC, every run of whitespace -> one space, lower-case
-   *character by character* (so a word-final capital sigma becomes ``σ``, not
-   the ``ς`` that ``str.lower`` would give).  No HTML unescaping: ``&amp;``
-   stays ``&amp;`` (only ftfy-based pipelines unescape, and ftfy is not used).
-3. Pre-tokenise with CLIP's pattern (``'s|'t|'re|'ve|'m|'ll|'d|\\p{L}+|\\p{N}|
-   [^\\s\\p{L}\\p{N}]+``, whitespace dropped), then split each piece again with
-   the GPT-2 byte-level pattern (this only ever changes anything for a
-   case-variant such as ``<|ENDOFTEXT|>``, which lower-cases into the special
-   string but is *not* the special token: it becomes ``<|``, ``endoftext``,
-   ``|>``).
-4. Map UTF-8 bytes to the byte-level alphabet, run BPE with ``</w>`` on the
-   last symbol of each word, look up ids.
+   *character by character* (a word-final capital sigma becomes ``σ``, not
+   the ``ς`` that ``str.lower`` gives).  No HTML unescaping (``&amp;`` stays
+   ``&amp;``) and no other clean-up: that is what transformers does when ftfy
+   is not installed, and kiln does not use ftfy.
+3. Pre-tokenise with CLIP's pattern ``'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|
+   [^\s\p{L}\p{N}]+`` (whitespace dropped).  A piece that is a special string
+   (a case variant such as ``<|EndOfText|>``, lower-cased) gives the special
+   id.  (The Rust pipeline splits each piece again with GPT-2's byte-level
+   pattern; on CLIP's pieces that never changes anything, so it is skipped.)
+4. UTF-8 bytes -> byte-level characters, BPE with ``</w>`` on the last symbol
+   of each word, ids.  Results are cached per piece.
 
-Differences from transformers 4.x's *slow* python ``CLIPTokenizer`` without
-ftfy (it cleans text with BERT's BasicTokenizer instead); found by comparing
-against it, listed so nobody is surprised:
+Checked (tests/test_tokenizer.py, and once against every code point) to be
+identical to transformers 5.x ``CLIPTokenizer`` and 4.x ``CLIPTokenizerFast``
+for all text made of characters assigned in Unicode 14.0 (Python 3.11's
+``unicodedata``; the Rust library's regex and case tables are newer, so
+characters added since may differ), with these documented exceptions where
+the transformers tokenizers disagree among themselves:
 
-* CJK ideographs (U+4E00..9FFF, U+3400..4DBF, ext. B-F, compatibility
-  ideographs): the slow one puts spaces round each, so ``東京`` is two words
-  ``東</w> 京</w>``; we (and the fast/Rust one) keep ``東京`` as one word.
-* Control/format/private-use/unassigned characters (Unicode category C*,
-  except tab/newline/CR) and U+FFFD: the slow one deletes them (e.g. the
-  zero-width joiner inside emoji sequences); we keep them as bytes.
-* ``<|ENDOFTEXT|>`` (any case other than exact): the slow one yields the
-  special id after lower-casing; we give three ordinary tokens.
-* ``ΟΔΟΣ``: the slow one lower-cases with ``str.lower`` (final ``ς``); we
-  lower-case per character (``σ``).
-* The slow one matches ``'s`` etc. case-insensitively, so ``'ſ`` (long s)
-  is one piece there and two here.
+* Case variants of the special strings: 4.x slow, 4.x fast and OpenAI CLIP
+  give the special id (as kiln does); 5.x gives ``<|`` ``endoftext`` ``|>``.
+  After punctuation (``!<|ENDOFTEXT|>``) 4.x fast still gives the special id,
+  while the 4.x slow one and kiln give ``!<|`` ``endoftext`` ``|>``.
+* The 4.x *slow* python ``CLIPTokenizer`` without ftfy (text cleaned by
+  BERT's BasicTokenizer) differs from all Rust-backed ones, and from kiln:
+  - CJK ideographs: it puts spaces round each (``東京`` -> ``東</w> 京</w>``);
+    kiln and the fast one keep ``東京`` as one word;
+  - characters of category C* (controls, format characters such as the
+    zero-width joiner in emoji sequences, private use) other than tab/LF/CR,
+    and U+FFFD: it deletes them; kiln keeps them as bytes;
+  - ``ΟΔΟΣ``: it lower-cases with ``str.lower`` (final ``ς``);
+  - its pattern is case-insensitive, so ``'ſ`` (long s), U+0345 and the
+    circled letters U+24B6..24E9 are split differently.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ _BOS_TEXT, _EOS_TEXT = "<|startoftext|>", "<|endoftext|>"
 _SPECIAL = {_BOS_TEXT: BOS, _EOS_TEXT: EOS}
 _N_MERGES = 49152 - 256 - 2  # 48,894: the merges CLIP's vocabulary uses
 _VOCAB_SIZE = 49408
+_CACHE_SIZE = 100_000  # pieces; cleared when full
 
 _MERGES_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 
@@ -73,10 +79,6 @@ _WHITESPACE_RE = regex.compile(r"\s+")
 # CLIP's pre-tokeniser; everything it does not match (whitespace) is dropped.
 _CLIP_PIECE_RE = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+"""
-)
-# GPT-2's byte-level pre-tokeniser, applied again to each CLIP piece.
-_BYTELEVEL_RE = regex.compile(
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 )
 
 
@@ -171,10 +173,10 @@ class Tokenizer:
         if ids is None:
             if piece in _SPECIAL:  # a case variant such as "<|EndOfText|>", lower-cased
                 return [_SPECIAL[piece]]
-            ids = []
-            for word in _BYTELEVEL_RE.findall(piece):
-                mapped = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
-                ids.extend(self.encoder[t] for t in self._bpe(mapped))
+            word = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
+            ids = [self.encoder[t] for t in self._bpe(word)]
+            if len(self._cache) >= _CACHE_SIZE:
+                self._cache.clear()
             self._cache[piece] = ids
         return ids
 

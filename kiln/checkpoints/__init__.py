@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 from ..models.sd import LatentDiffusion, ModelConfig
 from . import diffusers_keys
 from .detect import CLIP, UNET, VAE, clip_config, config_from_yaml, detect, unet_config, vae_config
-from .sources import TensorSource, merge, open_file
+from .sources import TensorSource, open_file
 
 EMA = "model_ema."
 EMA_CHOICES = ("auto", "on", "off")
@@ -96,7 +96,6 @@ def _diffusers_config(ucfg, te_src, root) -> ModelConfig:
         raise CheckpointError(f"{root}: an SD 2.x/SDXL diffusers folder; only SD 1.x is supported yet")
     from ..models.unet import UNetConfig
     from ..models.vae import VAEConfig
-    from ..models.clip_text import CLIPTextConfig
 
     blocks = ucfg["down_block_types"]
     mc = ucfg["block_out_channels"][0]

@@ -35,14 +35,6 @@ class TensorSource:
                             lambda key: self._get(mapping[key]), self.metadata, name or self.name)
 
 
-def merge(sources, name=""):
-    shapes, owner = {}, {}
-    for src in sources:
-        for key in src.keys():
-            shapes[key], owner[key] = src.shape(key), src
-    return TensorSource(shapes, lambda key: owner[key].get(key), {k: v for s in sources for k, v in s.metadata.items()}, name)
-
-
 def _check_safetensors_header(path: Path):
     size = path.stat().st_size
     with open(path, "rb") as f:

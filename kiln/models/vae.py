@@ -4,7 +4,6 @@ Attribute names follow the checkpoint keys under `first_stage_model.`.
 """
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -1,7 +1,5 @@
-"""Numerical parity of kiln's SD 1.5 with diffusers/transformers on random full-size weights.
-
-The references are built with diffusers' own single-file converters from the CompVis-layout files of the
-`sd15` fixture, so our key naming is checked independently of our own loader."""
+"""End to end: `kiln txt2img` on random full-size SD 1.5 weights equals diffusers' StableDiffusionPipeline
+(DDIM, eta 0, the same start latents) within 1/255 on >= 99.9% of pixel values, for every file layout."""
 import gc
 
 import numpy as np
@@ -11,68 +9,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import sdref
-from kiln.checkpoints import load_model
 from kiln.cli import main
 from kiln.pipeline import generators, randn
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def fp32_pair(sd15):
-    ours, info = load_model(sd15["fp32"])
-    ref_state = load_file(sd15["fp32"])
-    yield ours, ref_state
-    del ours, ref_state
-    gc.collect()
-
-
-def test_clip_parity(fp32_pair):
-    ours, state = fp32_pair
-    ref = sdref.ref_clip(state)
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, 49406, (3, 77), generator=gen)
-    ids[:, 0], ids[:, 12:] = 49406, 49407
-    with torch.no_grad():
-        a = ours.text_model(ids)
-        out = ref(ids, output_hidden_states=True)
-        assert a.std() > 0.5  # real signal, not zeros
-        assert (a - out.last_hidden_state).abs().max() <= 1e-5
-        assert (ours.text_model(ids, skip=1) - out.hidden_states[-2]).abs().max() <= 1e-5
-
-
-def test_unet_parity(fp32_pair):
-    ours, state = fp32_pair
-    ref = sdref.ref_unet(state)
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(2, 4, 8, 8, generator=gen)
-    ctx = torch.randn(2, 77, 768, generator=gen)
-    t = torch.tensor([981, 21])
-    with torch.no_grad():
-        a = ours.unet(x, t, ctx)
-        b = ref(x, t, encoder_hidden_states=ctx).sample
-    assert 0.5 < a.std() < 2.0  # ε at unit scale
-    assert (a - b).abs().max() <= 1e-4
-    del ref
-
-
-def test_vae_parity(fp32_pair):
-    ours, state = fp32_pair
-    ref = sdref.ref_vae(state)
-    gen = torch.Generator().manual_seed(7)
-    z = torch.randn(1, 4, 8, 8, generator=gen)
-    img = torch.rand(1, 3, 64, 64, generator=gen) * 2 - 1
-    with torch.no_grad():
-        dec = ours.vae.decode(z)
-        assert 0.2 < dec.std() < 1.0
-        assert (dec - ref.decode(z).sample).abs().max() <= 1e-4
-        mean, logvar = ours.vae.encode(img)
-        dist = ref.encode(img).latent_dist
-        assert (mean - dist.mean).abs().max() <= 1e-4
-        assert (logvar - dist.logvar).abs().max() <= 1e-4
-
-
-# ------------------------------------------------------------------ end to end: `kiln txt2img` vs diffusers
 
 def run_kiln(tmp_path, ckpt, *extra, prompt="a red cube on a blue table", n=2, steps=10):
     out = tmp_path / "out"

@@ -1,0 +1,40 @@
+"""`kiln eval demo`: prompt adherence of a model on the held-out shapes prompts, judged by the pixel analyzer."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .evaluate import analyze
+from .shapes import ATTRIBUTES, heldout_prompts
+
+EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "demo.safetensors"
+
+
+def adherence(pipe, *, sampler="ddim", cfg_scale=5.0, steps=20, seed=0, batch_size=16, prompts=None) -> dict:
+    """Per-attribute accuracy over the held-out prompts (one image each, seed + prompt index)."""
+    prompts = prompts or heldout_prompts()
+    texts = [p for p, _ in prompts]
+    result = pipe.txt2img(texts, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size)
+    hits = {k: 0 for k in ATTRIBUTES}
+    all_hits = 0
+    for pixels, (_, labels) in zip(result.pixels, prompts):
+        got = analyze(pixels)
+        ok = [getattr(got, k) == getattr(labels, k) for k in ATTRIBUTES]
+        for k, o in zip(ATTRIBUTES, ok):
+            hits[k] += o
+        all_hits += all(ok)
+    n = len(prompts)
+    return {**{k: hits[k] / n for k in ATTRIBUTES}, "all": all_hits / n, "n": n}
+
+
+def table(pipe, samplers=("ddim",), scales=(1.0, 5.0), steps=20, seed=0) -> tuple[str, list[dict]]:
+    rows = []
+    for sampler in samplers:
+        for scale in scales:
+            rows.append(dict(sampler=sampler, scale=scale, steps=steps,
+                             **adherence(pipe, sampler=sampler, cfg_scale=scale, steps=steps, seed=seed)))
+    cols = ("color", "background", "shape", "position", "size", "all")
+    lines = ["| sampler | steps | scale | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {r['scale']:g} | "
+                     + " | ".join(f"{100 * r[c]:.1f}%" for c in cols) + " |")
+    return "\n".join(lines), rows

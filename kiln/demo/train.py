@@ -1,0 +1,259 @@
+"""Training of kiln's embedded demo model: the SD v1 architecture at a tiny size, on the captioned-shapes data.
+
+Two stages, both resumable from `workdir/state.pt`:
+1. the autoencoder (f = 4: 64×64×3 ↔ 16×16×4), L1 + MSE reconstruction with a light KL term;
+2. UNet + CLIP text encoder together on cached latents: ε-prediction on SD's own noise schedule, min-SNR-5
+   loss weighting (faster convergence), 10% caption dropout so classifier-free guidance works, EMA weights.
+The result is one CompVis-layout `.safetensors` (EMA weights, fp16) whose header carries the model config,
+read by the ordinary checkpoint loader.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..models import CLIPTextConfig, LatentDiffusion, ModelConfig, UNetConfig, VAEConfig, alphas_cumprod
+from ..tokenizer import default_tokenizer
+from . import shapes
+
+DEMO_CONFIG = ModelConfig(
+    family="sd1",
+    unet=UNetConfig(model_channels=64, channel_mult=(1, 2, 2), attention_resolutions=(2, 4), num_res_blocks=1,
+                    num_heads=4, context_dim=128),
+    vae=VAEConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, resolution=64),
+    text=CLIPTextConfig(width=128, layers=2, heads=2, mlp_width=512),
+    scale_factor=1.0,  # replaced by 1/std of the trained autoencoder's latents, as LDM's scale_by_std does
+    native_size=64,
+)
+
+
+@dataclass
+class TrainOptions:
+    seed: int = 0
+    images: int = 20000
+    vae_steps: int = 1500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 6000
+    batch: int = 64
+    lr: float = 1e-3
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    min_snr: float = 5.0
+    save_every: int = 250
+
+
+def set_threads():
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def dataset(opt: TrainOptions):
+    data = shapes.sample(opt.images, seed=opt.seed, split="train")
+    images = torch.from_numpy(np.stack([d[0] for d in data])).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+    captions = [d[1] for d in data]
+    return images, captions
+
+
+def to_float(images_u8):
+    return images_u8.float() / 127.5 - 1.0
+
+
+def vae_loss(vae, x):
+    mean, logvar = vae.encode(x)
+    z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    rec = vae.decode(z)
+    kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).mean()
+    return F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int):
+    d = min(decay, (1 + step) / (10 + step))  # LitEma's warm-up
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - d)
+
+
+class Trainer:
+    def __init__(self, workdir, opt: TrainOptions = TrainOptions(), progress=True, log=print):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.opt, self.progress, self.log = opt, progress, log
+        torch.manual_seed(opt.seed)
+        self.cfg = DEMO_CONFIG
+        self.model = LatentDiffusion(self.cfg)
+        self.stage, self.step, self.elapsed = "vae", 0, 0.0
+        self.vae_opt = torch.optim.AdamW(self.model.vae.parameters(), lr=opt.vae_lr, weight_decay=0.0)
+        self.diff_params = list(self.model.unet.parameters()) + list(self.model.text_model.parameters())
+        self.diff_opt = torch.optim.AdamW(self.diff_params, lr=opt.lr, weight_decay=0.01)
+        self.ema = None
+        self.rng = torch.Generator().manual_seed(opt.seed)
+        self.loss_log = []  # (stage, step, loss)
+        self.state_path = self.workdir / "state.pt"
+        if self.state_path.exists():
+            self.load_state()
+
+    # ------------------------------------------------------------------ checkpoints of the training run
+    def save_state(self):
+        state = dict(stage=self.stage, step=self.step, elapsed=self.elapsed, cfg=json.dumps(self.cfg.to_dict()),
+                     model=self.model.state_dict(), vae_opt=self.vae_opt.state_dict(),
+                     diff_opt=self.diff_opt.state_dict(), ema=self.ema.state_dict() if self.ema else None,
+                     rng=self.rng.get_state(), torch_rng=torch.get_rng_state(), loss_log=self.loss_log,
+                     opt=asdict(self.opt))
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
+
+    def load_state(self):
+        s = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        self.cfg = ModelConfig.from_dict(json.loads(s["cfg"]))
+        self.model = LatentDiffusion(self.cfg)
+        self.model.load_state_dict(s["model"])
+        self.vae_opt = torch.optim.AdamW(self.model.vae.parameters(), lr=self.opt.vae_lr, weight_decay=0.0)
+        self.vae_opt.load_state_dict(s["vae_opt"])
+        self.diff_params = list(self.model.unet.parameters()) + list(self.model.text_model.parameters())
+        self.diff_opt = torch.optim.AdamW(self.diff_params, lr=self.opt.lr, weight_decay=0.01)
+        self.diff_opt.load_state_dict(s["diff_opt"])
+        if s["ema"] is not None:
+            self.ema = copy.deepcopy(self.model)
+            self.ema.load_state_dict(s["ema"])
+        self.stage, self.step, self.elapsed = s["stage"], s["step"], s["elapsed"]
+        self.rng.set_state(s["rng"])
+        torch.set_rng_state(s["torch_rng"])
+        self.loss_log = [tuple(x) for x in s["loss_log"]]
+        self.log(f"resumed from {self.state_path}: stage {self.stage}, step {self.step}")
+
+    # ------------------------------------------------------------------ stages
+    def run(self, out: Path):
+        set_threads()
+        images, captions = dataset(self.opt)
+        if self.stage == "vae":
+            self.train_vae(images)
+            self.stage, self.step = "unet", 0
+            self.save_state()
+        if self.stage == "unet":
+            self.train_unet(images, captions)
+            self.stage = "done"
+            self.save_state()
+        self.export(out)
+        self.write_loss_csv()
+
+    def _bar(self, total, desc):
+        return tqdm(total=total, initial=self.step, desc=desc, unit="step", disable=not self.progress, smoothing=0.05)
+
+    def train_vae(self, images):
+        vae, opt = self.model.vae, self.opt
+        vae.train()
+        bar = self._bar(opt.vae_steps, "autoencoder")
+        while self.step < opt.vae_steps:
+            t0 = time.time()
+            idx = torch.randint(0, len(images), (opt.vae_batch,), generator=self.rng)
+            lr = opt.vae_lr * min(1.0, (self.step + 1) / 100) * (0.5 * (1 + math.cos(math.pi * self.step / opt.vae_steps)))
+            for g in self.vae_opt.param_groups:
+                g["lr"] = lr
+            loss = vae_loss(vae, to_float(images[idx]))
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_opt.step()
+            self.step += 1
+            self.elapsed += time.time() - t0
+            self.loss_log.append(("vae", self.step, float(loss)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            if self.step % opt.save_every == 0:
+                self.save_state()
+        bar.close()
+        vae.eval()
+
+    @torch.no_grad()
+    def encode_all(self, images, batch=256):
+        vae = self.model.vae.eval()
+        means, stds = [], []
+        for i in range(0, len(images), batch):
+            m, lv = vae.encode(to_float(images[i:i + batch]))
+            means.append(m)
+            stds.append(torch.exp(0.5 * lv))
+        return torch.cat(means), torch.cat(stds)
+
+    def train_unet(self, images, captions):
+        opt = self.opt
+        means, stds = self.encode_all(images)
+        if self.cfg.scale_factor == 1.0:
+            scale = float(1.0 / means.std())
+            self.cfg = replace(self.cfg, scale_factor=round(scale, 5))
+            self.model.cfg = self.cfg
+            self.log(f"latent scale factor 1/std = {self.cfg.scale_factor}")
+        tok = default_tokenizer()
+        ids = tok(captions, max_length=self.cfg.text.max_position)
+        empty = tok([""], max_length=self.cfg.text.max_position)[0]
+        ac = alphas_cumprod(self.cfg)
+        snr = ac / (1 - ac)
+        weight = torch.clamp(snr, max=opt.min_snr) / snr  # min-SNR-γ for ε-prediction
+        unet, text = self.model.unet.train(), self.model.text_model.train()
+        if self.ema is None:
+            self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        bar = self._bar(opt.unet_steps, "unet+text")
+        while self.step < opt.unet_steps:
+            t0 = time.time()
+            lr = opt.lr * min(1.0, (self.step + 1) / 200) * (0.55 + 0.45 * math.cos(math.pi * self.step / opt.unet_steps))
+            for g in self.diff_opt.param_groups:
+                g["lr"] = lr
+            idx = torch.randint(0, len(images), (opt.batch,), generator=self.rng)
+            x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=self.rng)) * self.cfg.scale_factor
+            b_ids = ids[idx].clone()
+            drop = torch.rand(opt.batch, generator=self.rng) < opt.caption_dropout
+            b_ids[drop] = empty
+            t = torch.randint(0, len(ac), (opt.batch,), generator=self.rng)
+            noise = torch.randn(x0.shape, generator=self.rng)
+            a = ac[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            pred = unet(xt, t, text(b_ids))
+            loss = (weight[t] * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+            self.diff_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.diff_params, 1.0)
+            self.diff_opt.step()
+            ema_update(self.ema.unet, unet, opt.ema_decay, self.step)
+            ema_update(self.ema.text_model, text, opt.ema_decay, self.step)
+            self.step += 1
+            self.elapsed += time.time() - t0
+            self.loss_log.append(("unet", self.step, float(loss)))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.4f}")
+            if self.step % opt.save_every == 0:
+                self.save_state()
+        bar.close()
+
+    # ------------------------------------------------------------------ outputs
+    def export(self, out: Path):
+        """One CompVis-layout .safetensors: EMA UNet and text encoder, the trained VAE, fp16, config in the header."""
+        from safetensors.torch import save_file
+
+        final = copy.deepcopy(self.ema if self.ema is not None else self.model)
+        final.first_stage_model.load_state_dict(self.model.first_stage_model.state_dict())
+        final.cfg = self.cfg
+        state = {k: v.detach().to(torch.float16).contiguous() for k, v in final.state_dict().items()}
+        info = dict(kiln_config=json.dumps(self.cfg.to_dict()), kiln_training=json.dumps(
+            dict(options=asdict(self.opt), train_seconds=round(self.elapsed, 1),
+                 final_loss=self.loss_log[-1][2] if self.loss_log else None)))
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        save_file(state, tmp, metadata=info)
+        tmp.replace(out)
+        self.log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) after {self.elapsed / 60:.1f} min of training")
+
+    def write_loss_csv(self):
+        with open(self.workdir / "loss.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["stage", "step", "loss"])
+            w.writerows(self.loss_log)
