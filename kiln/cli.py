@@ -159,6 +159,8 @@ def train_parser(sub):
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
     p.add_argument("--images", type=int, default=None, help="training images to generate")
+    p.add_argument("--lr", type=float, default=None, help="UNet/text learning rate (default 1e-3)")
+    p.add_argument("--offset-noise", type=float, default=None, help="offset-noise strength (default 0.15)")
     return p
 
 
@@ -181,10 +183,11 @@ def run_train(opt):
     from .demo.train import Trainer, TrainOptions
 
     o = TrainOptions(seed=opt.seed)
-    for field, value in (("vae_steps", opt.vae_steps), ("unet_steps", opt.unet_steps), ("images", opt.images)):
+    for field, value in (("vae_steps", opt.vae_steps), ("unet_steps", opt.unet_steps), ("images", opt.images),
+                         ("lr", opt.lr), ("offset_noise", opt.offset_noise)):
         if value is not None:
-            if value < 1:
-                raise KilnError(f"--{field.replace('_', '-')} must be at least 1")
+            if value < (0 if field == "offset_noise" else 1e-12):
+                raise KilnError(f"--{field.replace('_', '-')} must be positive")
             o = replace(o, **{field: value})
     Trainer(opt.workdir, o, log=lambda m: say(f"kiln: {m}")).run(Path(opt.out))
 

@@ -163,6 +163,9 @@ class Pipeline:
                      eta: float = 0.0, fixed_code: bool = False, progress: bool = False, callback=None):
         """Yields one `Result` per batch. `prompt` as a list gives the batches' prompts in order
         (chunked by `batch_size`, the last chunk may be short), as CompVis' `--from-file` does."""
+        if self.cfg.unet.in_channels != self.cfg.latent_channels:
+            raise KilnError(f"{self.info.path} is an inpainting model ({self.cfg.unet.in_channels}-channel UNet); "
+                            "txt2img needs an ordinary checkpoint")
         width = width or self.native_size
         height = height or self.native_size
         self.check_size(width, height)

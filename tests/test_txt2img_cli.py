@@ -266,6 +266,22 @@ def test_cli_process_never_prints_a_traceback(tmp_path):
 
 
 def test_missing_default_ckpt_is_explained(tmp_path, capsys, monkeypatch):
+    import kiln.demo.report
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(kiln.demo.report, "EMBEDDED", tmp_path / "absent.safetensors")
     assert main(["txt2img", "--outdir", str(tmp_path / "o")]) != 0
     assert "--ckpt" in one_error_line(capsys)
+
+
+def test_inpainting_checkpoint_is_refused_by_txt2img(tmp_path, capsys):
+    import json
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    cfg = sdref.tiny_config()
+    cfg = replace(cfg, family="sd1-inpaint", unet=replace(cfg.unet, in_channels=9))
+    save_file(sdref.random_state(cfg), tmp_path / "inpaint.safetensors", metadata={"kiln_config": json.dumps(cfg.to_dict())})
+    assert txt2img(tmp_path / "inpaint.safetensors", tmp_path / "out") != 0
+    assert "inpainting model" in one_error_line(capsys)

@@ -1,0 +1,66 @@
+"""The demo trainer: losses fall, a run interrupted and resumed equals an uninterrupted one, the export loads."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import kiln
+from kiln.demo import train as demo_train
+from kiln.demo.train import TrainOptions, Trainer
+
+FAST = TrainOptions(images=8, vae_steps=80, vae_batch=4, vae_full_steps=0, unet_steps=40, batch=8, lr=2e-3,
+                    save_every=10)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("train")
+    t = Trainer(work, FAST, progress=False, log=lambda m: None)
+    t.run(work / "model.safetensors")
+    return t, work
+
+
+def test_losses_fall_when_overfitting_a_few_images(trained):
+    t, _ = trained
+    for stage in ("vae", "unet"):
+        losses = [loss for s, _, loss in t.loss_log if s == stage]
+        assert len(losses) == {"vae": 80, "unet": 40}[stage]
+        assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), (stage, losses[:8], losses[-8:])
+
+
+def test_export_is_an_ordinary_checkpoint(trained):
+    t, work = trained
+    out = work / "model.safetensors"
+    state = load_file(out)
+    assert all(v.dtype == torch.float16 for v in state.values())
+    assert any(k.startswith("model.diffusion_model.") for k in state)
+    pipe = kiln.load(out, device="cpu")
+    assert pipe.cfg == t.cfg and pipe.cfg.scale_factor != 1.0
+    ema = t.ema.unet.state_dict()
+    assert all(torch.equal(v, ema[k].half().float()) for k, v in pipe.model.unet.state_dict().items())
+    assert pipe.txt2img("a red circle on a blue background", steps=2).pixels.shape == (1, 64, 64, 3)
+    assert (work / "loss.csv").read_text().startswith("stage,step,loss")
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    opt = TrainOptions(images=8, vae_steps=2, vae_batch=2, vae_full_steps=2, vae_full_batch=2, unet_steps=6, batch=4,
+                       save_every=2)
+    Trainer(tmp_path / "a", opt, progress=False, log=lambda m: None).run(tmp_path / "a.safetensors")
+
+    real_update = demo_train.ema_update
+
+    def crash_at_step_3(ema, model, decay, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        real_update(ema, model, decay, step)
+
+    monkeypatch.setattr(demo_train, "ema_update", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tmp_path / "b", opt, progress=False, log=lambda m: None).run(tmp_path / "b.safetensors")
+    monkeypatch.setattr(demo_train, "ema_update", real_update)
+    messages = []
+    resumed = Trainer(tmp_path / "b", opt, progress=False, log=messages.append)
+    assert resumed.stage == "unet" and resumed.step == 2 and "resumed" in messages[0]
+    resumed.run(tmp_path / "b.safetensors")
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
