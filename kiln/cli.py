@@ -129,18 +129,21 @@ def run_txt2img(opt):
     all_pixels = []
     n_batches = opt.n_iter * -(-len(prompts) // opt.n_samples)
     from tqdm.auto import tqdm
-    bar = tqdm(total=n_batches, desc="batches", unit="batch", disable=n_batches == 1)
+    bar = None  # made after the first batch, so that an early error is not printed onto a progress bar
     for result in pipe.txt2img_iter(prompts, negative_prompt=opt.negative_prompt, steps=opt.ddim_steps, sampler=sampler,
                                     cfg_scale=opt.scale, width=opt.W, height=opt.H, seed=opt.seed,
                                     batch_size=opt.n_samples, n_iter=opt.n_iter, eta=opt.ddim_eta,
                                     fixed_code=opt.fixed_code, progress=True):
+        if bar is None:
+            bar = tqdm(total=n_batches, desc="batches", unit="batch", disable=n_batches == 1)
         if not opt.skip_save:
             for pixels in result.pixels:
                 out.save_sample(Image.fromarray(finish(pixels)))
         if not opt.skip_grid:
             all_pixels.append(result.pixels)
         bar.update(1)
-    bar.close()
+    if bar is not None:
+        bar.close()
     for note in dict.fromkeys(pipe.notices):
         say(f"kiln: {note}")
     if not opt.skip_grid:
