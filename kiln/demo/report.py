@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .evaluate import analyze
-from .shapes import ATTRIBUTES, heldout_prompts
+from .evaluate import score
+from .shapes import heldout_prompts
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "demo.safetensors"
 
@@ -14,16 +14,7 @@ def adherence(pipe, *, sampler="ddim", cfg_scale=5.0, steps=20, seed=0, batch_si
     prompts = prompts or heldout_prompts()
     texts = [p for p, _ in prompts]
     result = pipe.txt2img(texts, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size)
-    hits = {k: 0 for k in ATTRIBUTES}
-    all_hits = 0
-    for pixels, (_, labels) in zip(result.pixels, prompts):
-        got = analyze(pixels)
-        ok = [getattr(got, k) == getattr(labels, k) for k in ATTRIBUTES]
-        for k, o in zip(ATTRIBUTES, ok):
-            hits[k] += o
-        all_hits += all(ok)
-    n = len(prompts)
-    return {**{k: hits[k] / n for k in ATTRIBUTES}, "all": all_hits / n, "n": n}
+    return {**score([(pixels, labels) for pixels, (_, labels) in zip(result.pixels, prompts)]), "n": len(prompts)}
 
 
 def table(pipe, samplers=("ddim",), scales=(1.0, 5.0), steps=20, seed=0) -> tuple[str, list[dict]]:

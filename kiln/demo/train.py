@@ -59,10 +59,6 @@ class TrainOptions:
     save_every: int = 250
 
 
-def set_threads():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-
 def dataset(opt: TrainOptions):
     data = shapes.sample(opt.images, seed=opt.seed, split="train")
     images = torch.from_numpy(np.stack([d[0] for d in data])).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
@@ -142,7 +138,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def run(self, out: Path):
-        set_threads()
         images, captions = dataset(self.opt)
         if self.stage == "vae":
             self.train_vae(images)
@@ -154,6 +149,16 @@ class Trainer:
             self.save_state()
         self.export(out)
         self.write_loss_csv()
+
+    def _finish_step(self, stage, loss, t0, bar):
+        """Bookkeeping shared by both stages: count, clock, loss log, progress, periodic save."""
+        self.step += 1
+        self.elapsed += time.time() - t0
+        self.loss_log.append((stage, self.step, loss.item()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if self.step % self.opt.save_every == 0:
+            self.save_state()
 
     def _bar(self, total, desc):
         return tqdm(total=total, initial=self.step, desc=desc, unit="step", disable=not self.progress, smoothing=0.05)
@@ -179,13 +184,7 @@ class Trainer:
             self.vae_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.vae_opt.step()
-            self.step += 1
-            self.elapsed += time.time() - t0
-            self.loss_log.append(("vae", self.step, loss.item()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.step % opt.save_every == 0:
-                self.save_state()
+            self._finish_step("vae", loss, t0, bar)
         bar.close()
         vae.eval()
 
@@ -241,13 +240,7 @@ class Trainer:
             self.diff_opt.step()
             ema_update(self.ema.unet, unet, opt.ema_decay, self.step)
             ema_update(self.ema.text_model, text, opt.ema_decay, self.step)
-            self.step += 1
-            self.elapsed += time.time() - t0
-            self.loss_log.append(("unet", self.step, loss.item()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.step % opt.save_every == 0:
-                self.save_state()
+            self._finish_step("unet", loss, t0, bar)
         bar.close()
 
     # ------------------------------------------------------------------ outputs
