@@ -26,9 +26,21 @@ def txt2img_parser(sub):
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
     p.add_argument("--plms", action="store_true", help="use PLMS sampling (same as --sampler plms)")
-    p.add_argument("--sampler", type=str, default=None, help="sampler: ddim (default) or plms")
+    p.add_argument("--sampler", type=str, default=None,
+                   help="sampler, our name or A1111's (e.g. dpmpp_2m or \"DPM++ 2M Karras\"); default ddim. "
+                        "See `kiln info --samplers`")
+    p.add_argument("--schedule", type=str, default=None,
+                   help="noise schedule for the k-diffusion samplers: normal, karras, exponential, sgm_uniform, "
+                        "simple (default: the sampler's own)")
     p.add_argument("--fixed_code", action="store_true", help="reuse the first iteration's start codes for every iteration")
-    p.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=None,
+                   help="noise of stochastic samplers (DDIM: 0 = deterministic, the default; ancestral/SDE: 1)")
+    p.add_argument("--s-noise", dest="s_noise", type=float, default=1.0, help="scale of the injected noise (s_noise)")
+    p.add_argument("--clip-skip", dest="clip_skip", type=int, default=1,
+                   help="use the text encoder's hidden state this many layers from the end (1 = last, as A1111)")
+    p.add_argument("--save-intermediates", dest="save_intermediates", type=int, nargs="?", const=5, default=0,
+                   metavar="EVERY", help="also write the decoded pred_x0 every EVERY steps (default 5) "
+                                         "to OUTDIR/intermediates/")
     p.add_argument("--n_iter", type=int, default=2, help="sample this often")
     p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size, 512 for SD v1)")
     p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's native size, 512 for SD v1)")
@@ -49,7 +61,50 @@ def txt2img_parser(sub):
     p.add_argument("--vae", type=str, default=None, help="a separate VAE file (CompVis layout, e.g. the ft-MSE VAE)")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--no-watermark", dest="no_watermark", action="store_true", help="do not add the invisible watermark")
+    p.add_argument("--watermark", type=str, default=None,
+                   help="invisible watermark text (default: the model's, \"StableDiffusionV1\" for SD v1)")
+    p.add_argument("--metadata-format", dest="metadata_format", choices=["a1111", "json", "none"], default="a1111",
+                   help="what each sample PNG records: A1111's \"parameters\" text (default), a JSON "
+                        "\"kiln-parameters\" chunk, or nothing")
+    p.add_argument("--safety-checker", dest="safety_checker", default=None, metavar="PATH",
+                   help="CompVis' NSFW safety checker weights (a diffusers safety_checker folder or file); "
+                        "flagged images are replaced by black images")
+    p.add_argument("--safety", dest="safety", action="store_true", default=None,
+                   help="require the safety check (an error without --safety-checker)")
+    p.add_argument("--no-safety", dest="safety", action="store_false", help="do not run the safety checker")
+    p.add_argument("--from-png", dest="from_png", type=str, default=None,
+                   help="regenerate an image from the parameters stored in it (prompt, seed, sampler, steps, …)")
     return p
+
+
+def apply_png_parameters(opt):
+    """--from-png: every generation parameter from the image; one image, no grid."""
+    from .postprocess.infotext import txt2img_kwargs
+    from .postprocess.pnginfo import read_parameters
+
+    info = read_parameters(opt.from_png)
+    try:
+        kw = txt2img_kwargs(info)
+    except ValueError as e:
+        raise KilnError(f"--from-png {opt.from_png}: {e}") from None
+    opt.prompt, opt.negative_prompt = kw["prompt"], kw["negative_prompt"]
+    opt.ddim_steps = kw.get("steps", opt.ddim_steps)
+    opt.sampler, opt.schedule = kw.get("sampler", opt.sampler), kw.get("schedule", opt.schedule)
+    opt.plms = False
+    opt.scale = kw.get("cfg_scale", opt.scale)
+    opt.seed = kw.get("seed", opt.seed)
+    opt.W, opt.H = kw.get("width", opt.W), kw.get("height", opt.H)
+    opt.clip_skip = kw.get("clip_skip", 1)
+    opt.ddim_eta = kw.get("eta", None)
+    opt.s_noise = kw.get("s_noise", 1.0)
+    # The image's whole batch is made again (same size, same prompt, consecutive seeds) and only its own
+    # position kept: batch size changes the last bit of some pixels, so this is what reproduces it exactly.
+    opt.n_samples, opt.n_iter, opt.skip_grid, opt.from_file = kw.get("batch_size", 1), 1, True, None
+    opt.keep_only = kw.get("batch_pos", 0)
+    if not 0 <= opt.keep_only < opt.n_samples:
+        raise KilnError(f"--from-png {opt.from_png}: Batch pos {opt.keep_only} is outside Batch size {opt.n_samples}")
+    opt.seed -= opt.keep_only
+    return info
 
 
 def read_prompts(opt) -> list[str]:
@@ -89,8 +144,10 @@ def run_txt2img(opt):
 
     from .pipeline import load
     from .postprocess import OutputDir, make_grid, put_watermark
+    from .postprocess.pnginfo import pnginfo_for
     from .postprocess.watermark import can_watermark
 
+    png_info = apply_png_parameters(opt) if opt.from_png else None
     if opt.n_samples < 1 or opt.n_iter < 1:
         raise KilnError(f"--n_samples and --n_iter must be at least 1 (got {opt.n_samples} and {opt.n_iter})")
     for name in ("H", "W"):
@@ -98,8 +155,15 @@ def run_txt2img(opt):
         if v is not None and (v < 8 or v % 8):
             raise KilnError(f"--{name} must be a positive multiple of 8, got {v}")
     sampler = opt.sampler or ("plms" if opt.plms else "ddim")
-    if opt.plms and opt.sampler and opt.sampler != "plms":
+    if opt.plms and opt.sampler and opt.sampler.lower() != "plms":
         raise KilnError(f"--plms contradicts --sampler {opt.sampler}")
+    from .samplers import resolve
+    try:
+        resolve(sampler, opt.schedule)
+    except ValueError as e:
+        raise KilnError(str(e)) from None
+    if opt.save_intermediates < 0:
+        raise KilnError(f"--save-intermediates must be a positive number of steps, got {opt.save_intermediates}")
     prompts = read_prompts(opt)
     out = OutputDir(opt.outdir)
     config = opt.config or (COMPVIS_CONFIG if not opt.ckpt and Path(COMPVIS_CONFIG).exists() else None)
@@ -108,11 +172,23 @@ def run_txt2img(opt):
     pipe = load(ckpt, device=opt.device, precision=opt.precision, ema=opt.ema, vae=opt.vae, config=config)
     for note in pipe.info.notes:
         say(f"kiln: {note}")
+    if opt.safety is not False and opt.safety_checker:
+        pipe.load_safety_checker(opt.safety_checker)
+    elif opt.safety:
+        raise KilnError("--safety needs --safety-checker PATH (CompVis' checker weights: a diffusers "
+                        "safety_checker folder or file)")
+    elif opt.safety is None:
+        say("kiln: the NSFW safety check is off (no --safety-checker weights given)")
     if opt.C not in (None, pipe.cfg.latent_channels):
         raise KilnError(f"--C {opt.C} does not match the model, whose latents have {pipe.cfg.latent_channels} channels")
     if opt.f not in (None, pipe.cfg.downscale):
         raise KilnError(f"--f {opt.f} does not match the model, whose autoencoder downsamples {pipe.cfg.downscale}x")
-    watermark = None if opt.no_watermark else pipe.cfg.watermark
+    if png_info and png_info.get("Model hash") and png_info["Model hash"] != pipe.model_hash:
+        say(f"kiln: note: the image was made with model {png_info.get('Model', '?')} [{png_info['Model hash']}], "
+            f"not {pipe.model_name} [{pipe.model_hash}]; the result will differ")
+    watermark = None if opt.no_watermark else (opt.watermark or pipe.cfg.watermark)
+    if watermark is not None and not watermark.strip():
+        raise KilnError("--watermark must not be empty (use --no-watermark to switch it off)")
     warned_small = False
 
     def finish(pixels):
@@ -126,19 +202,34 @@ def run_txt2img(opt):
             return pixels
         return put_watermark(pixels, watermark)
 
+    def save_intermediate(i, total, images, seeds):
+        for seed, im in zip(seeds, images):
+            out.save_extra("intermediates", f"seed{seed}-step{i + 1:03d}.png", im)
+
     all_pixels = []
     n_batches = opt.n_iter * -(-len(prompts) // opt.n_samples)
     from tqdm.auto import tqdm
     bar = None  # made after the first batch, so that an early error is not printed onto a progress bar
     for result in pipe.txt2img_iter(prompts, negative_prompt=opt.negative_prompt, steps=opt.ddim_steps, sampler=sampler,
-                                    cfg_scale=opt.scale, width=opt.W, height=opt.H, seed=opt.seed,
-                                    batch_size=opt.n_samples, n_iter=opt.n_iter, eta=opt.ddim_eta,
-                                    fixed_code=opt.fixed_code, progress=True):
+                                    schedule=opt.schedule, cfg_scale=opt.scale, width=opt.W, height=opt.H,
+                                    seed=opt.seed, batch_size=opt.n_samples, n_iter=opt.n_iter, eta=opt.ddim_eta,
+                                    s_noise=opt.s_noise, clip_skip=opt.clip_skip, fixed_code=opt.fixed_code,
+                                    progress=True, preview_every=opt.save_intermediates,
+                                    on_preview=save_intermediate if opt.save_intermediates else None,
+                                    preview_full=True):
         if bar is None:
             bar = tqdm(total=n_batches, desc="batches", unit="batch", disable=n_batches == 1)
+        keep = getattr(opt, "keep_only", None)
+        if keep is not None:
+            result = result.only(keep)
+        for seed, flagged in zip(result.seeds, result.flagged):
+            if flagged:
+                say(f"kiln: the image with seed {seed} was flagged by the safety checker and replaced by a black image")
         if not opt.skip_save:
-            for pixels in result.pixels:
-                out.save_sample(Image.fromarray(finish(pixels)))
+            for pixels, text, seed, prompt in zip(result.pixels, result.infotexts, result.seeds, result.prompts):
+                meta = pnginfo_for(opt.metadata_format, text, dict(result.params, prompt=prompt, seed=seed,
+                                                                    model=pipe.model_name, model_hash=pipe.model_hash))
+                out.save_sample(Image.fromarray(finish(pixels)), meta)
         if not opt.skip_grid:
             all_pixels.append(result.pixels)
         bar.update(1)
@@ -172,7 +263,7 @@ def eval_parser(sub):
                        description="Generate the held-out shapes prompts and judge them with the pixel analyzer.")
     p.add_argument("what", choices=["demo"])
     p.add_argument("--ckpt", default=None, help="model to evaluate (default: the embedded demo model)")
-    p.add_argument("--samplers", default="ddim,plms")
+    p.add_argument("--samplers", default="ddim,plms", help="comma-separated sampler names, or 'all'")
     p.add_argument("--scales", default="1,5")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
@@ -204,8 +295,68 @@ def run_eval(opt):
         scales = [float(s) for s in opt.scales.split(",")]
     except ValueError:
         raise KilnError(f"--scales must be comma-separated numbers, not {opt.scales!r}") from None
-    text, _ = table(pipe, samplers=opt.samplers.split(","), scales=scales, steps=opt.steps, seed=opt.seed)
+    from .samplers import SAMPLERS
+
+    samplers = list(SAMPLERS) if opt.samplers == "all" else [x.strip() for x in opt.samplers.split(",") if x.strip()]
+    text, _ = table(pipe, samplers=samplers, scales=scales, steps=opt.steps, seed=opt.seed)
     print(text)
+
+
+def info_parser(sub):
+    p = sub.add_parser("info", help="show an image's generation parameters, or the samplers",
+                       description="Print the generation parameters stored in a PNG (kiln's or A1111's), decode its "
+                                   "invisible watermark, or list the samplers and schedules.")
+    p.add_argument("image", nargs="?", help="a PNG written by kiln or A1111")
+    p.add_argument("--json", action="store_true", help="print the parameters as JSON")
+    p.add_argument("--watermark", action="store_true", help="decode the image's invisible watermark")
+    p.add_argument("--watermark-text", dest="watermark_text", default="StableDiffusionV1",
+                   help="the watermark text expected (its length is what the decoder needs)")
+    p.add_argument("--samplers", action="store_true", help="list the samplers and schedules")
+    return p
+
+
+def run_info(opt):
+    if opt.samplers or not opt.image:
+        return print_samplers()
+    import json
+
+    from .postprocess.pnginfo import read_text
+    from .postprocess.infotext import parse_infotext
+
+    if opt.watermark:
+        import numpy as np
+        from PIL import Image
+
+        from .postprocess.watermark import MIN_WATERMARK_SIZE, decode_watermark
+
+        try:
+            with Image.open(opt.image) as im:
+                pixels = np.asarray(im.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise KilnError(f"{opt.image}: not a readable image ({e})") from None
+        if min(pixels.shape[:2]) < MIN_WATERMARK_SIZE:
+            raise KilnError(f"{opt.image}: images smaller than {MIN_WATERMARK_SIZE}x{MIN_WATERMARK_SIZE} carry no watermark")
+        found = decode_watermark(pixels, len(opt.watermark_text.encode("utf-8")))
+        print(f"watermark: {found!r}" + (" (matches)" if found == opt.watermark_text else
+                                          f" (does not match {opt.watermark_text!r})"))
+        return None
+    text = read_text(opt.image)
+    print(json.dumps(parse_infotext(text), indent=2, ensure_ascii=False) if opt.json else text)
+    return None
+
+
+def print_samplers():
+    from .samplers import SAMPLER_LIST, SCHEDULES
+    from .samplers.schedules import SCHEDULE_LABELS
+
+    rows = [("name", "A1111 name", "default schedule", "eta", "UNet calls/step")]
+    for s in SAMPLER_LIST:
+        rows.append((s.name, s.label, s.schedule if s.kind == "denoise" else "(own: CompVis)",
+                     "-" if s.eta is None else f"{s.eta:g}", str(s.evals_per_step)))
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print("\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows))
+    print("\nschedules: " + ", ".join(f"{k} ({SCHEDULE_LABELS[k]})" for k in SCHEDULES)
+          + "; automatic = the sampler's default")
 
 
 def build_parser():
@@ -214,6 +365,7 @@ def build_parser():
     txt2img_parser(sub)
     train_parser(sub)
     eval_parser(sub)
+    info_parser(sub)
     return parser
 
 
@@ -221,7 +373,7 @@ def main(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     try:
-        {"txt2img": run_txt2img, "train": run_train, "eval": run_eval}[opt.command](opt)
+        {"txt2img": run_txt2img, "train": run_train, "eval": run_eval, "info": run_info}[opt.command](opt)
     except KilnError as e:
         say(f"kiln: error: {e}")
         return 1

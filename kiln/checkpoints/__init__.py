@@ -199,5 +199,22 @@ def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: 
     return model, LoadInfo(str(path), cfg, use_ema, str(vae) if vae else None, notes)
 
 
-__all__ = ["load_model", "LoadInfo", "open_source", "open_file", "open_vae", "detect", "unet_config", "vae_config",
+def load_ema_weights(path, dtype: torch.dtype = torch.float32, device="cpu") -> dict | None:
+    """The file's EMA UNet weights (`model_ema.*`) under the UNet's own names, or None when it has none."""
+    src = open_source(path)
+    if not has_ema(src):
+        return None
+    with torch.device("meta"):
+        model = LatentDiffusion(detect(src))
+    out = {}
+    for key in model.state_dict():
+        if key.startswith(UNET):
+            k = ema_key(key)
+            if k not in src:
+                raise CheckpointError(f"{path}: EMA weights incomplete (no {k})")
+            out[key] = src.get(k).to(device=device, dtype=dtype)
+    return out
+
+
+__all__ = ["load_model", "load_ema_weights", "LoadInfo", "open_source", "open_file", "open_vae", "detect", "unet_config", "vae_config",
            "clip_config", "config_from_yaml", "ema_key", "has_ema", "EMA_CHOICES"]

@@ -27,9 +27,9 @@ def quick_gelu(x):
 
 
 class Attention(nn.Module):
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, causal=True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -38,7 +38,7 @@ class Attention(nn.Module):
     def forward(self, x):
         b, n, c = x.shape
         q, k, v = (p(x).view(b, n, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -54,9 +54,9 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.self_attn = Attention(cfg.width, cfg.heads)
+        self.self_attn = Attention(cfg.width, cfg.heads, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.mlp = MLP(cfg.width, cfg.mlp_width, cfg.act)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
@@ -78,9 +78,9 @@ class Embeddings(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(EncoderLayer(cfg, causal) for _ in range(cfg.layers))
 
 
 class CLIPTextTransformer(nn.Module):

@@ -13,6 +13,10 @@ from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
 
+# Linear latent → RGB map for SD v1 latents (the widely used "cheap approximation", as in A1111's live previews).
+SD1_LATENT_RGB = [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     family: str = "sd1"  # sd1 | sd1-inpaint | sd2 | sd2-inpaint ...
@@ -26,6 +30,16 @@ class ModelConfig:
     timesteps: int = 1000
     native_size: int = 512  # default H and W in pixels
     watermark: str = "StableDiffusionV1"
+    # Cheap previews: scaled latent channels → RGB in [-1, 1], one row per channel then a bias row.
+    # None: SD v1's published approximation (for 4-channel latents) or a grey of the channel mean.
+    latent_rgb: tuple | None = None
+
+    def latent_rgb_matrix(self) -> torch.Tensor:
+        if self.latent_rgb is not None:
+            return torch.tensor(self.latent_rgb, dtype=torch.float32)
+        if self.latent_channels == 4:
+            return torch.tensor(SD1_LATENT_RGB + [[0.0, 0.0, 0.0]])
+        return torch.cat([torch.full((self.latent_channels, 3), 1.0 / self.latent_channels), torch.zeros(1, 3)])
 
     @property
     def latent_channels(self):
@@ -42,6 +56,8 @@ class ModelConfig:
     def from_dict(cls, d):
         d = dict(d)
         tup = lambda sub: {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+        if d.get("latent_rgb") is not None:
+            d["latent_rgb"] = tuple(tuple(r) for r in d["latent_rgb"])
         return cls(**{**d, "unet": UNetConfig(**tup(d["unet"])), "vae": VAEConfig(**tup(d["vae"])),
                       "text": CLIPTextConfig(**d["text"])})
 

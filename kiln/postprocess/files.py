@@ -65,3 +65,11 @@ class OutputDir:
 
     def save_grid(self, image: Image.Image, pnginfo=None) -> Path:
         return self._publish(image, self.root, r"grid-(\d{4,})\.png", "grid-{:04}.png", pnginfo)
+
+    def save_extra(self, sub: str, name: str, image: Image.Image, pnginfo=None) -> Path:
+        """OUTDIR/sub/name (name made by kiln, never by a user), written atomically; replaces an older file."""
+        folder = self.root / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        save_png_atomic(image, path, pnginfo)
+        return path

@@ -1,0 +1,52 @@
+"""PNG text chunks: A1111's "parameters" (default) or kiln's JSON "kiln-parameters"; and reading them back."""
+from __future__ import annotations
+
+import json
+
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from ..errors import KilnError
+from .infotext import format_infotext, generation_fields, parse_infotext
+
+FORMATS = ("a1111", "json", "none")
+
+
+def pnginfo_for(fmt: str, infotext: str, params: dict) -> PngImagePlugin.PngInfo | None:
+    if fmt == "none":
+        return None
+    info = PngImagePlugin.PngInfo()
+    if fmt == "a1111":
+        info.add_itxt("parameters", infotext)
+    elif fmt == "json":
+        info.add_itxt("kiln-parameters", json.dumps(params, ensure_ascii=False, sort_keys=True))
+    else:
+        raise KilnError(f"metadata format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    return info
+
+
+def _json_to_infotext(params: dict) -> str:
+    fields = generation_fields(params, params["seed"], params.get("model"), params.get("model_hash"))
+    return format_infotext(params.get("prompt", ""), params.get("negative_prompt", ""), fields)
+
+
+def read_text(path: str) -> str:
+    """The A1111 parameters text of an image (made from kiln's JSON chunk when that is what it carries)."""
+    try:
+        with Image.open(path) as im:
+            chunks = dict(im.info)
+    except FileNotFoundError:
+        raise KilnError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise KilnError(f"{path}: not a readable image ({e})") from None
+    if isinstance(chunks.get("parameters"), str):
+        return chunks["parameters"]
+    if isinstance(chunks.get("kiln-parameters"), str):
+        try:
+            return _json_to_infotext(json.loads(chunks["kiln-parameters"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise KilnError(f"{path}: its kiln-parameters chunk is damaged ({e})") from None
+    raise KilnError(f"{path}: carries no generation parameters (no A1111 'parameters' or kiln chunk)")
+
+
+def read_parameters(path: str) -> dict:
+    return parse_infotext(read_text(path))
