@@ -15,13 +15,42 @@ def say(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def txt2img_parser(sub):
-    p = sub.add_parser("txt2img", help="generate images from a text prompt",
-                       description="Generate images from text (flags as CompVis' scripts/txt2img.py).")
+MODES = {
+    # command: (help, description, outdir, n_iter, n_samples, scale)
+    "txt2img": ("generate images from a text prompt", "Generate images from text (flags as CompVis' "
+                "scripts/txt2img.py).", "outputs/txt2img-samples", 2, 3, 7.5),
+    "img2img": ("re-render an image with a prompt", "Re-render an init image guided by a prompt (flags as CompVis' "
+                "scripts/img2img.py).", "outputs/img2img-samples", 1, 2, 5.0),
+    "inpaint": ("repaint the masked part of an image, or extend it (outpainting)", "Repaint where the mask is white "
+                "(or the new borders of --outpaint), keeping the rest.", "outputs/inpainting-samples", 1, 2, 5.0),
+}
+
+
+def txt2img_parser(sub, command="txt2img"):
+    help_, description, outdir, n_iter, n_samples, scale = MODES[command]
+    p = sub.add_parser(command, help=help_, description=description)
     p.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar")
+    if command != "txt2img":
+        p.add_argument("--init-img", "--init_img", dest="init_img", type=str, required=True,
+                       help="the image to start from (any format PIL reads; EXIF rotation applied)")
+        p.add_argument("--strength", type=float, default=None,
+                       help="how much of the image is re-done: 0 keeps it, 1 ignores it (default 0.75; with "
+                            "--outpaint 1.0)")
+        p.add_argument("--resize-mode", dest="resize_mode", default="just-resize",
+                       choices=["just-resize", "crop-and-resize", "resize-and-fill"],
+                       help="how the image is fitted to --W/--H (A1111's resize modes)")
+    if command == "inpaint":
+        p.add_argument("--mask", type=str, default=None, help="white = repaint, black = keep (grey: blends)")
+        p.add_argument("--outpaint", type=str, default=None, metavar="L,R,T,B",
+                       help="extend the canvas by these many pixels left, right, top, bottom and paint them")
+        p.add_argument("--mask-blur", dest="mask_blur", type=float, default=4.0,
+                       help="blur radius (pixels) of the seam where generated and original pixels meet")
+        p.add_argument("--inpaint-fill", dest="inpaint_fill", default=None,
+                       choices=["original", "latent-noise", "latent-nothing"],
+                       help="what the masked area starts from (default: original; with --outpaint latent-noise)")
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", type=str, default="",
                    help="replaces the empty unconditional prompt of classifier-free guidance")
-    p.add_argument("--outdir", type=str, nargs="?", default="outputs/txt2img-samples")
+    p.add_argument("--outdir", type=str, nargs="?", default=outdir)
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     p.add_argument("--ddim_steps", type=int, default=50, help="number of sampling steps")
@@ -41,14 +70,32 @@ def txt2img_parser(sub):
     p.add_argument("--save-intermediates", dest="save_intermediates", type=int, nargs="?", const=5, default=0,
                    metavar="EVERY", help="also write the decoded pred_x0 every EVERY steps (default 5) "
                                          "to OUTDIR/intermediates/")
-    p.add_argument("--n_iter", type=int, default=2, help="sample this often")
-    p.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's native size, 512 for SD v1)")
-    p.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's native size, 512 for SD v1)")
+    p.add_argument("--subseed", type=int, default=None, help="variation seed (image i uses subseed + i)")
+    p.add_argument("--subseed-strength", dest="subseed_strength", type=float, default=0.0,
+                   help="how far towards the variation seed's noise (0 … 1, slerp)")
+    p.add_argument("--seed-resize-from", dest="seed_resize_from", type=str, default=None, metavar="WxH",
+                   help="keep the composition a seed has at WxH (A1111's 'resize seed from')")
+    p.add_argument("--seamless", action="store_true", help="tileable output (circular padding in every convolution)")
+    p.add_argument("--tile", choices=["auto", "on", "off"], default="auto",
+                   help="UNet and VAE decoder in overlapping tiles (auto: above twice the model's native size)")
+    if command == "txt2img":
+        p.add_argument("--hires-scale", dest="hires_scale", type=float, default=None,
+                       help="hires fix: generate, upscale by this factor, then re-render at the larger size")
+        p.add_argument("--hires-upscaler", dest="hires_upscaler", choices=["latent", "lanczos"], default="latent")
+        p.add_argument("--hires-steps", dest="hires_steps", type=int, default=None,
+                       help="steps of the second pass (default: --ddim_steps)")
+        p.add_argument("--hires-strength", dest="hires_strength", type=float, default=0.7,
+                       help="denoising strength of the second pass")
+    p.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
+    size_default = "the model's native size, 512 for SD v1" if command == "txt2img" else \
+        "the init image's, rounded down to a multiple of 8"
+    p.add_argument("--H", type=int, default=None, help=f"image height in pixels (default: {size_default})")
+    p.add_argument("--W", type=int, default=None, help=f"image width in pixels (default: {size_default})")
     p.add_argument("--C", type=int, default=None, help="latent channels (default: the model's, 4 for SD v1)")
     p.add_argument("--f", type=int, default=None, help="downsampling factor (default: the model's, 8 for SD v1)")
-    p.add_argument("--n_samples", type=int, default=3, help="how many samples per prompt (batch size)")
+    p.add_argument("--n_samples", type=int, default=n_samples, help="how many samples per prompt (batch size)")
     p.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
-    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--scale", type=float, default=scale, help="classifier-free guidance scale")
     p.add_argument("--from-file", dest="from_file", type=str, help="read prompts from this file, one per line")
     p.add_argument("--config", type=str, default=None, help=f"CompVis model yaml (default: detected from the weights; "
                                                             f"{COMPVIS_CONFIG} is used when present)")
@@ -97,14 +144,48 @@ def apply_png_parameters(opt):
     opt.clip_skip = kw.get("clip_skip", 1)
     opt.ddim_eta = kw.get("eta", None)
     opt.s_noise = kw.get("s_noise", 1.0)
+    opt.subseed, opt.subseed_strength = kw.get("subseed"), kw.get("subseed_strength", 0.0)
+    sr = kw.get("seed_resize_from")
+    opt.seed_resize_from = f"{sr[0]}x{sr[1]}" if sr else None
+    opt.seamless = kw.get("seamless", False)
+    if "hires_scale" in kw and opt.command == "txt2img":
+        opt.hires_scale, opt.hires_steps = kw["hires_scale"], kw["hires_steps"]
+        opt.hires_upscaler, opt.hires_strength = kw["hires_upscaler"], kw["hires_strength"]
     # The image's whole batch is made again (same size, same prompt, consecutive seeds) and only its own
     # position kept: batch size changes the last bit of some pixels, so this is what reproduces it exactly.
+    if hasattr(opt, "strength") and "Denoising strength" in info:
+        try:
+            opt.strength = float(info["Denoising strength"])
+        except ValueError:
+            raise KilnError(f"--from-png {opt.from_png}: bad Denoising strength {info['Denoising strength']!r}") from None
     opt.n_samples, opt.n_iter, opt.skip_grid, opt.from_file = kw.get("batch_size", 1), 1, True, None
     opt.keep_only = kw.get("batch_pos", 0)
     if not 0 <= opt.keep_only < opt.n_samples:
         raise KilnError(f"--from-png {opt.from_png}: Batch pos {opt.keep_only} is outside Batch size {opt.n_samples}")
     opt.seed -= opt.keep_only
     return info
+
+
+def parse_size(text, flag):
+    if text is None:
+        return None
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise KilnError(f"{flag} must look like 512x768, not {text!r}") from None
+    return w, h
+
+
+def parse_outpaint(text):
+    if text is None:
+        return None
+    try:
+        parts = [int(v) for v in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 4 or min(parts) < 0 or max(parts) == 0:
+        raise KilnError(f"--outpaint must be four non-negative pixel counts LEFT,RIGHT,TOP,BOTTOM, not {text!r}")
+    return tuple(parts)
 
 
 def read_prompts(opt) -> list[str]:
@@ -210,13 +291,27 @@ def run_txt2img(opt):
     n_batches = opt.n_iter * -(-len(prompts) // opt.n_samples)
     from tqdm.auto import tqdm
     bar = None  # made after the first batch, so that an early error is not printed onto a progress bar
-    for result in pipe.txt2img_iter(prompts, negative_prompt=opt.negative_prompt, steps=opt.ddim_steps, sampler=sampler,
-                                    schedule=opt.schedule, cfg_scale=opt.scale, width=opt.W, height=opt.H,
-                                    seed=opt.seed, batch_size=opt.n_samples, n_iter=opt.n_iter, eta=opt.ddim_eta,
-                                    s_noise=opt.s_noise, clip_skip=opt.clip_skip, fixed_code=opt.fixed_code,
-                                    progress=True, preview_every=opt.save_intermediates,
-                                    on_preview=save_intermediate if opt.save_intermediates else None,
-                                    preview_full=True):
+    common = dict(negative_prompt=opt.negative_prompt, steps=opt.ddim_steps, sampler=sampler, schedule=opt.schedule,
+                  cfg_scale=opt.scale, width=opt.W, height=opt.H, seed=opt.seed, batch_size=opt.n_samples,
+                  n_iter=opt.n_iter, eta=opt.ddim_eta, s_noise=opt.s_noise, clip_skip=opt.clip_skip,
+                  fixed_code=opt.fixed_code, progress=True, preview_every=opt.save_intermediates,
+                  on_preview=save_intermediate if opt.save_intermediates else None, preview_full=True,
+                  subseed=opt.subseed, subseed_strength=opt.subseed_strength,
+                  seed_resize_from=parse_size(opt.seed_resize_from, "--seed-resize-from"), seamless=opt.seamless,
+                  tile=opt.tile)
+    if opt.command == "txt2img":
+        results = pipe.txt2img_iter(prompts, **common, hires_scale=opt.hires_scale, hires_steps=opt.hires_steps,
+                                    hires_upscaler=opt.hires_upscaler, hires_strength=opt.hires_strength)
+    else:
+        outpaint = parse_outpaint(opt.outpaint) if opt.command == "inpaint" else None
+        if opt.command == "inpaint" and opt.mask is None and outpaint is None:
+            raise KilnError("inpaint needs --mask (white = repaint) or --outpaint L,R,T,B")
+        strength = opt.strength if opt.strength is not None else (1.0 if outpaint else 0.75)
+        fill = getattr(opt, "inpaint_fill", None) or ("latent-noise" if outpaint else "original")
+        results = pipe.img2img_iter(prompts, opt.init_img, strength=strength, resize_mode=opt.resize_mode,
+                                    mask=getattr(opt, "mask", None), mask_blur=getattr(opt, "mask_blur", 4.0),
+                                    inpaint_fill=fill, outpaint=outpaint, **common)
+    for result in results:
         if bar is None:
             bar = tqdm(total=n_batches, desc="batches", unit="batch", disable=n_batches == 1)
         keep = getattr(opt, "keep_only", None)
@@ -363,6 +458,8 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="kiln", description="Stable Diffusion in plain, fast, verifiable PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     txt2img_parser(sub)
+    txt2img_parser(sub, "img2img")
+    txt2img_parser(sub, "inpaint")
     train_parser(sub)
     eval_parser(sub)
     info_parser(sub)
@@ -373,7 +470,7 @@ def main(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     try:
-        {"txt2img": run_txt2img, "train": run_train, "eval": run_eval, "info": run_info}[opt.command](opt)
+        {"txt2img": run_txt2img, "img2img": run_txt2img, "inpaint": run_txt2img, "train": run_train, "eval": run_eval, "info": run_info}[opt.command](opt)
     except KilnError as e:
         say(f"kiln: error: {e}")
         return 1

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from .checkpoints import LoadInfo, load_model
 from .errors import KilnError
 from .models.sd import LatentDiffusion, alphas_cumprod
 from .prompts import CHUNK, chunk_tokens
-from .samplers import SAMPLERS, Discrete, discrete_denoiser, get_sigmas, resolve
+from .samplers import SAMPLERS, Discrete, ddim_timesteps, discrete_denoiser, get_sigmas, resolve
+from .samplers.compvis import Known
+from .tiling import tiled_cover
 from .tokenizer import default_tokenizer
 
 PRECISIONS = ("full", "autocast")
@@ -72,6 +75,40 @@ def generators(seeds):
 def randn(shape, gens, device, dtype=torch.float32):
     """One draw per image from that image's own CPU generator: identical on every device and batch size."""
     return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(device, dtype)
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation per image (each image's noise seen as one vector), as A1111's variation seeds."""
+    fa, fb = a.flatten(1), b.flatten(1)
+    dot = ((fa / fa.norm(dim=1, keepdim=True)) * (fb / fb.norm(dim=1, keepdim=True))).sum(1).clamp(-1, 1)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    wa = torch.where(so.abs() < 1e-6, 1 - t, torch.sin((1 - t) * omega) / so.clamp(min=1e-6))
+    wb = torch.where(so.abs() < 1e-6, torch.full_like(so, t), torch.sin(t * omega) / so.clamp(min=1e-6))
+    return wa.view(-1, *[1] * (a.dim() - 1)) * a + wb.view(-1, *[1] * (a.dim() - 1)) * b
+
+
+def start_noise(shape, seeds, device, subseeds=None, subseed_strength: float = 0.0, resize_from=None):
+    """(start latents, the images' generators). Plain: one draw per image from its seed. A1111's variations:
+    `subseeds`/`subseed_strength` slerp towards other seeds' noise; `resize_from` = (h, w) in latent pixels draws
+    the seed's noise at that size and centres it (cropped or surrounded by fresh noise), so an image keeps its
+    composition at another size."""
+    gens = generators(seeds)
+    x = randn(shape, gens, "cpu")
+    if not subseed_strength and resize_from is None:
+        return x.to(device), gens
+    small = shape if resize_from is None else (shape[0], *resize_from)
+    noise = x if tuple(small) == tuple(shape) else randn(small, generators(seeds), "cpu")
+    if subseed_strength:
+        noise = slerp(subseed_strength, noise, randn(small, generators(subseeds), "cpu"))
+    if tuple(small) == tuple(shape):
+        return noise.to(device), gens
+    dy, dx = (shape[1] - small[1]) // 2, (shape[2] - small[2]) // 2
+    h, w = min(small[1], shape[1]), min(small[2], shape[2])
+    ty, tx, sy, sx = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    x = x.clone()
+    x[:, :, ty:ty + h, tx:tx + w] = noise[:, :, sy:sy + h, sx:sx + w]
+    return x.to(device), gens
 
 
 @dataclass
@@ -146,6 +183,7 @@ class Pipeline:
         return r.pixels, r.flagged
 
     def __post_init__(self):
+        self.tile = "auto"
         self.safety_checker = None
         self._model_hash = None
         self.alphas_cumprod = alphas_cumprod(self.cfg)
@@ -200,13 +238,39 @@ class Pipeline:
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1], fp32; re-decodes in fp32 if half precision overflowed."""
         vae = self.model.vae
-        x = vae.decode(z.to(self.dtype) / self.cfg.scale_factor)
+        dec = vae.decode
+        if self._tiled(z.shape[-2:]):  # tiles of twice the native size: the decoder's group norms see one tile
+            ks = 2 * self.native_size // self.cfg.downscale
+            dec = lambda t: tiled_cover(vae.decode, t, ks, ks * 3 // 4, uf=self.cfg.downscale)
+        x = dec(z.to(self.dtype) / self.cfg.scale_factor)
         if not torch.isfinite(x).all() and self.dtype != torch.float32:
             self.notices.append("the VAE produced non-finite values in half precision; decoded in fp32 instead")
             vae.float()
-            x = vae.decode(z.float() / self.cfg.scale_factor)
+            x = dec(z.float() / self.cfg.scale_factor)
             vae.to(self.dtype)
         return x.float()
+
+    def _tiled(self, latent_hw) -> bool:
+        """Tiles for the UNet and the VAE decoder: `tile` "on", "off", or "auto" = when the latent is more than
+        twice the model's native size on a side (beyond what it was trained for, and where memory grows)."""
+        if self.tile == "on":
+            return True
+        if self.tile == "off":
+            return False
+        return max(latent_hw) > 2 * (self.native_size // self.cfg.downscale)
+
+    @contextlib.contextmanager
+    def seamless(self, on: bool = True):
+        """Circular padding in every UNet and VAE convolution: the image tiles seamlessly with itself."""
+        convs = [m for m in self.model.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)]
+        old = [m.padding_mode for m in convs]
+        try:
+            for m in convs:
+                m.padding_mode = "circular" if on else "zeros"
+            yield
+        finally:
+            for m, mode in zip(convs, old):
+                m.padding_mode = mode
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor, gens=None) -> torch.Tensor:
@@ -217,19 +281,27 @@ class Pipeline:
         std = torch.exp(0.5 * logvar)
         return (mean + std * randn(mean.shape[1:], gens, self.device, mean.dtype)) * self.cfg.scale_factor
 
-    def eps_fn(self, cond, uncond, scale):
+    def eps_fn(self, cond, uncond, scale, concat=None):
         """The guided noise predictor the samplers call at step t (fractional t allowed): one batched UNet pass
-        for [uncond, cond]. Takes and returns fp32; the UNet runs in the pipeline's dtype."""
+        for [uncond, cond]. Takes and returns fp32; the UNet runs in the pipeline's dtype. `concat` (inpainting
+        models: mask and masked-image latents) is appended to the UNet's input channels."""
         unet, disc, v_pred = self.model.unet, self.discrete, self.cfg.parameterization == "v"
+
+        ks = self.native_size // self.cfg.downscale
+
+        def run(xin, tt, ctx):
+            if self._tiled(xin.shape[-2:]):
+                return tiled_cover(lambda z: unet(z, tt, ctx), xin, ks, ks * 3 // 4)
+            return unet(xin, tt, ctx)
 
         def predict(x, t):
             b = x.shape[0]
-            xin = x.to(self.dtype)
+            xin = x.to(self.dtype) if concat is None else torch.cat([x, concat], dim=1).to(self.dtype)
             if uncond is None:
-                out = unet(xin, torch.full((b,), float(t), device=self.device), cond).float()
+                out = run(xin, torch.full((b,), float(t), device=self.device), cond).float()
             else:
-                out_u, out_c = unet(torch.cat([xin, xin]), torch.full((2 * b,), float(t), device=self.device),
-                                    torch.cat([uncond, cond])).float().chunk(2)
+                out_u, out_c = run(torch.cat([xin, xin]), torch.full((2 * b,), float(t), device=self.device),
+                                   torch.cat([uncond, cond])).float().chunk(2)
                 out = out_u + scale * (out_c - out_u)
             if v_pred:  # v → ε, so that every sampler works on ε: ε = √ᾱ·v + √(1−ᾱ)·x
                 a = disc.alpha_cumprod_at(t)
@@ -238,17 +310,44 @@ class Pipeline:
 
         return predict
 
-    def sample(self, x, cond, uncond, cfg_scale, *, sampler, schedule, steps, eta, s_noise, gens, callback=None):
+    def sample(self, x, cond, uncond, cfg_scale, *, sampler, schedule, steps, eta, s_noise, gens, callback=None,
+               init=None, strength=1.0, known_mask=None, concat=None):
         """Run one sampler from unit noise `x` (fp32) to a clean latent. Noise drawn while sampling comes from the
-        images' own generators, so every image is reproducible on its own."""
+        images' own generators, so every image is reproducible on its own.
+
+        img2img: `init` (clean latents) is noised to the level of the first of the last int(strength·steps) steps
+        and only those run; strength 1 starts from pure noise, exactly as txt2img. `known_mask` (latent-sized, 1 = keep `init`) keeps the init where it is 1: DDIM/PLMS
+        blend the re-noised init in before every step (CompVis), the other samplers see a denoiser whose estimate
+        is the init there, so every step moves that region exactly towards it; both return the init there."""
         noise = lambda like: randn(like.shape[1:], gens, like.device, torch.float32)
-        eps_fn = self.eps_fn(cond, uncond, cfg_scale)
+        eps_fn = self.eps_fn(cond, uncond, cfg_scale, concat)
         if sampler.kind == "eps":
-            return sampler.fn(eps_fn, x, self.alphas_cumprod, steps, eta=eta, noise=noise, callback=callback)
+            ac = self.alphas_cumprod
+            known = Known(known_mask, init, ac.to(x.device), noise) if known_mask is not None else None
+            start = None
+            if init is not None and strength < 1.0:
+                ts = ddim_timesteps(steps, len(ac))
+                start = int(strength * len(ts))
+                if start == 0:
+                    return init
+                a = ac[int(ts[start - 1])].item()  # noised to the level of the first step that runs (CompVis
+                x = a ** 0.5 * init + (1 - a) ** 0.5 * x  # noised one sub-step higher: an off-by-one kiln fixes)
+            return sampler.fn(eps_fn, x, ac, steps, eta=eta, noise=noise, callback=callback, start=start,
+                              known=known)
         sigmas = get_sigmas(self.discrete, schedule, steps)
         denoise = discrete_denoiser(eps_fn, self.discrete)
-        return sampler.fn(denoise, x * float(sigmas[0]), sigmas, noise=noise, callback=callback,
-                          eta=eta, s_noise=s_noise)
+        if init is not None and strength < 1.0:
+            t_enc = int(strength * steps)
+            if t_enc == 0:
+                return init
+            sigmas = sigmas[steps - t_enc:]
+            x = init + x * float(sigmas[0])
+        else:
+            x = x * float(sigmas[0])
+        if known_mask is not None:
+            inner = denoise
+            denoise = lambda z, sigma: known_mask * init + (1 - known_mask) * inner(z, sigma)
+        return sampler.fn(denoise, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise)
 
     # ------------------------------------------------------------------ txt2img
     def check_size(self, width, height):
@@ -292,18 +391,70 @@ class Pipeline:
                 on_preview(i, total, images, seeds)
         return on_step
 
+    def _variation(self, subseed, strength, resize_from):
+        """A function seeds → (subseeds, strength, resize_from in latent pixels) for `start_noise`."""
+        if not 0.0 <= strength <= 1.0:
+            raise KilnError(f"variation strength must be between 0 and 1, got {strength}")
+        if strength and subseed is None:
+            raise KilnError("a variation strength needs a variation seed (subseed)")
+        lat = None
+        if resize_from is not None:
+            w, h = resize_from
+            self.check_size(w, h)
+            lat = (h // self.cfg.downscale, w // self.cfg.downscale)
+        return lambda seeds: ([subseed + i for i in range(len(seeds))] if strength else None, strength, lat)
+
+    def _extra_fields(self, params) -> dict:
+        """A1111's infotext keys for variations, tiling and hires fix."""
+        f = {}
+        if params.get("subseed_strength"):
+            f["Variation seed"] = params["subseed"]
+            f["Variation seed strength"] = _fmt(params["subseed_strength"])
+        if params.get("seed_resize_from"):
+            f["Seed resize from"] = "{}x{}".format(*params["seed_resize_from"])
+        if params.get("seamless"):
+            f["Tiling"] = "True"
+        if params.get("hires_scale"):
+            f["Denoising strength"] = _fmt(params["hires_strength"])
+            f["Hires upscale"] = _fmt(params["hires_scale"])
+            f["Hires steps"] = params["hires_steps"]
+            f["Hires upscaler"] = {"latent": "Latent", "lanczos": "Lanczos"}[params["hires_upscaler"]]
+        return f
+
+    def _hires(self, z, size, upscaler, cond, uncond, cfg_scale, spec, sched, steps, eta, s_noise, gens, strength):
+        """Upscale a finished latent to `size` (pixels) and re-render it there (A1111's hires fix)."""
+        w, h = size
+        lat = (h // self.cfg.downscale, w // self.cfg.downscale)
+        if upscaler == "latent":
+            init = torch.nn.functional.interpolate(z, size=lat, mode="bilinear", align_corners=False)
+        else:
+            px = to_uint8(self.decode_latents(z))
+            big = np.stack([np.asarray(Image.fromarray(p).resize((w, h), Image.LANCZOS)) for p in px])
+            init = self.encode_images(torch.from_numpy(big).permute(0, 3, 1, 2).float() / 127.5 - 1.0).float()
+        noise = randn((z.shape[1], *lat), gens, self.device)
+        return self.sample(noise, cond, uncond, cfg_scale, sampler=spec, schedule=sched, steps=steps, eta=eta,
+                           s_noise=s_noise, gens=gens, init=init, strength=strength)
+
     def txt2img_iter(self, prompt: str | list[str] = "", *, negative_prompt: str = "", steps: int = 50,
                      sampler: str = "ddim", schedule: str | None = None, cfg_scale: float = 7.5,
                      width: int | None = None, height: int | None = None, seed: int = 42, batch_size: int = 1,
                      n_iter: int = 1, eta: float | None = None, s_noise: float = 1.0, clip_skip: int = 1,
                      fixed_code: bool = False, progress: bool = False, callback=None,
-                     preview_every: int = 0, on_preview=None, preview_full: bool = False):
+                     preview_every: int = 0, on_preview=None, preview_full: bool = False,
+                     subseed: int | None = None, subseed_strength: float = 0.0, seed_resize_from=None,
+                     seamless: bool = False, tile: str = "auto", hires_scale: float | None = None,
+                     hires_upscaler: str = "latent", hires_steps: int | None = None, hires_strength: float = 0.7):
         """Yields one `Result` per batch. `prompt` as a list gives the batches' prompts in order
         (chunked by `batch_size`, the last chunk may be short), as CompVis' `--from-file` does.
 
         `sampler`/`schedule` take our names or A1111's ("DPM++ 2M Karras"); `eta` None is the sampler's default.
         `callback(i, total, x, pred_x0)` runs after every step; `on_preview(i, total, images, seeds)` every
-        `preview_every` steps with cheap previews of pred_x0 (VAE-decoded with `preview_full`)."""
+        `preview_every` steps with cheap previews of pred_x0 (VAE-decoded with `preview_full`).
+
+        Variations (A1111): `subseed` (image i uses subseed + i) mixed in by `subseed_strength`; `seed_resize_from`
+        = (width, height) keeps a seed's composition at another size. `seamless` makes tileable images; `tile`
+        ("auto", "on", "off") runs the UNet and the decoder in overlapping tiles. Hires fix: generate, upscale by
+        `hires_scale` ("latent" or "lanczos"), then img2img at `hires_strength` for `hires_steps`."""
         if self.cfg.unet.in_channels != self.cfg.latent_channels:
             raise KilnError(f"{self.info.path} is an inpainting model ({self.cfg.unet.in_channels}-channel UNet); "
                             "txt2img needs an ordinary checkpoint")
@@ -316,17 +467,31 @@ class Pipeline:
             raise KilnError("no prompts given")
         batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
         shape = (self.cfg.latent_channels, height // self.cfg.downscale, width // self.cfg.downscale)
+        variation = self._variation(subseed, subseed_strength, seed_resize_from)
+        hires = None
+        if hires_scale is not None:
+            if hires_upscaler not in ("latent", "lanczos"):
+                raise KilnError(f"hires upscaler must be latent or lanczos, not {hires_upscaler!r}")
+            if not 0.0 <= hires_strength <= 1.0 or hires_scale <= 0:
+                raise KilnError("hires strength must be in [0, 1] and the hires scale positive")
+            unit = max(8, self.cfg.downscale)
+            hires = (int(width * hires_scale) // unit * unit, int(height * hires_scale) // unit * unit)
+            self.check_size(*hires)
         params = dict(steps=steps, sampler=spec.name, schedule=sched if spec.kind == "denoise" else None,
                       cfg_scale=cfg_scale, width=width, height=height, negative_prompt=negative_prompt, eta=eta,
                       s_noise=s_noise, clip_skip=clip_skip, batch_size=batch_size, n_iter=n_iter,
-                      fixed_code=fixed_code, precision=self.precision, ema=self.info.ema_used)
+                      fixed_code=fixed_code, precision=self.precision, ema=self.info.ema_used,
+                      subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
+                      seamless=seamless, hires_scale=hires_scale, hires_upscaler=hires_upscaler,
+                      hires_steps=hires_steps, hires_strength=hires_strength)
+        extra = self._extra_fields(params)
+        self.tile = tile
         index, first_codes = 0, None
         for _ in range(n_iter):
             for batch in batches:
                 seeds = [seed + index + j for j in range(len(batch))]
                 index += len(batch)
-                gens = generators(seeds)
-                x = randn(shape, gens, self.device)
+                x, gens = start_noise(shape, seeds, self.device, *variation(seeds))
                 if fixed_code:
                     first_codes = x if first_codes is None else first_codes
                     x = first_codes[: len(batch)]
@@ -335,21 +500,174 @@ class Pipeline:
                         batch, [negative_prompt] * len(batch) if cfg_scale != 1.0 else None, clip_skip)
                     bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress, leave=False)
                     on_step = self._step_callback(bar, callback, preview_every, on_preview, preview_full, seeds)
-                    z = self.sample(x, cond, uncond, cfg_scale, sampler=spec, schedule=sched, steps=steps,
-                                    eta=eta, s_noise=s_noise, gens=gens, callback=on_step)
-                    bar.close()
-                    pixels, flagged = self._safety(to_uint8(self.decode_latents(z)))
+                    with self.seamless(seamless):
+                        z = self.sample(x, cond, uncond, cfg_scale, sampler=spec, schedule=sched, steps=steps,
+                                        eta=eta, s_noise=s_noise, gens=gens, callback=on_step)
+                        if hires is not None:
+                            z = self._hires(z, hires, hires_upscaler, cond, uncond, cfg_scale, spec, sched,
+                                            hires_steps or steps, eta, s_noise, gens, hires_strength)
+                        bar.close()
+                        pixels, flagged = self._safety(to_uint8(self.decode_latents(z)))
                 # A1111 records the batch so that an image can be regenerated bit for bit (batch size changes
                 # the kernels' summation order, hence the last bit of some pixels).
-                infos = [self.infotext(params, p, sd, {"Batch size": len(batch), "Batch pos": j} if len(batch) > 1
-                                       else None) for j, (p, sd) in enumerate(zip(batch, seeds))]
+                infos = [self.infotext(params, p, sd, {**extra, **({"Batch size": len(batch), "Batch pos": j}
+                                                                   if len(batch) > 1 else {})})
+                         for j, (p, sd) in enumerate(zip(batch, seeds))]
                 yield Result([Image.fromarray(p) for p in pixels], seeds, list(batch), params, z, pixels, infos,
                              flagged)
 
+    # ------------------------------------------------------------------ img2img / inpainting
+    def prepare_init(self, init_image, width=None, height=None, resize_mode="just-resize", mask=None,
+                     outpaint=None):
+        """(RGB init image at the generation size, mask [H, W] float or None). Without width/height the image's
+        own size is used, rounded down to a multiple of 8 (with a notice). `outpaint` = (left, right, top,
+        bottom) extends the canvas and masks the new area."""
+        from .images import fit, load_image, load_mask, model_size, outpaint_canvas
+
+        im = load_image(init_image, "init image")
+        m = None
+        if mask is not None:
+            m = load_mask(mask, im.size, self.notices)
+        if outpaint is not None:
+            im, new_area = outpaint_canvas(im, *outpaint)
+            if m is not None:
+                m = np.maximum(np.pad(m, ((outpaint[2], outpaint[3]), (outpaint[0], outpaint[1]))), new_area)
+            else:
+                m = new_area
+        unit = max(8, self.cfg.downscale)
+        if width is None and height is None:
+            width, height = model_size(im.width, im.height, unit)
+            if (width, height) != im.size:
+                self.notices.append(f"the init image is {im.width}x{im.height}; resized to {width}x{height} "
+                                    f"(sizes must be multiples of {unit})")
+        else:
+            width = width or round(im.width * height / im.height / unit) * unit
+            height = height or round(im.height * width / im.width / unit) * unit
+        self.check_size(width, height)
+        im = fit(im, width, height, resize_mode)
+        if m is not None:
+            m_im = fit(Image.fromarray((m * 255).astype(np.uint8)).convert("RGB"), width, height, resize_mode)
+            m = np.asarray(m_im.convert("L"), dtype=np.float32) / 255.0
+        return im, m
+
+    def img2img_iter(self, prompt: str | list[str], init_image, *, strength: float = 0.75, mask=None,
+                     mask_blur: float = 4.0, inpaint_fill: str = "original", outpaint=None,
+                     negative_prompt: str = "", steps: int = 50, sampler: str = "ddim", schedule: str | None = None,
+                     cfg_scale: float = 5.0, width: int | None = None, height: int | None = None,
+                     resize_mode: str = "just-resize", seed: int = 42, batch_size: int = 1, n_iter: int = 1,
+                     eta: float | None = None, s_noise: float = 1.0, clip_skip: int = 1, fixed_code: bool = False,
+                     progress: bool = False, callback=None, preview_every: int = 0, on_preview=None,
+                     preview_full: bool = False, subseed: int | None = None, subseed_strength: float = 0.0,
+                     seed_resize_from=None, seamless: bool = False, tile: str = "auto"):
+        """img2img (and, with `mask` — white = repaint — or `outpaint`, inpainting): the init image is encoded,
+        noised to `strength` and denoised with the prompt. Inpainting keeps the unmasked area: in latent space
+        while sampling, and in pixels at the end (the original pixels pasted back through the mask blurred by
+        `mask_blur` pixels). `inpaint_fill`: original | latent-noise | latent-nothing (what the masked area
+        starts from). Models with a 9-channel UNet (inpainting checkpoints) get the mask and the masked image as
+        extra input channels and are best used at strength 1."""
+        from .images import blur_mask
+
+        if not 0.0 <= strength <= 1.0:
+            raise KilnError(f"strength must be between 0 and 1, got {strength}")
+        if inpaint_fill not in FILLS:
+            raise KilnError(f"inpaint fill must be one of {', '.join(FILLS)}, not {inpaint_fill!r}")
+        spec, sched, eta = self._check_common(steps, batch_size, n_iter, sampler, schedule, eta)
+        init_im, m = self.prepare_init(init_image, width, height, resize_mode, mask, outpaint)
+        width, height = init_im.size
+        nine = self.cfg.unet.in_channels != self.cfg.latent_channels
+        if nine and m is None:
+            raise KilnError(f"{self.info.path} is an inpainting model: it needs a mask (--mask) or --outpaint")
+        init_px = np.asarray(init_im)
+        x_img = torch.from_numpy(init_px).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        with torch.no_grad():
+            z0 = self.encode_images(x_img).float()  # the posterior mean: strength 0 gives the VAE round trip
+        lat_hw = z0.shape[-2:]
+        known = concat = None
+        paste = None
+        if m is not None:
+            paste = blur_mask(m, mask_blur)  # pixel-space blend weights (1 = generated)
+            m_lat = torch.nn.functional.interpolate(torch.from_numpy(m)[None, None], size=lat_hw, mode="bilinear",
+                                                    align_corners=False)
+            repaint = (m_lat > 0.5).float() if nine else m_lat.clamp(0, 1)
+            known = (1 - repaint).to(self.device)
+            if nine:  # the model's own conditioning: binarised mask ⊕ latents of the image with the hole blanked
+                hard = torch.from_numpy((m >= 0.5).astype(np.float32))[None, None]
+                with torch.no_grad():
+                    masked = self.encode_images(x_img * (1 - hard)).float()
+                concat = torch.cat([torch.nn.functional.interpolate(hard, size=lat_hw), masked.cpu()], dim=1)
+        prompts = [prompt] * batch_size if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise KilnError("no prompts given")
+        batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+        params = dict(steps=steps, sampler=spec.name, schedule=sched if spec.kind == "denoise" else None,
+                      cfg_scale=cfg_scale, width=width, height=height, negative_prompt=negative_prompt, eta=eta,
+                      s_noise=s_noise, clip_skip=clip_skip, batch_size=batch_size, n_iter=n_iter,
+                      fixed_code=fixed_code, precision=self.precision, ema=self.info.ema_used, strength=strength,
+                      mask_blur=mask_blur if m is not None else None,
+                      inpaint_fill=inpaint_fill if m is not None else None, resize_mode=resize_mode,
+                      subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
+                      seamless=seamless)
+        variation = self._variation(subseed, subseed_strength, seed_resize_from)
+        var_fields = self._extra_fields(params)
+        self.tile = tile
+        index, first_codes = 0, None
+        for _ in range(n_iter):
+            for batch in batches:
+                n = len(batch)
+                seeds = [seed + index + j for j in range(n)]
+                index += n
+                x, gens = start_noise(tuple(z0.shape[1:]), seeds, self.device, *variation(seeds))
+                if fixed_code:
+                    first_codes = x if first_codes is None else first_codes
+                    x = first_codes[:n]
+                init = z0.to(self.device).expand(n, -1, -1, -1).clone()
+                if m is not None and inpaint_fill != "original":
+                    hole = (1 - known).expand_as(init)
+                    fill = randn(z0.shape[1:], gens, self.device) if inpaint_fill == "latent-noise" \
+                        else torch.zeros_like(init)
+                    init = init * (1 - hole) + fill * hole
+                with torch.no_grad():
+                    cond, uncond = self.conditioning(batch, [negative_prompt] * n if cfg_scale != 1.0 else None,
+                                                     clip_skip)
+                    bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress, leave=False)
+                    on_step = self._step_callback(bar, callback, preview_every, on_preview, preview_full, seeds)
+                    c = None if concat is None else concat.to(self.device).expand(n, -1, -1, -1)
+                    with self.seamless(seamless):
+                        z = self.sample(x, cond, uncond, cfg_scale, sampler=spec, schedule=sched, steps=steps, eta=eta,
+                                        s_noise=s_noise, gens=gens, callback=on_step, init=init, strength=strength,
+                                        known_mask=None if (known is None or nine) else known.expand_as(init),
+                                        concat=c)
+                        bar.close()
+                        pixels = to_uint8(self.decode_latents(z))
+                    if paste is not None:  # the original pixels outside the (blurred) mask, exactly
+                        w = paste[None, :, :, None]
+                        pixels = np.clip(w * pixels + (1 - w) * init_px[None] + 0.5, 0, 255).astype(np.uint8) \
+                            if mask_blur > 0 else np.where(w > 0.5, pixels, init_px[None]).astype(np.uint8)
+                    pixels, flagged = self._safety(pixels)
+                extra = {"Denoising strength": _fmt(strength), "Mask blur": _fmt(mask_blur) if m is not None else None,
+                         **var_fields}
+                infos = [self.infotext(params, p, sd, {**extra, **({"Batch size": n, "Batch pos": j} if n > 1 else {})})
+                         for j, (p, sd) in enumerate(zip(batch, seeds))]
+                yield Result([Image.fromarray(p) for p in pixels], seeds, list(batch), params, z, pixels, infos,
+                             flagged)
+
+    def img2img(self, prompt: str | list[str], init_image, **kw) -> Result:
+        return _join(list(self.img2img_iter(prompt, init_image, **kw)))
+
     def txt2img(self, prompt: str | list[str] = "", **kw) -> Result:
         """All batches of `txt2img_iter` in one Result."""
-        parts = list(self.txt2img_iter(prompt, **kw))
-        return Result([im for r in parts for im in r.images], [s for r in parts for s in r.seeds],
+        return _join(list(self.txt2img_iter(prompt, **kw)))
+
+
+FILLS = ("original", "latent-noise", "latent-nothing")
+
+
+def _fmt(v: float) -> str:
+    return f"{v:g}"
+
+
+def _join(parts: list[Result]) -> Result:
+    return Result([im for r in parts for im in r.images], [s for r in parts for s in r.seeds],
                       [p for r in parts for p in r.prompts], parts[0].params,
                       torch.cat([r.latents for r in parts]), np.concatenate([r.pixels for r in parts]),
                       [t for r in parts for t in r.infotexts], [f for r in parts for f in r.flagged])

@@ -54,7 +54,8 @@ def calibrate(state: dict, cfg: ModelConfig = ModelConfig()):
     gen = torch.Generator().manual_seed(123)
     x = torch.randn(2, 4, 8, 8, generator=gen)
     ctx = model.text_model(torch.randint(0, 49407, (2, 77), generator=gen))
-    eps = model.unet(x, torch.tensor([500, 500]), ctx)
+    x_in = torch.randn(2, cfg.unet.in_channels, 8, 8, generator=gen) if cfg.unet.in_channels != 4 else x
+    eps = model.unet(x_in, torch.tensor([500, 500]), ctx)
     for k in ("model.diffusion_model.out.2.weight", "model.diffusion_model.out.2.bias"):
         state[k].mul_(1.0 / eps.std())
     img = model.vae.decode(x)
@@ -116,11 +117,13 @@ def ref_clip(checkpoint: dict):
     return model
 
 
-def ref_unet(checkpoint: dict, extract_ema=False):
+def ref_unet(checkpoint: dict, extract_ema=False, in_channels=4):
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-    cfg = create_unet_diffusers_config_from_ldm(original_config(), checkpoint)
+    original = original_config()
+    original["model"]["params"]["unet_config"]["params"]["in_channels"] = in_channels
+    cfg = create_unet_diffusers_config_from_ldm(original, checkpoint)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
     return _assign(unet, convert_ldm_unet_checkpoint(checkpoint, cfg, extract_ema=extract_ema))

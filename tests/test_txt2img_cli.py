@@ -204,7 +204,7 @@ def one_error_line(capsys):
     (["--n_iter", "0"], "at least 1"),
     (["--from-file", "/nonexistent/prompts.txt"], "cannot read"),
     (["--ema", "on"], "no EMA weights"),
-    (["--plms", "--ddim_eta", "0.5"], "eta must be 0"),
+    (["--plms", "--ddim_eta", "0.5"], "deterministic and has no eta"),
     (["--C", "8"], "--C 8"),
     (["--f", "16"], "--f 16"),
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),

@@ -120,6 +120,18 @@ def txt2img_kwargs(info: dict) -> dict:
             out["eta"] = float(info["Eta"])
         if "Sigma noise" in info:
             out["s_noise"] = float(info["Sigma noise"])
+        if "Variation seed" in info:
+            out["subseed"] = int(info["Variation seed"])
+            out["subseed_strength"] = float(info.get("Variation seed strength", 0))
+        if "Seed resize from-1" in info:
+            out["seed_resize_from"] = (int(info["Seed resize from-1"]), int(info["Seed resize from-2"]))
+        if info.get("Tiling") == "True":
+            out["seamless"] = True
+        if "Hires upscale" in info:
+            out["hires_scale"] = float(info["Hires upscale"])
+            out["hires_steps"] = int(info["Hires steps"]) if info.get("Hires steps", "None") != "None" else None
+            out["hires_upscaler"] = "lanczos" if info.get("Hires upscaler", "Latent").lower() == "lanczos" else "latent"
+            out["hires_strength"] = float(info.get("Denoising strength", 0.7))
         if "Batch size" in info:
             out["batch_size"], out["batch_pos"] = int(info["Batch size"]), int(info.get("Batch pos", 0))
     except ValueError as e:

@@ -6,6 +6,7 @@ about the model. `noise(x)` draws fresh noise shaped like `x` (per-image generat
 """
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def ddim_timesteps(steps: int, num_train: int = 1000) -> np.ndarray:
@@ -29,18 +30,53 @@ def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float = 0.0):
     return ts, a.float(), a_prev.float(), sigma.float()
 
 
-def ddim_step(x, e_t, a_t, a_prev, sigma_t, noise=None):
-    """One DDIM update from the noise prediction; returns (x_prev, pred_x0)."""
+def ddim_step(x, e_t, a_t, a_prev, sigma_t, noise=None, temperature=1.0, noise_dropout=0.0):
+    """One DDIM update from the noise prediction; returns (x_prev, pred_x0). `temperature` scales the fresh noise,
+    `noise_dropout` zeroes a fraction of it (rescaling the rest, as torch's dropout), both as CompVis."""
     pred_x0 = (x - (1 - a_t).sqrt() * e_t) / a_t.sqrt()
     dir_xt = (1 - a_prev - sigma_t ** 2).sqrt() * e_t
     x_prev = a_prev.sqrt() * pred_x0 + dir_xt
-    if sigma_t > 0:
-        x_prev = x_prev + sigma_t * noise(x)
+    if sigma_t > 0 and temperature != 0:
+        n = sigma_t * noise(x) * temperature
+        if noise_dropout > 0:
+            n = F.dropout(n, p=noise_dropout)
+        x_prev = x_prev + n
     return x_prev, pred_x0
 
 
+class Known:
+    """CompVis' `mask`/`x0` blending: before every step the latent takes `q_sample(x0, t)` where mask is 1; after
+    the last step it takes x0 itself there (CompVis stops one re-noised step short; kiln returns the known region
+    exactly). `noise(x)` supplies the re-noising noise."""
+
+    def __init__(self, mask, x0, alphas_cumprod, noise):
+        self.mask, self.x0, self.ac, self.noise = mask, x0, alphas_cumprod, noise
+
+    def before(self, x, t):
+        a = self.ac[t].to(x.dtype)
+        return (a.sqrt() * self.x0 + (1 - a).sqrt() * self.noise(x)) * self.mask + (1 - self.mask) * x
+
+    def after(self, x):
+        return self.x0 * self.mask + (1 - self.mask) * x
+
+
+class Intermediates(dict):
+    """CompVis' `log_every_t` record: {'x_inter': [...], 'pred_x0': [...]}, starting with the start latent."""
+
+    def __init__(self, x, every, total):
+        super().__init__(x_inter=[x], pred_x0=[x])
+        self.every, self.total = every, total
+
+    def log(self, index, x, pred_x0):
+        if index % self.every == 0 or index == self.total - 1:
+            self["x_inter"].append(x)
+            self["pred_x0"].append(pred_x0)
+
+
 @torch.no_grad()
-def sample_ddim(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None):
+def sample_ddim(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None,
+                temperature=1.0, noise_dropout=0.0, known: Known | None = None,
+                intermediates: Intermediates | None = None):
     """Run DDIM from pure noise `x` (or, with `start` = k, from a latent noised to the k-th sub-step: img2img)."""
     ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, eta)
     if eta > 0 and noise is None:
@@ -48,11 +84,15 @@ def sample_ddim(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=
     n = len(ts) if start is None else start
     order = list(reversed(range(n)))
     for i, index in enumerate(order):
+        if known is not None:
+            x = known.before(x, int(ts[index]))
         e_t = eps_fn(x, int(ts[index]))
-        x, pred_x0 = ddim_step(x, e_t, a[index], a_prev[index], sigma[index], noise)
+        x, pred_x0 = ddim_step(x, e_t, a[index], a_prev[index], sigma[index], noise, temperature, noise_dropout)
         if callback:
             callback(i, len(order), x, pred_x0)
-    return x
+        if intermediates is not None:
+            intermediates.log(index, x, pred_x0)
+    return known.after(x) if known is not None else x
 
 
 def plms_eps(e_t, old_eps):
@@ -65,8 +105,11 @@ def plms_eps(e_t, old_eps):
 
 
 @torch.no_grad()
-def sample_plms(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None):
-    """PLMS: a pseudo improved-Euler first step (two evaluations), then 2-, 3-, 4-step Adams–Bashforth."""
+def sample_plms(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None,
+                temperature=1.0, noise_dropout=0.0, known: Known | None = None,
+                intermediates: Intermediates | None = None):
+    """PLMS: a pseudo improved-Euler first step (two evaluations), then 2-, 3-, 4-step Adams–Bashforth.
+    (σ is 0 throughout, so temperature and noise dropout have nothing to act on; accepted as CompVis does.)"""
     if eta != 0:
         raise ValueError("PLMS is deterministic: eta must be 0")
     ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, 0.0)
@@ -74,6 +117,8 @@ def sample_plms(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=
     order = list(reversed(range(n)))
     old_eps = []
     for i, index in enumerate(order):
+        if known is not None:
+            x = known.before(x, int(ts[index]))
         e_t = eps_fn(x, int(ts[index]))
         if not old_eps:
             x_next, _ = ddim_step(x, e_t, a[index], a_prev[index], sigma[index])
@@ -87,4 +132,6 @@ def sample_plms(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=
             old_eps.pop(0)
         if callback:
             callback(i, len(order), x, pred_x0)
-    return x
+        if intermediates is not None:
+            intermediates.log(index, x, pred_x0)
+    return known.after(x) if known is not None else x
