@@ -48,6 +48,10 @@ def txt2img_parser(sub, command="txt2img"):
         p.add_argument("--inpaint-fill", dest="inpaint_fill", default=None,
                        choices=["original", "latent-noise", "latent-nothing"],
                        help="what the masked area starts from (default: original; with --outpaint latent-noise)")
+        p.add_argument("--inpaint-area", dest="inpaint_area", choices=["whole", "masked"], default="whole",
+                       help="masked: render a crop around the mask at full size and paste it back (more detail)")
+        p.add_argument("--masked-padding", dest="masked_padding", type=int, default=32,
+                       help="pixels of context around the mask for --inpaint-area masked")
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", type=str, default="",
                    help="replaces the empty unconditional prompt of classifier-free guidance")
     p.add_argument("--outdir", type=str, nargs="?", default=outdir)
@@ -310,7 +314,9 @@ def run_txt2img(opt):
         fill = getattr(opt, "inpaint_fill", None) or ("latent-noise" if outpaint else "original")
         results = pipe.img2img_iter(prompts, opt.init_img, strength=strength, resize_mode=opt.resize_mode,
                                     mask=getattr(opt, "mask", None), mask_blur=getattr(opt, "mask_blur", 4.0),
-                                    inpaint_fill=fill, outpaint=outpaint, **common)
+                                    inpaint_fill=fill, outpaint=outpaint,
+                                    inpaint_area=getattr(opt, "inpaint_area", "whole"),
+                                    masked_padding=getattr(opt, "masked_padding", 32), **common)
     for result in results:
         if bar is None:
             bar = tqdm(total=n_batches, desc="batches", unit="batch", disable=n_batches == 1)

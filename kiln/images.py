@@ -128,3 +128,32 @@ def outpaint_canvas(im: Image.Image, left: int, right: int, top: int, bottom: in
     mask = np.ones((h, w), np.float32)
     mask[top:top + im.height, left:left + im.width] = 0
     return Image.fromarray(canvas), mask
+
+
+def mask_region(mask: np.ndarray, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """The box (x0, y0, x1, y1) around the mask's non-zero pixels, grown by `padding` and then to the aspect ratio
+    width:height, kept inside the image (A1111's "only masked" crop)."""
+    ys, xs = np.nonzero(mask > 0)
+    H, W = mask.shape
+    if len(xs) == 0:
+        return 0, 0, W, H
+    x0, y0 = max(int(xs.min()) - padding, 0), max(int(ys.min()) - padding, 0)
+    x1, y1 = min(int(xs.max()) + 1 + padding, W), min(int(ys.max()) + 1 + padding, H)
+    want = width / height
+    if (x1 - x0) / (y1 - y0) < want:  # too tall: widen
+        grow = round((y1 - y0) * want) - (x1 - x0)
+        x0 -= grow // 2
+        x1 += grow - grow // 2
+        if x0 < 0:
+            x1, x0 = min(x1 - x0, W), 0
+        if x1 > W:
+            x0, x1 = max(x0 - (x1 - W), 0), W
+    else:  # too wide: heighten
+        grow = round((x1 - x0) / want) - (y1 - y0)
+        y0 -= grow // 2
+        y1 += grow - grow // 2
+        if y0 < 0:
+            y1, y0 = min(y1 - y0, H), 0
+        if y1 > H:
+            y0, y1 = max(y0 - (y1 - H), 0), H
+    return x0, y0, x1, y1

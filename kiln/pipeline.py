@@ -552,6 +552,7 @@ class Pipeline:
 
     def img2img_iter(self, prompt: str | list[str], init_image, *, strength: float = 0.75, mask=None,
                      mask_blur: float = 4.0, inpaint_fill: str = "original", outpaint=None,
+                     inpaint_area: str = "whole", masked_padding: int = 32,
                      negative_prompt: str = "", steps: int = 50, sampler: str = "ddim", schedule: str | None = None,
                      cfg_scale: float = 5.0, width: int | None = None, height: int | None = None,
                      resize_mode: str = "just-resize", seed: int = 42, batch_size: int = 1, n_iter: int = 1,
@@ -563,7 +564,9 @@ class Pipeline:
         noised to `strength` and denoised with the prompt. Inpainting keeps the unmasked area: in latent space
         while sampling, and in pixels at the end (the original pixels pasted back through the mask blurred by
         `mask_blur` pixels). `inpaint_fill`: original | latent-noise | latent-nothing (what the masked area
-        starts from). Models with a 9-channel UNet (inpainting checkpoints) get the mask and the masked image as
+        starts from). `inpaint_area="masked"` works on a crop around the mask (grown by `masked_padding` pixels to
+        the output's aspect ratio) rendered at the full output size and pasted back: more detail for small masks
+        (A1111's "only masked"). Models with a 9-channel UNet (inpainting checkpoints) get the mask and the masked image as
         extra input channels and are best used at strength 1."""
         from .images import blur_mask
 
@@ -572,8 +575,25 @@ class Pipeline:
         if inpaint_fill not in FILLS:
             raise KilnError(f"inpaint fill must be one of {', '.join(FILLS)}, not {inpaint_fill!r}")
         spec, sched, eta = self._check_common(steps, batch_size, n_iter, sampler, schedule, eta)
-        init_im, m = self.prepare_init(init_image, width, height, resize_mode, mask, outpaint)
-        width, height = init_im.size
+        if inpaint_area not in ("whole", "masked"):
+            raise KilnError(f"inpaint area must be whole or masked, not {inpaint_area!r}")
+        only_masked = inpaint_area == "masked" and (mask is not None or outpaint is not None)
+        if only_masked:  # the picture keeps its own size; width/height are the crop's rendering size
+            init_im, m = self.prepare_init(init_image, None, None, resize_mode, mask, outpaint)
+            width, height = width or self.native_size, height or self.native_size
+            self.check_size(width, height)
+        else:
+            init_im, m = self.prepare_init(init_image, width, height, resize_mode, mask, outpaint)
+            width, height = init_im.size
+        region = None
+        if only_masked:
+            from .images import mask_region
+
+            region = mask_region(m, masked_padding, width, height)
+            full_px, full_paste = np.asarray(init_im), blur_mask(m, mask_blur)
+            m_crop = Image.fromarray((m * 255).astype(np.uint8)).crop(region).resize((width, height), Image.BILINEAR)
+            init_im = init_im.crop(region).resize((width, height), Image.LANCZOS)
+            m = np.asarray(m_crop, dtype=np.float32) / 255.0
         nine = self.cfg.unet.in_channels != self.cfg.latent_channels
         if nine and m is None:
             raise KilnError(f"{self.info.path} is an inpainting model: it needs a mask (--mask) or --outpaint")
@@ -605,6 +625,7 @@ class Pipeline:
                       fixed_code=fixed_code, precision=self.precision, ema=self.info.ema_used, strength=strength,
                       mask_blur=mask_blur if m is not None else None,
                       inpaint_fill=inpaint_fill if m is not None else None, resize_mode=resize_mode,
+                      inpaint_area=inpaint_area if m is not None else None,
                       subseed=subseed, subseed_strength=subseed_strength, seed_resize_from=seed_resize_from,
                       seamless=seamless)
         variation = self._variation(subseed, subseed_strength, seed_resize_from)
@@ -643,9 +664,20 @@ class Pipeline:
                         w = paste[None, :, :, None]
                         pixels = np.clip(w * pixels + (1 - w) * init_px[None] + 0.5, 0, 255).astype(np.uint8) \
                             if mask_blur > 0 else np.where(w > 0.5, pixels, init_px[None]).astype(np.uint8)
+                    if region is not None:  # back into the whole picture, through the whole mask
+                        x0, y0, x1, y1 = region
+                        w = full_paste[y0:y1, x0:x1, None]
+                        out = []
+                        for p in pixels:
+                            small = np.asarray(Image.fromarray(p).resize((x1 - x0, y1 - y0), Image.LANCZOS))
+                            full = full_px.astype(np.float64).copy()
+                            full[y0:y1, x0:x1] = w * small + (1 - w) * full[y0:y1, x0:x1]
+                            out.append(np.clip(full + 0.5, 0, 255).astype(np.uint8))
+                        pixels = np.stack(out)
                     pixels, flagged = self._safety(pixels)
                 extra = {"Denoising strength": _fmt(strength), "Mask blur": _fmt(mask_blur) if m is not None else None,
-                         **var_fields}
+                         "Inpaint area": "Only masked" if region is not None else None,
+                         "Masked area padding": masked_padding if region is not None else None, **var_fields}
                 infos = [self.infotext(params, p, sd, {**extra, **({"Batch size": n, "Batch pos": j} if n > 1 else {})})
                          for j, (p, sd) in enumerate(zip(batch, seeds))]
                 yield Result([Image.fromarray(p) for p in pixels], seeds, list(batch), params, z, pixels, infos,

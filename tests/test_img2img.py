@@ -262,3 +262,35 @@ def test_seamless_makes_the_model_equivariant_to_circular_shifts(pipe):
     assert "Tiling: True" in r.infotexts[0]
     conv = next(m for m in pipe.model.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0))
     assert conv.padding_mode == "zeros"  # restored afterwards
+
+
+def test_mask_region_grows_to_the_aspect_ratio():
+    from kiln.images import mask_region
+
+    m = np.zeros((100, 200), np.float32)
+    m[40:50, 90:100] = 1
+    x0, y0, x1, y1 = mask_region(m, 8, 64, 64)
+    assert (x1 - x0) == (y1 - y0) == 26 and x0 <= 82 and x1 >= 108 and y0 <= 32 and y1 >= 58
+    x0, y0, x1, y1 = mask_region(m, 0, 128, 64)  # 2:1
+    assert (x1 - x0) == 2 * (y1 - y0)
+    m[:] = 0
+    m[95:100, 0:4] = 1  # at a corner: moved inside the image
+    x0, y0, x1, y1 = mask_region(m, 10, 64, 64)
+    assert 0 <= x0 < x1 <= 200 and 0 <= y0 < y1 <= 100 and (x1 - x0) == (y1 - y0)
+
+
+def test_inpaint_only_masked(pipe):
+    init = Image.fromarray(np.asarray(picture("red", "square", "blue", "center", "large").resize((128, 128))))
+    mask = np.zeros((128, 128), np.uint8)
+    mask[40:88, 40:88] = 255
+    r = pipe.img2img("a large yellow circle in the center on a blue background", init, mask=Image.fromarray(mask),
+                     inpaint_area="masked", masked_padding=8, mask_blur=2, strength=1.0, steps=15, cfg_scale=5.0,
+                     seed=1, width=64, height=64)
+    out = r.pixels[0]
+    assert out.shape == (128, 128, 3)
+    keep = np.ones((128, 128), bool)
+    keep[34:94, 34:94] = False
+    assert np.array_equal(out[keep], np.asarray(init)[keep])
+    a = analyze(np.asarray(Image.fromarray(out[40:88, 40:88]).resize((64, 64))))
+    assert a.color == "yellow"
+    assert "Inpaint area: Only masked, Masked area padding: 8" in r.infotexts[0]
