@@ -69,7 +69,9 @@ def _correct(x_last, m_t, outputs, sigmas_hist, sigma_t, order, variant):
 
 
 @torch.no_grad()
-def sample_unipc(denoise, x, sigmas, noise=None, callback=None, order: int = 3, variant: str = "bh1", **_):
+def sample_unipc(denoise, x, sigmas, noise=None, callback=None, order: int = 2, variant: str = "bh2", **_):
+    """Defaults as diffusers' UniPCMultistepScheduler: order 2 (recommended there for guided sampling) and bh2.
+    (Order 3 with bh1, as A1111/ComfyUI use it, overshoots on the demo model at 20 steps and scale 5.)"""
     if variant not in ("bh1", "bh2"):
         raise ValueError("UniPC variant must be 'bh1' or 'bh2'")
     s = [float(v) for v in sigmas]
