@@ -270,7 +270,7 @@ def test_stochastic_samplers_use_the_noise():
     ("euler_a", "euler_a", "normal"), ("DPM++ 2M SDE Exponential", "dpmpp_2m_sde", "exponential"),
     ("DPM++ SDE Karras", "dpmpp_sde", "karras"), ("LMS Karras", "lms", "karras"), ("DPM2 a", "dpm2_a", "karras"),
     ("k_dpmpp_2m", "dpmpp_2m", "karras"), ("UniPC", "unipc", "karras"), ("DDIM", "ddim", "normal"),
-    ("Euler SGM Uniform", "euler", "sgm_uniform"), ("LCM", "lcm", "sgm_uniform"),
+    ("Euler SGM Uniform", "euler", "sgm_uniform"), ("LCM", "lcm", "karras"),
 ])
 def test_a1111_names_resolve(label, name, schedule):
     spec, sched = resolve(label)

@@ -51,7 +51,7 @@ SAMPLER_LIST = [
     Sampler("dpmpp_3m_sde", "DPM++ 3M SDE", k.sample_dpmpp_3m_sde, stochastic=True, eta=1.0,
             schedule="exponential", aliases=("k_dpmpp_3m_sde",)),
     Sampler("unipc", "UniPC", sample_unipc, schedule="karras", aliases=("uni_pc",)),
-    Sampler("lcm", "LCM", k.sample_lcm, stochastic=True, schedule="sgm_uniform"),
+    Sampler("lcm", "LCM", k.sample_lcm, stochastic=True, schedule="karras"),
     Sampler("ddpm", "DDPM", k.sample_ddpm, stochastic=True, eta=1.0),
     Sampler("ddim", "DDIM", sample_ddim, kind="eps", eta=0.0),
     Sampler("plms", "PLMS", sample_plms, kind="eps"),
