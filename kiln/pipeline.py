@@ -274,8 +274,17 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_images(self, x: torch.Tensor, gens=None) -> torch.Tensor:
-        """Images in [-1, 1] → scaled latents (posterior sample with per-image generators, or the mean)."""
-        mean, logvar = self.model.vae.encode(x.to(self.device, self.dtype))
+        """Images in [-1, 1] → scaled latents (posterior sample with per-image generators, or the mean). Large
+        images are encoded in tiles (see `_tiled`)."""
+        f = self.cfg.downscale
+        vae = self.model.vae
+        if self._tiled((x.shape[-2] // f, x.shape[-1] // f)):
+            ks = 2 * self.native_size
+            both = tiled_cover(lambda t: torch.cat(vae.encode(t), dim=1), x.to(self.device, self.dtype), ks,
+                               ks * 3 // 4, df=f)
+            mean, logvar = both.chunk(2, dim=1)
+        else:
+            mean, logvar = vae.encode(x.to(self.device, self.dtype))
         if gens is None:
             return mean * self.cfg.scale_factor
         std = torch.exp(0.5 * logvar)

@@ -30,7 +30,9 @@ def weighting(h, w, ly, lx, clip_min=0.01, clip_max=0.5, tie_braker=False, tie_m
 
 @torch.no_grad()
 def tiled(fn, x: torch.Tensor, ks, stride, uf: int = 1, clip_min=0.01, clip_max=0.5, tie_braker=False,
-          tie_min=0.01, tie_max=0.5) -> torch.Tensor:
+          tie_min=0.01, tie_max=0.5, df: int = 1) -> torch.Tensor:
+    """`uf` > 1: fn upsamples by uf (a decoder); `df` > 1: fn downsamples by df (an encoder; ks and stride must
+    be multiples of df)."""
     b, c, h, w = x.shape
     ks = (min(ks[0], h), min(ks[1], w))
     stride = (min(stride[0], h), min(stride[1], w))
@@ -40,10 +42,13 @@ def tiled(fn, x: torch.Tensor, ks, stride, uf: int = 1, clip_min=0.01, clip_max=
                          "(size - ks must be a multiple of stride)")
     tiles = F.unfold(x, ks, stride=stride).view(b, c, ks[0], ks[1], ly * lx)
     outs = torch.stack([fn(tiles[..., i]) for i in range(ly * lx)], dim=-1)  # [b, c', ks·uf, ks·uf, L]
-    oh, ow = ks[0] * uf, ks[1] * uf
+    if any(v % df for v in (*ks, *stride, h, w)):
+        raise ValueError(f"tile size, stride and input must be multiples of {df}")
+    oh, ow = ks[0] * uf // df, ks[1] * uf // df
+    H, W = h * uf // df, w * uf // df
     wgt = weighting(oh, ow, ly, lx, clip_min, clip_max, tie_braker, tie_min, tie_max).to(outs)
-    fold = lambda t: F.fold(t, (h * uf, w * uf), (oh, ow), stride=(stride[0] * uf, stride[1] * uf))
-    norm = fold(wgt).view(1, 1, h * uf, w * uf)
+    fold = lambda t: F.fold(t, (H, W), (oh, ow), stride=(stride[0] * uf // df, stride[1] * uf // df))
+    norm = fold(wgt).view(1, 1, H, W)
     o = outs * wgt.view(1, 1, oh, ow, ly * lx)
     return fold(o.reshape(b, -1, ly * lx)) / norm
 
@@ -56,15 +61,16 @@ def from_split_input_params(p: dict) -> dict:
 
 
 @torch.no_grad()
-def tiled_cover(fn, x: torch.Tensor, ks: int, stride: int, uf: int = 1, **kw) -> torch.Tensor:
+def tiled_cover(fn, x: torch.Tensor, ks: int, stride: int, uf: int = 1, df: int = 1, **kw) -> torch.Tensor:
     """`tiled` for any size: the input is padded (edge pixels repeated) on the bottom and right up to the next size
     the tiles cover exactly, and the output cropped back."""
     h, w = x.shape[-2:]
     kh, kw_ = min(ks, h), min(ks, w)
-    sh, sw = max(1, min(stride, kh)), max(1, min(stride, kw_))
+    kh, kw_ = kh - kh % df, kw_ - kw_ % df
+    sh, sw = max(df, min(stride, kh) // df * df), max(df, min(stride, kw_) // df * df)
     H = kh + -(-(h - kh) // sh) * sh
     W = kw_ + -(-(w - kw_) // sw) * sw
     if (H, W) != (h, w):
         x = F.pad(x, (0, W - w, 0, H - h), mode="replicate")
-    out = tiled(fn, x, (kh, kw_), (sh, sw), uf=uf, **kw)
-    return out[..., : h * uf, : w * uf]
+    out = tiled(fn, x, (kh, kw_), (sh, sw), uf=uf, df=df, **kw)
+    return out[..., : h * uf // df, : w * uf // df]
