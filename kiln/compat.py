@@ -205,15 +205,9 @@ class _CompVisSampler:
 
     def _eps_fn(self, c, uc, scale, score_corrector, corrector_kwargs):
         m = self.model
-        if m.split_input_params is None:
-            base = m.pipe.eps_fn(c, uc if (uc is not None and scale != 1.0) else None, scale)
-        else:
-            def base(x, t):
-                tt = torch.full((x.shape[0],), t, device=m.device, dtype=torch.long)
-                if uc is None or scale == 1.0:
-                    return m.apply_model(x, tt, c)
-                e_u, e_c = m.apply_model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([uc, c])).chunk(2)
-                return e_u + scale * (e_c - e_u)
+        # One CFG implementation: the pipeline's; with split_input_params the UNet call is the tiled apply_model.
+        tiled = None if m.split_input_params is None else m.apply_model
+        base = m.pipe.eps_fn(c, uc if (uc is not None and scale != 1.0) else None, scale, unet_call=tiled)
         if score_corrector is None:
             return base
 

@@ -130,6 +130,16 @@ def outpaint_canvas(im: Image.Image, left: int, right: int, top: int, bottom: in
     return Image.fromarray(canvas), mask
 
 
+def _grow(lo: int, hi: int, grow: int, limit: int) -> tuple[int, int]:
+    """[lo, hi) widened by `grow` around its centre, shifted back inside [0, limit) (and cut at its ends)."""
+    lo, hi = lo - grow // 2, hi + grow - grow // 2
+    if lo < 0:
+        hi, lo = min(hi - lo, limit), 0
+    if hi > limit:
+        lo, hi = max(lo - (hi - limit), 0), limit
+    return lo, hi
+
+
 def mask_region(mask: np.ndarray, padding: int, width: int, height: int) -> tuple[int, int, int, int]:
     """The box (x0, y0, x1, y1) around the mask's non-zero pixels, grown by `padding` and then to the aspect ratio
     width:height, kept inside the image (A1111's "only masked" crop)."""
@@ -141,19 +151,7 @@ def mask_region(mask: np.ndarray, padding: int, width: int, height: int) -> tupl
     x1, y1 = min(int(xs.max()) + 1 + padding, W), min(int(ys.max()) + 1 + padding, H)
     want = width / height
     if (x1 - x0) / (y1 - y0) < want:  # too tall: widen
-        grow = round((y1 - y0) * want) - (x1 - x0)
-        x0 -= grow // 2
-        x1 += grow - grow // 2
-        if x0 < 0:
-            x1, x0 = min(x1 - x0, W), 0
-        if x1 > W:
-            x0, x1 = max(x0 - (x1 - W), 0), W
+        x0, x1 = _grow(x0, x1, round((y1 - y0) * want) - (x1 - x0), W)
     else:  # too wide: heighten
-        grow = round((x1 - x0) / want) - (y1 - y0)
-        y0 -= grow // 2
-        y1 += grow - grow // 2
-        if y0 < 0:
-            y1, y0 = min(y1 - y0, H), 0
-        if y1 > H:
-            y0, y1 = max(y0 - (y1 - H), 0), H
+        y0, y1 = _grow(y0, y1, round((x1 - x0) / want) - (y1 - y0), H)
     return x0, y0, x1, y1

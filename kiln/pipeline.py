@@ -290,15 +290,18 @@ class Pipeline:
         std = torch.exp(0.5 * logvar)
         return (mean + std * randn(mean.shape[1:], gens, self.device, mean.dtype)) * self.cfg.scale_factor
 
-    def eps_fn(self, cond, uncond, scale, concat=None):
+    def eps_fn(self, cond, uncond, scale, concat=None, unet_call=None):
         """The guided noise predictor the samplers call at step t (fractional t allowed): one batched UNet pass
         for [uncond, cond]. Takes and returns fp32; the UNet runs in the pipeline's dtype. `concat` (inpainting
-        models: mask and masked-image latents) is appended to the UNet's input channels."""
+        models: mask and masked-image latents) is appended to the UNet's input channels. `unet_call(x, t, ctx)`
+        replaces the UNet call (kiln.compat's tiled `apply_model`)."""
         unet, disc, v_pred = self.model.unet, self.discrete, self.cfg.parameterization == "v"
 
         ks = self.native_size // self.cfg.downscale
 
         def run(xin, tt, ctx):
+            if unet_call is not None:
+                return unet_call(xin, tt, ctx)
             if self._tiled(xin.shape[-2:]):
                 return tiled_cover(lambda z: unet(z, tt, ctx), xin, ks, ks * 3 // 4)
             return unet(xin, tt, ctx)
