@@ -46,7 +46,7 @@ def txt2img_parser(sub, command="txt2img"):
         p.add_argument("--mask-blur", dest="mask_blur", type=float, default=4.0,
                        help="blur radius (pixels) of the seam where generated and original pixels meet")
         p.add_argument("--inpaint-fill", dest="inpaint_fill", default=None,
-                       choices=["original", "latent-noise", "latent-nothing"],
+                       choices=["original", "fill", "latent-noise", "latent-nothing"],
                        help="what the masked area starts from (default: original; with --outpaint latent-noise)")
         p.add_argument("--inpaint-area", dest="inpaint_area", choices=["whole", "masked"], default="whole",
                        help="masked: render a crop around the mask at full size and paste it back (more detail)")
@@ -460,6 +460,81 @@ def print_samplers():
           + "; automatic = the sampler's default")
 
 
+def serve_parser(sub):
+    p = sub.add_parser("serve", help="HTTP API (A1111-compatible /sdapi/v1 and /api/v1 jobs) and web UI",
+                       description="Serve the model over HTTP: AUTOMATIC1111's /sdapi/v1 API, kiln's job API "
+                                   "(/api/v1, with server-sent progress events) and a web UI at /. One model "
+                                   "worker behind a bounded FIFO queue; the model loads once and stays warm.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--ckpt", default=None, help="the model to load first (default: the embedded demo model)")
+    p.add_argument("--ckpt-dir", dest="ckpt_dir", default=None,
+                   help="a folder of checkpoints clients may switch to (by name, via /sdapi/v1/options)")
+    p.add_argument("--outdir", default="outputs/serve", help="where generated images are saved")
+    p.add_argument("--no-save", dest="no_save", action="store_true",
+                   help="do not save the web UI's and job API's results (A1111 clients' save_images still saves)")
+    p.add_argument("--api-auth", dest="api_auth", default=None, metavar="USER:PASS[,USER:PASS]",
+                   help="HTTP Basic credentials required on every endpoint but the UI's static files")
+    p.add_argument("--token", default=None, help="a bearer token accepted on every endpoint (also: KILN_TOKEN)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", choices=["full", "autocast", "fp16", "bf16"], default="full")
+    p.add_argument("--safety-checker", dest="safety_checker", default=None, metavar="PATH",
+                   help="check every image with CompVis' NSFW checker (weights folder or file)")
+    p.add_argument("--queue-size", dest="queue_size", type=int, default=16,
+                   help="jobs waiting beyond this are refused with 503 and Retry-After")
+    p.add_argument("--max-size", dest="max_size", type=int, default=2048, help="largest width/height allowed")
+    p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=8)
+    p.add_argument("--preview-every", dest="preview_every", type=int, default=1,
+                   help="live preview every N sampler steps (0: none)")
+    p.add_argument("--log-level", dest="log_level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def run_serve(opt):
+    import logging
+    import os
+
+    from .server import Limits, ServerConfig, create_app, parse_api_auth
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise KilnError("kiln serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
+    try:
+        auth = parse_api_auth(opt.api_auth)
+    except ValueError as e:
+        raise KilnError(str(e)) from None
+    token = opt.token or os.environ.get("KILN_TOKEN") or None
+    for name in ("queue_size", "max_size", "max_batch_size"):
+        if getattr(opt, name) < 1:
+            raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
+    if opt.preview_every < 0:
+        raise KilnError("--preview-every must be 0 or more")
+    if opt.ckpt and not Path(opt.ckpt).exists():
+        raise KilnError(f"--ckpt {opt.ckpt}: no such file or folder")
+    if opt.ckpt_dir and not Path(opt.ckpt_dir).is_dir():
+        raise KilnError(f"--ckpt-dir {opt.ckpt_dir}: not a folder")
+    if opt.host not in ("127.0.0.1", "localhost", "::1") and not (auth or token):
+        say(f"kiln: warning: listening on {opt.host} without --api-auth or --token: anyone who can reach this "
+            "machine can use the API")
+    logging.basicConfig(level=opt.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(ckpt=opt.ckpt, ckpt_dir=opt.ckpt_dir, outdir=opt.outdir, save=not opt.no_save,
+                          device=opt.device, precision=opt.precision,
+                          limits=Limits(max_size=opt.max_size, max_batch_size=opt.max_batch_size,
+                                        queue_size=opt.queue_size),
+                          api_auth=auth, token=token, preview_every=opt.preview_every,
+                          safety_checker=opt.safety_checker)
+    say("kiln: loading the model ...")
+    app = create_app(config)
+    say(f"kiln: serving {app.state.worker.model_title} on http://{opt.host}:{opt.port}/ "
+        f"(A1111 API under /sdapi/v1, docs at /docs)")
+    try:
+        uvicorn.run(app, host=opt.host, port=opt.port, log_level=opt.log_level)
+    finally:
+        app.state.worker.stop()  # cancel queued jobs, stop the running one at its next step
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="kiln", description="Stable Diffusion in plain, fast, verifiable PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -469,6 +544,7 @@ def build_parser():
     train_parser(sub)
     eval_parser(sub)
     info_parser(sub)
+    serve_parser(sub)
     return parser
 
 
@@ -476,7 +552,8 @@ def main(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     try:
-        {"txt2img": run_txt2img, "img2img": run_txt2img, "inpaint": run_txt2img, "train": run_train, "eval": run_eval, "info": run_info}[opt.command](opt)
+        {"txt2img": run_txt2img, "img2img": run_txt2img, "inpaint": run_txt2img, "train": run_train, "eval": run_eval, "info": run_info,
+         "serve": run_serve}[opt.command](opt)
     except KilnError as e:
         say(f"kiln: error: {e}")
         return 1

@@ -81,6 +81,35 @@ def blur_mask(mask: np.ndarray, radius: float) -> np.ndarray:
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
+def _box_blur(a: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a (2r+1)² window along the first two axes (edges repeated), by cumulative sums."""
+    for axis in (0, 1):
+        n = a.shape[axis]
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (r + 1, r)
+        c = np.cumsum(np.pad(a, pad, mode="edge"), axis=axis, dtype=np.float64)
+        a = (np.take(c, range(2 * r + 1, 2 * r + 1 + n), axis=axis) - np.take(c, range(n), axis=axis)) / (2 * r + 1)
+    return a
+
+
+def fill_masked(px: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A1111's inpainting fill "fill": the masked area (mask ≥ 0.5) painted with the colors around it, coarse to
+    fine (a normalised blur of the known pixels at shrinking radii; finer estimates win where they reach)."""
+    known = (mask < 0.5).astype(np.float64)
+    if known.all() or not known.any():
+        return px
+    src = px.astype(np.float64) * known[..., None]
+    out = np.zeros_like(src)
+    for r in (256, 64, 16, 4, 2, 1):
+        r = min(r, max(px.shape[:2]))
+        den = _box_blur(_box_blur(known, r), r)  # two box passes: close to a Gaussian, cheap at any radius
+        num = _box_blur(_box_blur(src, r), r)
+        reach = den > 1e-3
+        out[reach] = num[reach] / den[reach, None]
+    out = np.where(known[..., None] > 0, px, out)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
 def fit(im: Image.Image, width: int, height: int, mode: str = "just-resize") -> Image.Image:
     """A1111's resize modes: stretch; crop to the aspect ratio then resize; resize inside and fill the borders by
     stretching the image's edge pixels."""

@@ -575,8 +575,8 @@ class Pipeline:
         """img2img (and, with `mask` — white = repaint — or `outpaint`, inpainting): the init image is encoded,
         noised to `strength` and denoised with the prompt. Inpainting keeps the unmasked area: in latent space
         while sampling, and in pixels at the end (the original pixels pasted back through the mask blurred by
-        `mask_blur` pixels). `inpaint_fill`: original | latent-noise | latent-nothing (what the masked area
-        starts from). `inpaint_area="masked"` works on a crop around the mask (grown by `masked_padding` pixels to
+        `mask_blur` pixels). `inpaint_fill`: original | fill | latent-noise | latent-nothing (what the masked area
+        starts from; fill = painted with the colours around it). `inpaint_area="masked"` works on a crop around the mask (grown by `masked_padding` pixels to
         the output's aspect ratio) rendered at the full output size and pasted back: more detail for small masks
         (A1111's "only masked"). Models with a 9-channel UNet (inpainting checkpoints) get the mask and the masked image as
         extra input channels and are best used at strength 1."""
@@ -609,8 +609,12 @@ class Pipeline:
         nine = self.cfg.unet.in_channels != self.cfg.latent_channels
         if nine and m is None:
             raise KilnError(f"{self.info.path} is an inpainting model: it needs a mask (--mask) or --outpaint")
-        init_px = np.asarray(init_im)
-        x_img = torch.from_numpy(init_px).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        init_px = enc_px = np.array(init_im)
+        if m is not None and inpaint_fill == "fill":  # the sampler starts from the hole painted with its surroundings
+            from .images import fill_masked
+
+            enc_px = fill_masked(init_px, m)
+        x_img = torch.from_numpy(enc_px).permute(2, 0, 1)[None].float() / 127.5 - 1.0
         with torch.no_grad():
             z0 = self.encode_images(x_img).float()  # the posterior mean: strength 0 gives the VAE round trip
         lat_hw = z0.shape[-2:]
@@ -654,7 +658,7 @@ class Pipeline:
                     first_codes = x if first_codes is None else first_codes
                     x = first_codes[:n]
                 init = z0.to(self.device).expand(n, -1, -1, -1).clone()
-                if m is not None and inpaint_fill != "original":
+                if m is not None and inpaint_fill not in ("original", "fill"):
                     hole = (1 - known).expand_as(init)
                     fill = randn(z0.shape[1:], gens, self.device) if inpaint_fill == "latent-noise" \
                         else torch.zeros_like(init)
@@ -703,7 +707,7 @@ class Pipeline:
         return _join(list(self.txt2img_iter(prompt, **kw)))
 
 
-FILLS = ("original", "latent-noise", "latent-nothing")
+FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 
 
 def _fmt(v: float) -> str:

@@ -38,14 +38,25 @@ def read_text(path: str) -> str:
         raise KilnError(f"{path}: no such file") from None
     except (UnidentifiedImageError, OSError) as e:
         raise KilnError(f"{path}: not a readable image ({e})") from None
+    try:
+        text = infotext_from_chunks(chunks)
+    except KilnError as e:
+        raise KilnError(f"{path}: {e}") from None
+    if text is None:
+        raise KilnError(f"{path}: carries no generation parameters (no A1111 'parameters' or kiln chunk)")
+    return text
+
+
+def infotext_from_chunks(chunks: dict) -> str | None:
+    """The A1111 parameters text from a PNG's text chunks (made from kiln's JSON chunk if that is what it has)."""
     if isinstance(chunks.get("parameters"), str):
         return chunks["parameters"]
     if isinstance(chunks.get("kiln-parameters"), str):
         try:
             return _json_to_infotext(json.loads(chunks["kiln-parameters"]))
-        except (ValueError, KeyError, TypeError) as e:
-            raise KilnError(f"{path}: its kiln-parameters chunk is damaged ({e})") from None
-    raise KilnError(f"{path}: carries no generation parameters (no A1111 'parameters' or kiln chunk)")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise KilnError(f"its kiln-parameters chunk is damaged ({e})") from None
+    return None
 
 
 def read_parameters(path: str) -> dict:

@@ -1,0 +1,5 @@
+"""`kiln serve`: HTTP APIs (AUTOMATIC1111's /sdapi/v1 and kiln's /api/v1 jobs) and the web UI."""
+from .app import ServerConfig, create_app, parse_api_auth
+from .worker import Limits
+
+__all__ = ["ServerConfig", "create_app", "parse_api_auth", "Limits"]

@@ -1,0 +1,305 @@
+"""Request bodies as AUTOMATIC1111 names them (unknown fields accepted and ignored, as A1111 does), and their
+translation into a validated `Job` for the worker. The native API takes the same bodies."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import secrets
+from typing import Any, Optional, Union
+
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import KilnError
+from ..samplers import SAMPLERS, resolve
+from .worker import Job, Limits
+
+
+class RequestError(Exception):
+    """A request the server cannot run: `status` 422 (bad value) or 404 (unknown sampler, as A1111)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+class Txt2ImgRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: Union[str, list[str]] = ""
+    negative_prompt: Optional[str] = ""
+    styles: Optional[list[str]] = None
+    seed: Optional[int] = -1
+    subseed: Optional[int] = -1
+    subseed_strength: Optional[float] = 0.0
+    seed_resize_from_h: Optional[int] = -1
+    seed_resize_from_w: Optional[int] = -1
+    sampler_name: Optional[str] = None
+    sampler_index: Optional[str] = "Euler"
+    scheduler: Optional[str] = None
+    batch_size: Optional[int] = 1
+    n_iter: Optional[int] = 1
+    steps: Optional[int] = 50
+    cfg_scale: Optional[float] = 7.0
+    width: Optional[int] = 512
+    height: Optional[int] = 512
+    restore_faces: Optional[bool] = None
+    tiling: Optional[bool] = None
+    eta: Optional[float] = None
+    s_noise: Optional[float] = None
+    denoising_strength: Optional[float] = None
+    override_settings: Optional[dict[str, Any]] = None
+    override_settings_restore_afterwards: Optional[bool] = True
+    enable_hr: Optional[bool] = False
+    hr_scale: Optional[float] = 2.0
+    hr_upscaler: Optional[str] = None
+    hr_second_pass_steps: Optional[int] = 0
+    hr_resize_x: Optional[int] = 0
+    hr_resize_y: Optional[int] = 0
+    send_images: Optional[bool] = True
+    save_images: Optional[bool] = False
+    force_task_id: Optional[str] = None
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: Optional[list[str]] = None
+    resize_mode: Optional[int] = 0
+    denoising_strength: Optional[float] = 0.75
+    mask: Optional[str] = None
+    mask_blur: Optional[float] = None
+    mask_blur_x: Optional[float] = 4
+    mask_blur_y: Optional[float] = 4
+    inpainting_fill: Optional[int] = 0
+    inpaint_full_res: Optional[bool] = True
+    inpaint_full_res_padding: Optional[int] = 0
+    inpainting_mask_invert: Optional[int] = 0
+    include_init_images: Optional[bool] = Field(default=False)
+
+
+class PngInfoRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str = ""
+
+
+RESIZE = {0: "just-resize", 1: "crop-and-resize", 2: "resize-and-fill", 3: "just-resize"}
+FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
+UPSCALERS = {"latent": "latent", "lanczos": "lanczos", "none": "latent"}
+MAX_SEED = 2 ** 63 - 1
+
+
+def decode_image(data: str, limits: Limits, what: str) -> Image.Image:
+    """A base64 image (optionally a data: URL) decoded safely: size checked before the pixels are decoded."""
+    if not isinstance(data, str) or not data:
+        raise RequestError(f"{what}: empty image")
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    if len(data) > limits.max_body_bytes * 4 // 3 + 4:
+        raise RequestError(f"{what}: too large")
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{what}: not valid base64") from None
+    try:
+        im = Image.open(io.BytesIO(raw))
+        if im.width * im.height > limits.max_image_pixels:
+            raise RequestError(f"{what}: {im.width}x{im.height} is larger than the server's limit of "
+                               f"{limits.max_image_pixels:,} pixels")
+        im.load()
+    except RequestError:
+        raise
+    except Image.DecompressionBombError:
+        raise RequestError(f"{what}: larger than the server's limit of {limits.max_image_pixels:,} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise RequestError(f"{what}: not an image the server can read") from None
+    return im
+
+
+def _finite(name, v, lo, hi):
+    if v is None:
+        return None
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise RequestError(f"{name} must be between {lo:g} and {hi:g}, got {v}")
+    return float(v)
+
+
+def _int(name, v, lo, hi):
+    if not lo <= v <= hi:
+        raise RequestError(f"{name} must be between {lo} and {hi}, got {v}")
+    return int(v)
+
+
+def _random_seed() -> int:
+    return secrets.randbelow(4294967294)
+
+
+def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, pipe, options: dict, models=None) -> Job:
+    """Validate an A1111-style request against the limits and the loaded model; the worker's job for it."""
+    prompts = req.prompt
+    if isinstance(prompts, list):
+        if not prompts:
+            raise RequestError("prompt: an empty list")
+        n_chars = sum(len(p) for p in prompts)
+    else:
+        n_chars = len(prompts)
+    negative = req.negative_prompt or ""
+    if n_chars + len(negative) > limits.max_prompt_chars:
+        raise RequestError(f"the prompts are longer than the server's limit of {limits.max_prompt_chars} characters")
+    steps = _int("steps", req.steps if req.steps is not None else 50, 1, limits.max_steps)
+    batch_size = _int("batch_size", req.batch_size or 1, 1, limits.max_batch_size)
+    n_iter = _int("n_iter", req.n_iter or 1, 1, limits.max_n_iter)
+    if isinstance(prompts, list) and len(prompts) != batch_size:
+        raise RequestError(f"a list of prompts needs one per image of a batch ({batch_size}), got {len(prompts)}")
+    unit = max(8, pipe.cfg.downscale)
+    size = {}
+    for name in ("width", "height"):
+        v = getattr(req, name)
+        if v is None or (mode == "img2img" and v == 0):
+            size[name] = None
+            continue
+        if not unit <= v <= limits.max_size or v % unit:
+            raise RequestError(f"{name} must be a multiple of {unit} between {unit} and {limits.max_size}, got {v}")
+        size[name] = int(v)
+    sampler_name = req.sampler_name or req.sampler_index or "Euler"
+    try:
+        spec, schedule = resolve(sampler_name, req.scheduler)
+    except ValueError as e:
+        status = 404 if "sampler" in str(e) else 422
+        raise RequestError(("Sampler not found: " if status == 404 else "") + str(e), status) from None
+    # A1111 ignores eta for samplers that have none (clients such as webuiapi always send one)
+    eta = _finite("eta", req.eta, 0.0, 10.0) if spec.eta is not None else None
+    seed = req.seed if req.seed is not None else -1
+    if seed == -1:
+        seed = _random_seed()
+    seed = _int("seed", seed, 0, MAX_SEED - limits.max_batch_size * limits.max_n_iter)
+    overrides = req.override_settings or {}
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool):
+        raise RequestError("CLIP_stop_at_last_layers must be an integer")
+    clip_skip = _int("CLIP_stop_at_last_layers", clip_skip, 1, pipe.cfg.text.layers)
+    params = dict(prompt=prompts, negative_prompt=negative, steps=steps, sampler=spec.name, schedule=schedule,
+                  cfg_scale=_finite("cfg_scale", req.cfg_scale if req.cfg_scale is not None else 7.0, 0.0, 100.0),
+                  width=size["width"], height=size["height"], seed=seed, batch_size=batch_size, n_iter=n_iter,
+                  eta=eta, s_noise=_finite("s_noise", req.s_noise if req.s_noise is not None else 1.0, 0.0, 10.0),
+                  clip_skip=clip_skip, seamless=bool(req.tiling))
+    strength = _finite("subseed_strength", req.subseed_strength or 0.0, 0.0, 1.0)
+    if strength:
+        subseed = req.subseed if req.subseed not in (None, -1) else _random_seed()
+        params.update(subseed=_int("subseed", subseed, 0, MAX_SEED - limits.max_batch_size * limits.max_n_iter),
+                      subseed_strength=strength)
+    if (req.seed_resize_from_w or 0) > 0 and (req.seed_resize_from_h or 0) > 0:
+        for name in ("seed_resize_from_w", "seed_resize_from_h"):
+            v = getattr(req, name)
+            if v % unit or v > limits.max_size:
+                raise RequestError(f"{name} must be a multiple of {unit} up to {limits.max_size}, got {v}")
+        params["seed_resize_from"] = (req.seed_resize_from_w, req.seed_resize_from_h)
+    model = overrides.get("sd_model_checkpoint")
+    if model is not None:
+        if not isinstance(model, str) or models is None or models.find(model) is None:
+            raise RequestError(f"unknown model {model!r} in override_settings; GET /sdapi/v1/sd-models lists them")
+    if mode == "txt2img":
+        if req.enable_hr:
+            _hires(req, params, limits, unit, pipe)
+    else:
+        _img2img(req, params, limits)
+    return Job(mode, params, model=model, save=bool(req.save_images))
+
+
+def _hires(req, params, limits, unit, pipe):
+    w, h = params["width"] or pipe.native_size, params["height"] or pipe.native_size
+    if (req.hr_resize_x or 0) > 0 or (req.hr_resize_y or 0) > 0:
+        rx, ry = req.hr_resize_x or 0, req.hr_resize_y or 0
+        scale = max(rx / w if rx else 0, ry / h if ry else 0)
+    else:
+        scale = _finite("hr_scale", req.hr_scale if req.hr_scale is not None else 2.0, 1.0, 8.0)
+    big = (int(w * scale) // unit * unit, int(h * scale) // unit * unit)
+    if max(big) > limits.max_size:
+        raise RequestError(f"the hires size {big[0]}x{big[1]} exceeds the server's limit of {limits.max_size}")
+    name = (req.hr_upscaler or "Latent").split(" ")[0].lower()
+    if name not in UPSCALERS:
+        raise RequestError(f"hr_upscaler {req.hr_upscaler!r} is not available; use Latent or Lanczos")
+    strength = _finite("denoising_strength", req.denoising_strength if req.denoising_strength is not None else 0.7,
+                       0.0, 1.0)
+    steps = _int("hr_second_pass_steps", req.hr_second_pass_steps or 0, 0, limits.max_steps)
+    params.update(hires_scale=scale, hires_upscaler=UPSCALERS[name], hires_steps=steps or None,
+                  hires_strength=strength)
+
+
+def _img2img(req: Img2ImgRequest, params, limits):
+    if not req.init_images:
+        raise RequestError("init_images: at least one image is needed", 422)
+    init = decode_image(req.init_images[0], limits, "init_images[0]")
+    if req.resize_mode not in RESIZE:
+        raise RequestError(f"resize_mode must be 0, 1, 2 or 3, got {req.resize_mode}")
+    params.update(init_image=init, resize_mode=RESIZE[req.resize_mode],
+                  strength=_finite("denoising_strength",
+                                   req.denoising_strength if req.denoising_strength is not None else 0.75, 0.0, 1.0))
+    if req.mask:
+        from PIL import ImageOps
+
+        mask = decode_image(req.mask, limits, "mask")
+        if req.inpainting_mask_invert:
+            mask = ImageOps.invert(mask.convert("L"))
+        if req.inpainting_fill not in FILL:
+            raise RequestError(f"inpainting_fill must be 0, 1, 2 or 3, got {req.inpainting_fill}")
+        blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x or 0, req.mask_blur_y or 0)
+        padding = _int("inpaint_full_res_padding", req.inpaint_full_res_padding or 0, 0, limits.max_size)
+        params.update(mask=mask, mask_blur=_finite("mask_blur", blur, 0.0, 256.0), inpaint_fill=FILL[req.inpainting_fill],
+                      inpaint_area="masked" if req.inpaint_full_res else "whole", masked_padding=padding)
+        if req.inpaint_full_res and params["width"] and params["height"]:
+            # A1111 fits the picture to width x height first, then renders the crop around the mask at that size
+            from ..images import fit, load_image, load_mask
+
+            try:
+                init_rgb = load_image(init, "init image")
+                m = load_mask(mask, init_rgb.size)
+            except KilnError as e:
+                raise RequestError(str(e)) from None
+            params["init_image"] = fit(init_rgb, params["width"], params["height"], params["resize_mode"])
+            params["mask"] = fit(Image.fromarray((m * 255).astype("uint8")).convert("RGB"), params["width"],
+                                 params["height"], params["resize_mode"])
+
+
+def echo_parameters(req: Txt2ImgRequest) -> dict:
+    """The request as A1111 echoes it: with defaults filled in, init images and mask left out."""
+    d = req.model_dump()
+    if isinstance(req, Img2ImgRequest) and not req.include_init_images:
+        d["init_images"], d["mask"] = None, None
+    return d
+
+
+def info_json(job: Job, req: Txt2ImgRequest, pipe, model_title: str | None) -> dict:
+    """A1111's `Processed.js()`: the JSON string clients read from `info`."""
+    from .. import __version__
+
+    p = job.params
+    rp = job.result_params or {}
+    spec = SAMPLERS[p["sampler"]]
+    prompts = job.prompts or ([p["prompt"]] if isinstance(p["prompt"], str) else list(p["prompt"]))
+    seeds = job.seeds or [p["seed"]]
+    return {
+        "prompt": prompts[0] if prompts else "", "all_prompts": prompts,
+        "negative_prompt": p["negative_prompt"], "all_negative_prompts": [p["negative_prompt"]] * len(prompts),
+        "seed": seeds[0], "all_seeds": seeds,
+        "subseed": p.get("subseed", -1), "all_subseeds": [p.get("subseed", -1) + i if p.get("subseed") is not None
+                                                           else -1 for i in range(len(seeds))],
+        "subseed_strength": p.get("subseed_strength", 0), "width": rp.get("width", p["width"]),
+        "height": rp.get("height", p["height"]), "sampler_name": spec.label, "cfg_scale": p["cfg_scale"],
+        "steps": p["steps"], "batch_size": p["batch_size"], "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": pipe.model_name, "sd_model_hash": pipe.model_hash,
+        "sd_model_title": model_title, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": (p.get("seed_resize_from") or (-1, -1))[0],
+        "seed_resize_from_h": (p.get("seed_resize_from") or (-1, -1))[1],
+        "denoising_strength": p.get("strength", p.get("hires_strength")), "extra_generation_params": {},
+        "index_of_first_image": 0, "infotexts": job.infotexts, "styles": req.styles or [],
+        "job_timestamp": _timestamp(job.created), "clip_skip": p["clip_skip"],
+        "is_using_inpainting_conditioning": pipe.cfg.unet.in_channels != pipe.cfg.latent_channels,
+        "version": f"kiln {__version__}", "kiln_job_id": job.id, "kiln_state": job.state,
+    }
+
+
+def _timestamp(t: float) -> str:
+    import time
+
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(t))

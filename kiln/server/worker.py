@@ -1,0 +1,430 @@
+"""One model worker behind a bounded FIFO queue: jobs with ids, per-job progress and previews, cancel.
+
+The worker thread owns the pipeline (loaded once, kept warm); every front end (A1111 API, native API, web UI)
+submits `Job`s and reads their state. Cancelling a running job takes effect at the next sampler step.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import KilnError
+
+log = logging.getLogger("kiln.server")
+
+
+@dataclass
+class Limits:
+    """What one request may ask for. Sizes and steps are checked before a job is queued."""
+    max_size: int = 2048
+    max_steps: int = 150
+    max_batch_size: int = 8
+    max_n_iter: int = 16
+    max_prompt_chars: int = 10_000
+    max_image_pixels: int = 4096 * 4096
+    max_body_bytes: int = 64 * 1024 * 1024
+    queue_size: int = 16
+    keep_jobs: int = 100  # finished jobs (with their images) kept for status/results
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__("the queue is full")
+        self.retry_after = retry_after
+
+
+class Interrupted(Exception):
+    pass
+
+
+class Skipped(Exception):
+    pass
+
+
+FINAL = ("done", "failed", "cancelled", "interrupted")
+
+
+@dataclass
+class Job:
+    mode: str  # txt2img | img2img | load
+    params: dict  # pipeline keyword arguments, plus prompt/seed/n_iter/batch_size (see `Worker._generate`)
+    model: str | None = None  # a model title to switch to first (override_settings / options)
+    save: bool = False
+    id: str = field(default_factory=lambda: secrets.token_hex(8))
+    created: float = field(default_factory=time.time)
+    state: str = "queued"
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    user_error: bool = False  # the error is about the request (422), not the server (500)
+    step: int = 0  # sampler steps run so far (all batches)
+    progress: float = 0.0
+    batch_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+    images: list = field(default_factory=list)  # PNG bytes, each with its infotext
+    infotexts: list = field(default_factory=list)
+    seeds: list = field(default_factory=list)
+    prompts: list = field(default_factory=list)
+    files: list = field(default_factory=list)
+    flagged: list = field(default_factory=list)
+    preview: bytes | None = None
+    preview_step: int = -1
+    version: int = 0
+    result_params: dict | None = None
+    model_title: str | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    skip_event: threading.Event = field(default_factory=threading.Event)
+    done_event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def n_images(self) -> int:
+        return self.params.get("batch_size", 1) * self.params.get("n_iter", 1)
+
+    def eta(self) -> float | None:
+        if self.state != "running" or not self.started or self.progress <= 0:
+            return None
+        elapsed = time.time() - self.started
+        return max(0.0, elapsed / self.progress - elapsed)
+
+    def status(self, position: int | None = None) -> dict:
+        return {"id": self.id, "mode": self.mode, "state": self.state, "position": position,
+                "progress": round(self.progress, 4), "step": self.step, "batch": self.batch_no,
+                "sampling_step": self.sampling_step, "sampling_steps": self.sampling_steps,
+                "eta": None if self.eta() is None else round(self.eta(), 2), "created": self.created,
+                "started": self.started, "finished": self.finished, "error": self.error,
+                "images": len(self.images), "seeds": list(self.seeds), "infotexts": list(self.infotexts),
+                "files": list(self.files), "model": self.model_title}
+
+
+def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
+    from ..postprocess.pnginfo import pnginfo_for
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=pnginfo_for("a1111", infotext, {}) if infotext else None)
+    return buf.getvalue()
+
+
+@dataclass
+class ModelEntry:
+    path: Path
+    filename: str
+    sha256: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.path.is_file() else self.path.name
+
+    @property
+    def short_hash(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def title(self) -> str:
+        return f"{self.filename} [{self.short_hash}]" if self.sha256 else self.filename
+
+
+SMALL_FILE = 256 * 1024 * 1024  # hashed when listed; bigger files are hashed when loaded (as A1111 does)
+
+
+class ModelIndex:
+    """The checkpoints a client may choose from, by title, file name, name or hash: never by path."""
+
+    def __init__(self, ckpt: str | None, ckpt_dir: str | None):
+        self.ckpt = Path(ckpt).resolve() if ckpt else None
+        self.ckpt_dir = Path(ckpt_dir).resolve() if ckpt_dir else None
+        self.entries: list[ModelEntry] = []
+        self.refresh()
+
+    def _candidates(self):
+        from ..demo.report import EMBEDDED
+
+        found = []
+        if self.ckpt is not None:
+            found.append(self.ckpt)
+        if self.ckpt_dir is not None and self.ckpt_dir.is_dir():
+            for p in sorted(self.ckpt_dir.iterdir()):
+                if p.suffix in (".safetensors", ".ckpt") and p.is_file() or (p / "model_index.json").is_file():
+                    found.append(p.resolve())
+        if EMBEDDED.exists():
+            found.append(EMBEDDED)
+        return list(dict.fromkeys(found))
+
+    def refresh(self):
+        from ..checkpoints.hashes import full_sha256
+
+        old = {e.path: e for e in self.entries}
+        entries = []
+        for p in self._candidates():
+            e = old.get(p) or ModelEntry(p, p.name)
+            if e.sha256 is None and p.is_file() and p.stat().st_size <= SMALL_FILE:
+                e.sha256 = full_sha256(p)
+            entries.append(e)
+        self.entries = entries
+
+    def find(self, name: str) -> ModelEntry | None:
+        name = (name or "").strip()
+        for e in self.entries:
+            if name in (e.title, e.filename, e.name) or (e.sha256 and name.lower() in (e.short_hash, e.sha256,
+                                                                                         e.sha256[:8])):
+                return e
+        return None
+
+    def entry_for(self, path) -> ModelEntry:
+        path = Path(path).resolve()
+        for e in self.entries:
+            if e.path == path:
+                return e
+        e = ModelEntry(path, path.name)
+        self.entries.insert(0, e)
+        return e
+
+
+class Worker:
+    def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="full",
+                 outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
+                 loader=None):
+        from ..pipeline import load
+
+        self.models = models
+        self.limits = limits
+        self.device, self.precision = device, precision
+        self.outdir = outdir
+        self.preview_every = preview_every
+        self.safety_checker = safety_checker
+        self._load = loader or load
+        self.cv = threading.Condition()
+        self.queue: deque[Job] = deque()
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self.current: Job | None = None
+        self.pipe = None
+        self.entry: ModelEntry | None = None
+        self.options = {"CLIP_stop_at_last_layers": 1, "return_grid": False, "samples_format": "png",
+                        "eta_noise_seed_delta": 0, "sd_vae": "Automatic", "randn_source": "CPU"}
+        self._durations = deque(maxlen=20)
+        self._stopping = False
+        self._switch(models.entry_for(first_model))
+        self.thread = threading.Thread(target=self._loop, name="kiln-worker", daemon=True)
+        self.thread.start()
+
+    # ------------------------------------------------------------------ model
+    def _switch(self, entry: ModelEntry):
+        if self.entry is not None and entry.path == self.entry.path:
+            return
+        log.info("loading %s", entry.path)
+        pipe = self._load(str(entry.path), device=self.device, precision=self.precision)
+        if self.safety_checker:
+            pipe.load_safety_checker(self.safety_checker)
+        self.pipe, self.entry = None, None
+        import gc
+
+        gc.collect()
+        self.pipe = pipe
+        if entry.sha256 is None:
+            from ..checkpoints.hashes import full_sha256
+
+            entry.sha256 = full_sha256(entry.path)
+        self.entry = entry
+
+    @property
+    def model_title(self) -> str:
+        return self.entry.title
+
+    # ------------------------------------------------------------------ queue
+    def submit(self, job: Job) -> Job:
+        with self.cv:
+            if self._stopping:
+                raise QueueFull(5)
+            if len(self.queue) >= self.limits.queue_size:
+                per_job = (sum(self._durations) / len(self._durations)) if self._durations else 5.0
+                raise QueueFull(max(1, int(per_job * (len(self.queue) + 1) + 0.999)))
+            self.queue.append(job)
+            self.jobs[job.id] = job
+            self._evict()
+            self.cv.notify_all()
+        return job
+
+    def _evict(self):
+        finished = [j for j in self.jobs.values() if j.state in FINAL]
+        for j in finished[: max(0, len(finished) - self.limits.keep_jobs)]:
+            del self.jobs[j.id]
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def position(self, job: Job) -> int | None:
+        with self.cv:
+            try:
+                return self.queue.index(job) + 1
+            except ValueError:
+                return 0 if job is self.current else None
+
+    def listing(self) -> list[dict]:
+        with self.cv:
+            jobs = ([self.current] if self.current else []) + list(self.queue)
+            return [j.status(i) for i, j in enumerate(jobs)]
+
+    def cancel(self, job: Job) -> bool:
+        """Queued: removed from the queue. Running: stops at the next step. Finished: nothing to do."""
+        with self.cv:
+            if job in self.queue:
+                self.queue.remove(job)
+                job.state, job.finished = "cancelled", time.time()
+                job.version += 1
+                job.done_event.set()
+                return True
+            if job is self.current:
+                job.cancel_event.set()
+                return True
+        return False
+
+    def interrupt(self):
+        with self.cv:
+            if self.current is not None:
+                self.current.cancel_event.set()
+
+    def skip(self):
+        with self.cv:
+            if self.current is not None:
+                self.current.skip_event.set()
+
+    def stop(self):
+        with self.cv:
+            self._stopping = True
+            for job in list(self.queue):
+                self.cancel(job)
+            if self.current is not None:
+                self.current.cancel_event.set()
+            self.cv.notify_all()
+        self.thread.join(timeout=30)
+
+    def _loop(self):
+        while True:
+            with self.cv:
+                while not self.queue and not self._stopping:
+                    self.cv.wait()
+                if self._stopping:
+                    return
+                job = self.queue.popleft()
+                self.current = job
+                job.state, job.started = "running", time.time()
+                job.version += 1
+            try:
+                self._run(job)
+                job.state = "interrupted" if job.cancel_event.is_set() else "done"
+            except Interrupted:
+                job.state = "interrupted"
+            except KilnError as e:
+                job.state, job.error, job.user_error = "failed", str(e), True
+            except MemoryError:
+                job.state, job.error = "failed", "out of memory: ask for fewer or smaller images"
+            except Exception as e:  # a bug: keep serving, tell the client, log the traceback
+                log.exception("job %s failed", job.id)
+                job.state, job.error = "failed", f"internal error: {type(e).__name__}: {e}"
+            finally:
+                with self.cv:
+                    self.current = None
+                    job.finished = time.time()
+                    if job.state == "done":
+                        job.progress = 1.0
+                        self._durations.append(job.finished - job.started)
+                    job.version += 1
+                    job.done_event.set()
+
+    # ------------------------------------------------------------------ running
+    def _run(self, job: Job):
+        if job.model is not None:
+            entry = self.models.find(job.model)
+            if entry is None:
+                raise KilnError(f"unknown model {job.model!r}; GET /sdapi/v1/sd-models lists them")
+            self._switch(entry)
+        job.model_title = self.model_title
+        if job.mode == "load":
+            return
+        self._generate(job)
+
+    def _generate(self, job: Job):
+        pipe = self.pipe
+        kw = dict(job.params)
+        mode = job.mode
+        n_iter, batch_size, seed = kw.pop("n_iter"), kw["batch_size"], kw.pop("seed")
+        prompt = kw.pop("prompt")
+        init = kw.pop("init_image", None)
+        phases = 2 if kw.get("hires_scale") else 1
+        state = {"phase": 0, "last": -1}
+
+        def on_step(i, total, x, pred_x0):
+            if i <= state["last"]:
+                state["phase"] += 1
+            state["last"] = i
+            job.step += 1
+            job.sampling_step, job.sampling_steps = i + 1, total
+            frac = (state["phase"] + (i + 1) / total) / phases
+            job.progress = min(0.999, (job.batch_no + frac) / n_iter)
+            job.version += 1
+            if job.cancel_event.is_set():
+                raise Interrupted
+            if job.skip_event.is_set():
+                raise Skipped
+
+        def on_preview(i, total, images, seeds):
+            job.preview = png_bytes(images[0])
+            job.preview_step = job.step
+            job.version += 1
+
+        lat = (kw.get("width") or pipe.native_size) * (kw.get("height") or pipe.native_size) // pipe.cfg.downscale ** 2
+        common = dict(callback=on_step, preview_every=self.preview_every, on_preview=on_preview,
+                      preview_full=lat <= 32 * 32)  # small latents: the real decoder is cheap enough per step
+        watermark = pipe.cfg.watermark
+        for k in range(n_iter):
+            job.batch_no = k
+            state.update(phase=0, last=-1)
+            job.skip_event.clear()
+            args = dict(kw, seed=seed + k * batch_size, n_iter=1, **common)
+            try:
+                results = (pipe.txt2img_iter(prompt, **args) if mode == "txt2img"
+                           else pipe.img2img_iter(prompt, init, **args))
+                for result in results:
+                    self._collect(job, result, watermark)
+            except Skipped:
+                continue
+            except Interrupted:
+                break
+        for note in dict.fromkeys(pipe.notices):
+            log.info("%s", note)
+        pipe.notices.clear()
+
+    def _collect(self, job: Job, result, watermark: str | None):
+        from ..postprocess.watermark import can_watermark, put_watermark
+
+        out = None
+        if job.save and self.outdir:
+            from ..postprocess import OutputDir
+            from ..postprocess.pnginfo import pnginfo_for
+
+            out = OutputDir(self.outdir)
+        for pixels, text, seed, prompt, flagged in itertools.zip_longest(
+                result.pixels, result.infotexts, result.seeds, result.prompts, result.flagged):
+            if watermark and can_watermark(pixels):
+                pixels = put_watermark(pixels, watermark)
+            image = Image.fromarray(np.ascontiguousarray(pixels))
+            job.images.append(png_bytes(image, text))
+            job.infotexts.append(text)
+            job.seeds.append(seed)
+            job.prompts.append(prompt)
+            job.flagged.append(bool(flagged))
+            if out is not None:
+                path = out.save_sample(image, pnginfo_for("a1111", text, {}))
+                job.files.append(str(path.relative_to(out.root)))
+        job.result_params = result.params
+        job.version += 1
