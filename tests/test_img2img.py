@@ -311,3 +311,33 @@ def test_tiled_encode_is_close_to_the_whole_encode(pipe):
     assert rel < 0.15, rel
     r = pipe.img2img("a large white star on the left on a green background", big, strength=0.5, steps=6, tile="on")
     assert r.pixels.shape == (1, 160, 160, 3)
+
+
+def test_fill_paints_the_hole_with_its_surroundings():
+    from kiln.images import fill_masked
+
+    px = np.zeros((64, 64, 3), np.uint8)
+    px[:, :32] = (255, 0, 0)
+    px[:, 32:] = (0, 0, 255)
+    px[20:44, 20:44] = (0, 255, 0)  # the object to remove
+    mask = np.zeros((64, 64), np.float32)
+    mask[18:46, 18:46] = 1
+    out = fill_masked(px, mask)
+    assert np.array_equal(out[mask < 0.5], px[mask < 0.5])  # the known pixels are untouched
+    assert out[32, 20].tolist() == [255, 0, 0] and out[32, 43].tolist() == [0, 0, 255]  # nearest side wins
+    assert out[18:46, 18:46, 1].max() == 0  # nothing of the masked green survives
+
+
+def test_inpaint_fill_fill_starts_from_the_surroundings(pipe):
+    """At low strength the filled hole keeps the background's color (original keeps the shape's), even when the
+    prompt asks for the shape: the start, not the prompt, decides."""
+    init = picture(color="red", shape="square", background="blue", size="large")
+    mask = np.zeros((64, 64), np.float32)
+    mask[12:52, 12:52] = 1
+    kw = dict(strength=0.1, steps=10, seed=1, mask=Image.fromarray((mask * 255).astype(np.uint8)), mask_blur=0)
+    prompt = "a red square on a blue background"
+    filled = pipe.img2img(prompt, init, inpaint_fill="fill", **kw).pixels[0].astype(int)
+    kept = pipe.img2img(prompt, init, inpaint_fill="original", **kw).pixels[0].astype(int)
+    center = (slice(24, 40), slice(24, 40))
+    assert filled[center][..., 2].mean() > filled[center][..., 0].mean() + 60  # blue, from the surroundings
+    assert kept[center][..., 0].mean() > kept[center][..., 2].mean() + 60  # still the red square
