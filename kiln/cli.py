@@ -486,6 +486,14 @@ def serve_parser(sub):
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=8)
     p.add_argument("--preview-every", dest="preview_every", type=int, default=1,
                    help="live preview every N sampler steps (0: none)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="deploy on Ray Serve (a local cluster, or the one at ADDRESS); see --replicas")
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (each loads the model once)")
+    p.add_argument("--min-replicas", dest="min_replicas", type=int, default=None,
+                   help="autoscale between --min-replicas and --max-replicas instead of a fixed count")
+    p.add_argument("--max-replicas", dest="max_replicas", type=int, default=None)
+    p.add_argument("--max-ongoing-requests", dest="max_ongoing_requests", type=int, default=8,
+                   help="requests one replica holds at once; Ray Serve queues the rest")
     p.add_argument("--log-level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -525,6 +533,17 @@ def run_serve(opt):
                                         queue_size=opt.queue_size),
                           api_auth=auth, token=token, preview_every=opt.preview_every,
                           safety_checker=opt.safety_checker)
+    if opt.ray is not None:
+        from .distributed.serve import run
+
+        for name in ("replicas", "max_ongoing_requests"):
+            if getattr(opt, name) < 1:
+                raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
+        say(f"kiln: deploying on Ray Serve at http://{opt.host}:{opt.port}/")
+        run(config, host=opt.host, port=opt.port, address=opt.ray or None, num_replicas=opt.replicas,
+            min_replicas=opt.min_replicas, max_replicas=opt.max_replicas,
+            max_ongoing_requests=opt.max_ongoing_requests)
+        return
     say("kiln: loading the model ...")
     app = create_app(config)
     say(f"kiln: serving {app.state.worker.model_title} on http://{opt.host}:{opt.port}/ "
@@ -533,6 +552,58 @@ def run_serve(opt):
         uvicorn.run(app, host=opt.host, port=opt.port, log_level=opt.log_level)
     finally:
         app.state.worker.stop()  # cancel queued jobs, stop the running one at its next step
+
+
+def batch_parser(sub):
+    p = sub.add_parser("batch", help="generate one image per row of a prompts file (in-process or on Ray)",
+                       description="Generate one image per row of a prompts file: text (one prompt per line), "
+                                   "JSONL or CSV with per-row prompt, negative_prompt, seed, steps, sampler, "
+                                   "schedule, cfg_scale, width, height. Writes OUTDIR/images/NNNNNN.png (with "
+                                   "infotext) and OUTDIR/manifest.jsonl; re-running skips finished rows.")
+    p.add_argument("prompts", help="the prompts file (.txt, .jsonl or .csv)")
+    p.add_argument("--outdir", default="outputs/batch", help="a folder, or a pyarrow filesystem URI (s3://…)")
+    p.add_argument("--ckpt", default=None, help="the model (default: the embedded demo model)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray Data (a local cluster, or the cluster at ADDRESS, e.g. ray://head:10001 or auto)")
+    p.add_argument("--workers", type=int, default=1, help="Ray actors, each loading the model once (one GPU each "
+                                                          "when the cluster has GPUs)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per renderer; outputs are byte-identical across runs with the same value "
+                        "(default: all cores in-process, cores/workers on Ray)")
+    p.add_argument("--seed", type=int, default=42, help="base seed: a row without a seed gets seed + its row index")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--schedule", default=None)
+    p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--W", type=int, default=None)
+    p.add_argument("--H", type=int, default=None)
+    p.add_argument("--negative-prompt", dest="negative_prompt", default="")
+    p.add_argument("--retry-errors", dest="retry_errors", action="store_true",
+                   help="run rows again whose earlier attempt failed")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["full", "autocast", "fp16", "bf16"], default="full")
+    return p
+
+
+def run_batch_command(opt):
+    from .distributed.batch import Defaults, run_batch
+    from .demo.report import EMBEDDED
+
+    if opt.workers < 1:
+        raise KilnError("--workers must be at least 1")
+    if opt.threads is not None and opt.threads < 1:
+        raise KilnError("--threads must be at least 1")
+    ckpt = opt.ckpt or str(EMBEDDED)
+    if "://" not in ckpt and not Path(ckpt).exists():
+        raise KilnError(f"--ckpt {ckpt}: no such file or folder")
+    defaults = Defaults(seed=opt.seed, steps=opt.steps, sampler=opt.sampler, schedule=opt.schedule,
+                        cfg_scale=opt.scale, width=opt.W, height=opt.H, negative_prompt=opt.negative_prompt)
+    s = run_batch(opt.prompts, opt.outdir, ckpt=ckpt, defaults=defaults, use_ray=opt.ray is not None,
+                  ray_address=opt.ray or None, workers=opt.workers, device=opt.device, precision=opt.precision,
+                  retry_errors=opt.retry_errors, threads_per_worker=opt.threads)
+    say(f"kiln: {s.rows} rows: {s.ok} written, {s.errors} failed (see manifest.jsonl), {s.skipped} already done "
+        f"before this run; {s.seconds:.1f} s")
+    return 1 if s.errors else 0
 
 
 def build_parser():
@@ -545,6 +616,7 @@ def build_parser():
     eval_parser(sub)
     info_parser(sub)
     serve_parser(sub)
+    batch_parser(sub)
     return parser
 
 
@@ -552,8 +624,8 @@ def main(argv=None):
     parser = build_parser()
     opt = parser.parse_args(argv)
     try:
-        {"txt2img": run_txt2img, "img2img": run_txt2img, "inpaint": run_txt2img, "train": run_train, "eval": run_eval, "info": run_info,
-         "serve": run_serve}[opt.command](opt)
+        rc = {"txt2img": run_txt2img, "img2img": run_txt2img, "inpaint": run_txt2img, "train": run_train,
+              "eval": run_eval, "info": run_info, "serve": run_serve, "batch": run_batch_command}[opt.command](opt)
     except KilnError as e:
         say(f"kiln: error: {e}")
         return 1
@@ -563,7 +635,7 @@ def main(argv=None):
     except MemoryError:
         say("kiln: error: out of memory; try fewer --n_samples or a smaller --H/--W")
         return 1
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,353 @@
+"""`kiln batch`: many prompts → PNGs + a JSONL manifest, in-process or on Ray Data, resumable and lossless.
+
+Every row becomes one image rendered alone (batch of one) from a seed derived from the row, never from the
+worker: the output is the same however the rows are split. Workers write PNGs atomically (temp file + rename)
+to the output folder; only the driver writes the manifest, one line per finished row, so a crash loses nothing
+that was written and a re-run skips rows whose manifest entry and file exist. At the end the manifest is
+rewritten in row order.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import posixpath
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import KilnError
+
+# Row fields (and the spellings accepted for them: CompVis flags, A1111 names)
+FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "sampler": str, "schedule": str,
+          "cfg_scale": float, "width": int, "height": int, "eta": float, "clip_skip": int, "id": str}
+ALIASES = {"negative": "negative_prompt", "scale": "cfg_scale", "cfg": "cfg_scale", "W": "width", "H": "height",
+           "ddim_steps": "steps", "sampler_name": "sampler", "scheduler": "schedule", "n": None}
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class Defaults:
+    seed: int = 42
+    steps: int = 20
+    sampler: str = "ddim"
+    schedule: str | None = None
+    cfg_scale: float = 7.5
+    width: int | None = None
+    height: int | None = None
+    negative_prompt: str = ""
+
+
+# ---------------------------------------------------------------------------------------------- reading rows
+def read_rows(path) -> list[dict]:
+    """`[{"row": i, "raw": {...}}` or `{"row": i, "error": "..."}]` from a text (one prompt per line), JSONL or
+    CSV file. Blank lines are not rows; a line that cannot be parsed is a row with an error."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KilnError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise KilnError(f"{path}: not a UTF-8 text file") from None
+    except OSError as e:
+        raise KilnError(f"{path}: cannot read it ({e.strerror})") from None
+    suffix = path.suffix.lower()
+    rows = []
+    if suffix in (".jsonl", ".ndjson"):
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                raw = json.loads(line)
+                if not isinstance(raw, dict):
+                    raise ValueError("a row must be a JSON object")
+                rows.append({"raw": raw})
+            except ValueError as e:
+                rows.append({"error": f"not a JSON object: {e}", "raw": {"line": line[:200]}})
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        if not reader.fieldnames or "prompt" not in [f.strip() for f in reader.fieldnames]:
+            raise KilnError(f"{path}: a CSV file needs a header row with a 'prompt' column")
+        for rec in reader:
+            raw = {k.strip(): v for k, v in rec.items() if k is not None and v not in (None, "")}
+            if None in rec:
+                rows.append({"error": "more values than columns", "raw": raw})
+            else:
+                rows.append({"raw": raw})
+    else:
+        rows = [{"raw": {"prompt": line.strip()}} for line in text.splitlines() if line.strip()]
+    if not rows:
+        raise KilnError(f"{path}: holds no rows")
+    for i, r in enumerate(rows):
+        r["row"] = i
+    return rows
+
+
+def row_params(raw: dict, row: int, defaults: Defaults) -> dict:
+    """Validated generation parameters of one row; KilnError names what is wrong."""
+    params = {}
+    for key, value in raw.items():
+        name = ALIASES.get(key, key)
+        if name is None:
+            continue
+        if name not in FIELDS:
+            raise KilnError(f"unknown field {key!r} (known: {', '.join(FIELDS)})")
+        kind = FIELDS[name]
+        try:
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            params[name] = kind(value.strip() if isinstance(value, str) and kind is not str else value)
+            if kind is float and not math.isfinite(params[name]):
+                raise ValueError
+        except (TypeError, ValueError):
+            raise KilnError(f"{key}: {value!r} is not a valid {kind.__name__}") from None
+    if "prompt" not in params:
+        raise KilnError("the row has no prompt")
+    out = {"prompt": params["prompt"], "negative_prompt": params.get("negative_prompt", defaults.negative_prompt),
+           "seed": params.get("seed", defaults.seed + row), "steps": params.get("steps", defaults.steps),
+           "sampler": params.get("sampler", defaults.sampler), "schedule": params.get("schedule", defaults.schedule),
+           "cfg_scale": params.get("cfg_scale", defaults.cfg_scale),
+           "width": params.get("width", defaults.width), "height": params.get("height", defaults.height)}
+    for k in ("eta", "clip_skip"):
+        if k in params:
+            out[k] = params[k]
+    if not 0 <= out["seed"] < 2 ** 63:
+        raise KilnError(f"seed must be between 0 and 2^63-1, got {out['seed']}")
+    if "id" in params:
+        out["id"] = params["id"]
+    return out
+
+
+def plan(rows: list[dict], defaults: Defaults) -> list[dict]:
+    """Tasks: `{"row", "params"}` for good rows, `{"row", "error"}` for rows that cannot run."""
+    tasks = []
+    for r in rows:
+        if "error" in r:
+            tasks.append({"row": r["row"], "error": r["error"]})
+            continue
+        try:
+            tasks.append({"row": r["row"], "params": row_params(r["raw"], r["row"], defaults)})
+        except KilnError as e:
+            tasks.append({"row": r["row"], "error": str(e)})
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------- output
+class Output:
+    """The output folder: a local path or any pyarrow filesystem URI (s3://…, gs://…, hdfs://…, file://…)."""
+
+    def __init__(self, location: str):
+        self.location = str(location)
+        if "://" in self.location:
+            from pyarrow import fs
+
+            self.fs, self.root = fs.FileSystem.from_uri(self.location)
+        else:
+            self.fs, self.root = None, str(Path(self.location).resolve())
+        self.makedirs("images")
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if self.fs else os.path.join(self.root, rel)
+
+    def makedirs(self, rel: str):
+        if self.fs:
+            self.fs.create_dir(self.path(rel), recursive=True)
+        else:
+            try:
+                os.makedirs(self.path(rel), exist_ok=True)
+            except OSError as e:
+                raise KilnError(f"cannot create {self.path(rel)}: {e.strerror}") from None
+
+    def write_atomic(self, rel: str, data: bytes):
+        """Readers never see a partial file: write a temp name, then rename over the final one."""
+        final = self.path(rel)
+        tmp = self.path(posixpath.join(posixpath.dirname(rel), f".tmp-{os.getpid()}-{time.time_ns()}"))
+        if self.fs:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+
+    def exists(self, rel: str) -> bool:
+        if self.fs:
+            from pyarrow import fs
+
+            return self.fs.get_file_info(self.path(rel)).type == fs.FileType.File
+        return os.path.isfile(self.path(rel))
+
+    def read(self, rel: str) -> bytes | None:
+        if not self.exists(rel):
+            return None
+        if self.fs:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        with open(self.path(rel), "rb") as f:
+            return f.read()
+
+    def append(self, rel: str, text: str):
+        if self.fs:  # object stores cannot append: rewrite the whole (small) file
+            self.write_atomic(rel, (self.read(rel) or b"") + text.encode("utf-8"))
+            return
+        with open(self.path(rel), "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def image_name(row: int) -> str:
+    return f"images/{row:06d}.png"
+
+
+def load_manifest(out: Output) -> dict[int, dict]:
+    """Entries by row (the last line for a row wins); damaged lines (a crash mid-write) are ignored."""
+    data = out.read(MANIFEST)
+    entries = {}
+    for line in (data or b"").decode("utf-8", "replace").splitlines():
+        try:
+            e = json.loads(line)
+            entries[int(e["row"])] = e
+        except (ValueError, KeyError, TypeError):
+            continue
+    return entries
+
+
+def finished(out: Output, entries: dict[int, dict], retry_errors: bool) -> set[int]:
+    done = set()
+    for row, e in entries.items():
+        if e.get("status") == "ok" and e.get("file") and out.exists(e["file"]):
+            done.add(row)
+        elif e.get("status") == "error" and not retry_errors:
+            done.add(row)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+class RowRenderer:
+    """Loads the pipeline once; renders tasks to PNG files. Used in-process and as the Ray actor's body."""
+
+    def __init__(self, ckpt: str, outdir: str, device: str = "auto", precision: str = "full",
+                 threads: int | None = None, pid_dir: str | None = None):
+        import torch
+
+        from ..pipeline import load
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.pipe = load(ckpt, device=device, precision=precision)
+        self.out = Output(outdir)
+        if pid_dir:  # lets an operator (or a test) see which processes render
+            Path(pid_dir).mkdir(parents=True, exist_ok=True)
+            (Path(pid_dir) / f"{os.getpid()}").write_text(str(os.getpid()))
+
+    def render(self, task: dict) -> dict:
+        from ..postprocess.pnginfo import pnginfo_for
+
+        row = task["row"]
+        entry = {"row": row, "id": None, "file": None, "seed": None, "params": None, "status": "error",
+                 "error": task.get("error")}
+        if "error" in task:
+            return entry
+        params = dict(task["params"])
+        entry["id"] = params.pop("id", None)
+        entry["seed"], entry["params"] = params["seed"], params
+        try:
+            result = self.pipe.txt2img(**params)
+        except KilnError as e:
+            entry["error"] = str(e)
+            return entry
+        except MemoryError:
+            entry["error"] = "out of memory"
+            return entry
+        buf = io.BytesIO()
+        result.images[0].save(buf, format="PNG", pnginfo=pnginfo_for("a1111", result.infotexts[0], {}))
+        name = image_name(row)
+        self.out.write_atomic(name, buf.getvalue())
+        entry.update(file=name, status="ok", error=None)
+        return entry
+
+    def __call__(self, batch: dict) -> dict:
+        """Ray Data batch: {"task": [json, ...]} → {"entry": [json, ...]}."""
+        import numpy as np
+
+        entries = [json.dumps(self.render(json.loads(str(t))), sort_keys=True) for t in batch["task"]]
+        return {"entry": np.array(entries, dtype=object)}
+
+
+# ---------------------------------------------------------------------------------------------- running
+@dataclass
+class Summary:
+    rows: int
+    skipped: int
+    ok: int
+    errors: int
+    seconds: float
+
+
+def run_batch(prompts_file, outdir, *, ckpt: str, defaults: Defaults | None = None, ray_address=None,
+              use_ray: bool = False, workers: int = 1, device: str = "auto", precision: str = "full",
+              retry_errors: bool = False, progress: bool = True, pid_dir: str | None = None,
+              threads_per_worker: int | None = None) -> Summary:
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    defaults = defaults or Defaults()
+    tasks = plan(read_rows(prompts_file), defaults)
+    out = Output(outdir)
+    entries = load_manifest(out)
+    done = finished(out, entries, retry_errors)
+    todo = [t for t in tasks if t["row"] not in done]
+    bar = tqdm(total=len(todo), desc="rows", unit="row", disable=not progress)
+
+    def record(entry: dict):
+        entries[entry["row"]] = entry
+        out.append(MANIFEST, json.dumps(entry, sort_keys=True) + "\n")
+        bar.update(1)
+
+    if todo:
+        if use_ray:
+            _run_ray(todo, out, ckpt, ray_address, workers, device, precision, record, pid_dir, threads_per_worker)
+        else:
+            renderer = RowRenderer(ckpt, out.location, device, precision, threads=threads_per_worker,
+                                   pid_dir=pid_dir)
+            for task in todo:
+                record(renderer.render(task))
+    bar.close()
+    # the final manifest: one line per row, in row order
+    rows = sorted(entries.values(), key=lambda e: e["row"])
+    out.write_atomic(MANIFEST, "".join(json.dumps(e, sort_keys=True) + "\n" for e in rows).encode("utf-8"))
+    ok = sum(1 for e in rows if e.get("status") == "ok")
+    return Summary(len(tasks), len(tasks) - len(todo), ok, len(rows) - ok, time.time() - start)
+
+
+def _run_ray(todo, out, ckpt, address, workers, device, precision, record, pid_dir, threads):
+    try:
+        import ray
+    except ImportError:
+        raise KilnError("--ray needs Ray: pip install 'ray[data,serve]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    per_worker_cpus = 1 if gpus else max(1, int(cpus // max(workers, 1)))
+    ds = ray.data.from_items([{"task": json.dumps(t)} for t in todo], override_num_blocks=len(todo))
+    ds = ds.map_batches(
+        RowRenderer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if gpus else 0,
+        num_cpus=per_worker_cpus,
+        fn_constructor_kwargs=dict(ckpt=str(Path(ckpt).resolve()) if "://" not in str(ckpt) else ckpt,
+                                   outdir=out.location, device="cuda" if gpus else device, precision=precision,
+                                   threads=threads or per_worker_cpus, pid_dir=pid_dir))
+    # Ray Data restarts an actor that dies and retries its unfinished rows (its defaults for actor pools:
+    # max_restarts=-1, max_task_retries=-1); a retried row rewrites the same file atomically.
+    seen = set()
+    for item in ds.iter_rows():
+        entry = json.loads(item["entry"])
+        if entry["row"] not in seen:  # a retried row may come back twice: record it once
+            seen.add(entry["row"])
+            record(entry)
