@@ -569,7 +569,8 @@ def batch_parser(sub):
                                                           "when the cluster has GPUs)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per renderer; outputs are byte-identical across runs with the same value "
-                        "(default: all cores in-process, cores/workers on Ray)")
+                        "(default: all cores in-process; on Ray cores/workers, leaving Ray one core when a "
+                        "worker would take them all)")
     p.add_argument("--seed", type=int, default=42, help="base seed: a row without a seed gets seed + its row index")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="ddim")

@@ -176,3 +176,16 @@ def test_cli_batch_in_process(tmp_path, capsys):
     assert (tmp_path / "o" / "images" / "000000.png").exists()
     assert main(["batch", str(tmp_path / "missing.txt")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_output_to_a_pyarrow_filesystem_uri(tmp_path):
+    """`--outdir` may be any pyarrow filesystem URI (object stores in production; file:// here)."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue star\n")
+    summary = run(prompts, f"file://{tmp_path}/remote")
+    assert (summary.ok, summary.errors) == (2, 0)
+    entries = [json.loads(line) for line in (tmp_path / "remote" / "manifest.jsonl").read_text().splitlines()]
+    assert [e["file"] for e in entries] == ["images/000000.png", "images/000001.png"]
+    assert pixels(tmp_path / "remote" / "images" / "000001.png").shape == (64, 64, 3)
+    assert run(prompts, f"file://{tmp_path}/remote").skipped == 2
+    assert not [p for p in (tmp_path / "remote" / "images").iterdir() if p.name.startswith(".tmp")]

@@ -336,13 +336,16 @@ def _run_ray(todo, out, ckpt, address, workers, device, precision, record, pid_d
     gpus = ray.cluster_resources().get("GPU", 0)
     cpus = ray.cluster_resources().get("CPU", 1)
     per_worker_cpus = 1 if gpus else max(1, int(cpus // max(workers, 1)))
+    # A worker that takes every core fights Ray's own processes (OpenMP threads spin-waiting): on 2 cores, one
+    # worker ran 24 rows in 52 s with 2 threads and in 25 s with 1. Leave a core to Ray in that case.
+    default_threads = max(1, min(per_worker_cpus, int(cpus) - 1))
     ds = ray.data.from_items([{"task": json.dumps(t)} for t in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         RowRenderer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=1 if gpus else 0,
         num_cpus=per_worker_cpus,
         fn_constructor_kwargs=dict(ckpt=str(Path(ckpt).resolve()) if "://" not in str(ckpt) else ckpt,
                                    outdir=out.location, device="cuda" if gpus else device, precision=precision,
-                                   threads=threads or per_worker_cpus, pid_dir=pid_dir))
+                                   threads=threads or default_threads, pid_dir=pid_dir))
     # Ray Data restarts an actor that dies and retries its unfinished rows (its defaults for actor pools:
     # max_restarts=-1, max_task_retries=-1); a retried row rewrites the same file atomically.
     seen = set()
