@@ -79,6 +79,10 @@ def txt2img_parser(sub, command="txt2img"):
                    help="how far towards the variation seed's noise (0 … 1, slerp)")
     p.add_argument("--seed-resize-from", dest="seed_resize_from", type=str, default=None, metavar="WxH",
                    help="keep the composition a seed has at WxH (A1111's 'resize seed from')")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA (kohya/A1111, LoCon or diffusers/PEFT file) at WEIGHT (default 1); repeatable")
+    p.add_argument("--lora-dir", dest="lora_dir", default=None,
+                   help="folder where <lora:name:weight> tags in the prompt are looked up")
     p.add_argument("--seamless", action="store_true", help="tileable output (circular padding in every convolution)")
     p.add_argument("--tile", choices=["auto", "on", "off"], default="auto",
                    help="UNet and VAE decoder in overlapping tiles (auto: above twice the model's native size)")
@@ -208,6 +212,20 @@ def read_prompts(opt) -> list[str]:
     return lines
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """`FILE[:WEIGHT]` (a path may itself hold colons: the weight is the last part only if it is a number)."""
+    path, sep, tail = spec.rpartition(":")
+    if sep and tail and not any(c in tail for c in "/\\"):
+        try:
+            return path, float(tail)
+        except ValueError:
+            if "." not in tail:
+                raise KilnError(f"--lora {spec}: the weight {tail!r} is not a number") from None
+    if not Path(spec).is_file():
+        raise KilnError(f"--lora {spec}: no such file")
+    return spec, 1.0
+
+
 def resolve_ckpt(opt) -> str:
     """--ckpt, else CompVis' default path when it exists, else the embedded demo model."""
     from .demo.report import EMBEDDED
@@ -254,7 +272,14 @@ def run_txt2img(opt):
     config = opt.config or (COMPVIS_CONFIG if not opt.ckpt and Path(COMPVIS_CONFIG).exists() else None)
     ckpt = resolve_ckpt(opt)
 
+    loras = [parse_lora(spec) for spec in opt.lora]
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise KilnError(f"--lora {path}: no such file")
+    if opt.lora_dir and not Path(opt.lora_dir).is_dir():
+        raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
     pipe = load(ckpt, device=opt.device, precision=opt.precision, ema=opt.ema, vae=opt.vae, config=config)
+    pipe.lora_dir = opt.lora_dir
     for note in pipe.info.notes:
         say(f"kiln: {note}")
     if opt.safety is not False and opt.safety_checker:
@@ -302,7 +327,7 @@ def run_txt2img(opt):
                   on_preview=save_intermediate if opt.save_intermediates else None, preview_full=True,
                   subseed=opt.subseed, subseed_strength=opt.subseed_strength,
                   seed_resize_from=parse_size(opt.seed_resize_from, "--seed-resize-from"), seamless=opt.seamless,
-                  tile=opt.tile)
+                  tile=opt.tile, loras=loras)
     if opt.command == "txt2img":
         results = pipe.txt2img_iter(prompts, **common, hires_scale=opt.hires_scale, hires_steps=opt.hires_steps,
                                     hires_upscaler=opt.hires_upscaler, hires_strength=opt.hires_strength)
@@ -480,6 +505,8 @@ def serve_parser(sub):
     p.add_argument("--precision", choices=["full", "autocast", "fp16", "bf16"], default="full")
     p.add_argument("--safety-checker", dest="safety_checker", default=None, metavar="PATH",
                    help="check every image with CompVis' NSFW checker (weights folder or file)")
+    p.add_argument("--lora-dir", dest="lora_dir", default=None,
+                   help="folder where <lora:name:weight> tags in prompts are looked up (listed at /sdapi/v1/loras)")
     p.add_argument("--queue-size", dest="queue_size", type=int, default=16,
                    help="jobs waiting beyond this are refused with 503 and Retry-After")
     p.add_argument("--max-size", dest="max_size", type=int, default=2048, help="largest width/height allowed")
@@ -488,12 +515,13 @@ def serve_parser(sub):
                    help="live preview every N sampler steps (0: none)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="deploy on Ray Serve (a local cluster, or the one at ADDRESS); see --replicas")
-    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (each loads the model once)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas on Ray Serve (each loads the model once)")
     p.add_argument("--min-replicas", dest="min_replicas", type=int, default=None,
                    help="autoscale between --min-replicas and --max-replicas instead of a fixed count")
     p.add_argument("--max-replicas", dest="max_replicas", type=int, default=None)
-    p.add_argument("--max-ongoing-requests", dest="max_ongoing_requests", type=int, default=8,
-                   help="requests one replica holds at once; Ray Serve queues the rest")
+    p.add_argument("--max-ongoing-requests", dest="max_ongoing_requests", type=int, default=1,
+                   help="jobs one model replica holds at once (it renders one at a time; the ingress queues "
+                        "the rest and dispatches to free replicas)")
     p.add_argument("--log-level", dest="log_level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -523,6 +551,8 @@ def run_serve(opt):
         raise KilnError(f"--ckpt {opt.ckpt}: no such file or folder")
     if opt.ckpt_dir and not Path(opt.ckpt_dir).is_dir():
         raise KilnError(f"--ckpt-dir {opt.ckpt_dir}: not a folder")
+    if opt.lora_dir and not Path(opt.lora_dir).is_dir():
+        raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
     if opt.host not in ("127.0.0.1", "localhost", "::1") and not (auth or token):
         say(f"kiln: warning: listening on {opt.host} without --api-auth or --token: anyone who can reach this "
             "machine can use the API")
@@ -532,7 +562,7 @@ def run_serve(opt):
                           limits=Limits(max_size=opt.max_size, max_batch_size=opt.max_batch_size,
                                         queue_size=opt.queue_size),
                           api_auth=auth, token=token, preview_every=opt.preview_every,
-                          safety_checker=opt.safety_checker)
+                          safety_checker=opt.safety_checker, lora_dir=opt.lora_dir)
     if opt.ray is not None:
         from .distributed.serve import run
 

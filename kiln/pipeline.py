@@ -189,6 +189,10 @@ class Pipeline:
         self.alphas_cumprod = alphas_cumprod(self.cfg)
         self.discrete = Discrete(self.alphas_cumprod)
         self.tokenizer = default_tokenizer()
+        self.lora_dir = None  # where <lora:name:w> tags are looked up
+        self._lora_cache = {}
+        self._lora_applied = ()
+        self._lora_backup = {}
 
     # ------------------------------------------------------------------ building blocks
     @torch.no_grad()
@@ -361,6 +365,65 @@ class Pipeline:
             denoise = lambda z, sigma: known_mask * init + (1 - known_mask) * inner(z, sigma)
         return sampler.fn(denoise, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise)
 
+    # ------------------------------------------------------------------ LoRA
+    def load_lora(self, name_or_path):
+        """A LoRA by file path, or by name in `lora_dir` (read once, then cached)."""
+        from .checkpoints.lora import LORA_SUFFIXES, find_lora, read_lora
+
+        p = Path(str(name_or_path))
+        path = p if p.suffix in LORA_SUFFIXES and p.is_file() else find_lora(str(name_or_path), self.lora_dir)
+        key = str(path.resolve())
+        if key not in self._lora_cache:
+            lora = read_lora(path, [k for k, _ in self.model.named_parameters()], self.cfg.unet.num_res_blocks)
+            if lora.unmatched:
+                self.notices.append(f"LoRA {lora.name}: {len(lora.unmatched)} of its modules match no layer of "
+                                    f"this model and were ignored")
+            self._lora_cache[key] = lora
+        return self._lora_cache[key]
+
+    @torch.no_grad()
+    def set_loras(self, loras) -> None:
+        """Merge [(Lora, text-encoder weight, UNet weight)] into the weights: W + w · alpha/rank · up @ down.
+        The previous set is removed first by restoring the original tensors (exact: no subtraction drift), so
+        requests never leak LoRAs into each other."""
+        want = tuple((lora.path, float(te), float(unet)) for lora, te, unet in loras)
+        if want == self._lora_applied:
+            return
+        params = dict(self.model.named_parameters())
+        for key, original in self._lora_backup.items():
+            params[key].copy_(original)
+        self._lora_backup, self._lora_applied = {}, ()
+        for lora, te, unet in loras:
+            for patch in lora.patches:
+                w = te if patch.key.startswith("cond_stage_model.") else unet
+                if w == 0:
+                    continue
+                p = params[patch.key]
+                if patch.key not in self._lora_backup:
+                    self._lora_backup[patch.key] = p.detach().to("cpu", copy=True)
+                p.add_((patch.delta(p.shape, torch.float32, p.device) * w).to(p.dtype))
+        self._lora_applied = want
+
+    def _networks(self, batch, loras):
+        """The batch's prompts without LoRA tags, with the LoRAs they name (and `loras`, [(file or name,
+        weight)]) merged in; the infotext field naming them. Tags are read from the batch's first prompt."""
+        from .prompts import extract_networks
+
+        cleaned, tags = [], None
+        for p in batch:
+            try:
+                text, found = extract_networks(p)
+            except ValueError as e:
+                raise KilnError(str(e)) from None
+            cleaned.append(text)
+            tags = found if tags is None else tags
+        specs = [(self.load_lora(n), w, w) for n, w in (loras or [])]
+        specs += [(self.load_lora(n), te, unet) for n, te, unet in tags or []]
+        self.set_loras(specs)
+        if not specs:
+            return cleaned, {}
+        return cleaned, {"Lora hashes": ", ".join(f"{lora.name}: {lora.short_hash}" for lora, _, _ in specs)}
+
     # ------------------------------------------------------------------ txt2img
     def check_size(self, width, height):
         unit = max(8, self.cfg.downscale)
@@ -455,7 +518,8 @@ class Pipeline:
                      preview_every: int = 0, on_preview=None, preview_full: bool = False,
                      subseed: int | None = None, subseed_strength: float = 0.0, seed_resize_from=None,
                      seamless: bool = False, tile: str = "auto", hires_scale: float | None = None,
-                     hires_upscaler: str = "latent", hires_steps: int | None = None, hires_strength: float = 0.7):
+                     hires_upscaler: str = "latent", hires_steps: int | None = None, hires_strength: float = 0.7,
+                     loras=None):
         """Yields one `Result` per batch. `prompt` as a list gives the batches' prompts in order
         (chunked by `batch_size`, the last chunk may be short), as CompVis' `--from-file` does.
 
@@ -466,7 +530,10 @@ class Pipeline:
         Variations (A1111): `subseed` (image i uses subseed + i) mixed in by `subseed_strength`; `seed_resize_from`
         = (width, height) keeps a seed's composition at another size. `seamless` makes tileable images; `tile`
         ("auto", "on", "off") runs the UNet and the decoder in overlapping tiles. Hires fix: generate, upscale by
-        `hires_scale` ("latent" or "lanczos"), then img2img at `hires_strength` for `hires_steps`."""
+        `hires_scale` ("latent" or "lanczos"), then img2img at `hires_strength` for `hires_steps`.
+
+        LoRAs: `<lora:name:weight>` tags in the prompt (looked up in `lora_dir`) and `loras` = [(file or name,
+        weight)] are merged into the weights for the batch and removed afterwards."""
         if self.cfg.unet.in_channels != self.cfg.latent_channels:
             raise KilnError(f"{self.info.path} is an inpainting model ({self.cfg.unet.in_channels}-channel UNet); "
                             "txt2img needs an ordinary checkpoint")
@@ -507,9 +574,10 @@ class Pipeline:
                 if fixed_code:
                     first_codes = x if first_codes is None else first_codes
                     x = first_codes[: len(batch)]
+                clean, lora_fields = self._networks(batch, loras)
                 with torch.no_grad():
                     cond, uncond = self.conditioning(
-                        batch, [negative_prompt] * len(batch) if cfg_scale != 1.0 else None, clip_skip)
+                        clean, [negative_prompt] * len(batch) if cfg_scale != 1.0 else None, clip_skip)
                     bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress, leave=False)
                     on_step = self._step_callback(bar, callback, preview_every, on_preview, preview_full, seeds)
                     with self.seamless(seamless):
@@ -522,8 +590,9 @@ class Pipeline:
                         pixels, flagged = self._safety(to_uint8(self.decode_latents(z)))
                 # A1111 records the batch so that an image can be regenerated bit for bit (batch size changes
                 # the kernels' summation order, hence the last bit of some pixels).
-                infos = [self.infotext(params, p, sd, {**extra, **({"Batch size": len(batch), "Batch pos": j}
-                                                                   if len(batch) > 1 else {})})
+                infos = [self.infotext(params, p, sd, {**extra, **lora_fields,
+                                                       **({"Batch size": len(batch), "Batch pos": j}
+                                                          if len(batch) > 1 else {})})
                          for j, (p, sd) in enumerate(zip(batch, seeds))]
                 yield Result([Image.fromarray(p) for p in pixels], seeds, list(batch), params, z, pixels, infos,
                              flagged)
@@ -571,7 +640,7 @@ class Pipeline:
                      eta: float | None = None, s_noise: float = 1.0, clip_skip: int = 1, fixed_code: bool = False,
                      progress: bool = False, callback=None, preview_every: int = 0, on_preview=None,
                      preview_full: bool = False, subseed: int | None = None, subseed_strength: float = 0.0,
-                     seed_resize_from=None, seamless: bool = False, tile: str = "auto"):
+                     seed_resize_from=None, seamless: bool = False, tile: str = "auto", loras=None):
         """img2img (and, with `mask` — white = repaint — or `outpaint`, inpainting): the init image is encoded,
         noised to `strength` and denoised with the prompt. Inpainting keeps the unmasked area: in latent space
         while sampling, and in pixels at the end (the original pixels pasted back through the mask blurred by
@@ -663,8 +732,9 @@ class Pipeline:
                     fill = randn(z0.shape[1:], gens, self.device) if inpaint_fill == "latent-noise" \
                         else torch.zeros_like(init)
                     init = init * (1 - hole) + fill * hole
+                clean, lora_fields = self._networks(batch, loras)
                 with torch.no_grad():
-                    cond, uncond = self.conditioning(batch, [negative_prompt] * n if cfg_scale != 1.0 else None,
+                    cond, uncond = self.conditioning(clean, [negative_prompt] * n if cfg_scale != 1.0 else None,
                                                      clip_skip)
                     bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress, leave=False)
                     on_step = self._step_callback(bar, callback, preview_every, on_preview, preview_full, seeds)
@@ -694,7 +764,8 @@ class Pipeline:
                 extra = {"Denoising strength": _fmt(strength), "Mask blur": _fmt(mask_blur) if m is not None else None,
                          "Inpaint area": "Only masked" if region is not None else None,
                          "Masked area padding": masked_padding if region is not None else None, **var_fields}
-                infos = [self.infotext(params, p, sd, {**extra, **({"Batch size": n, "Batch pos": j} if n > 1 else {})})
+                infos = [self.infotext(params, p, sd, {**extra, **lora_fields,
+                                                       **({"Batch size": n, "Batch pos": j} if n > 1 else {})})
                          for j, (p, sd) in enumerate(zip(batch, seeds))]
                 yield Result([Image.fromarray(p) for p in pixels], seeds, list(batch), params, z, pixels, infos,
                              flagged)

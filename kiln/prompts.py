@@ -135,3 +135,25 @@ def chunk_tokens(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -
 def token_count(tokenizer, text: str) -> int:
     """Content tokens of a prompt (what A1111's UI counter shows), brackets and weights excluded."""
     return sum(len(tokenizer.encode(p)) for p, w in parse(text) if w != -1)
+
+
+# A1111's extra networks: <lora:name>, <lora:name:weight>, <lora:name:te_weight:unet_weight> (also <lyco:…>)
+_NETWORK = re.compile(r"<(lora|lyco):([^:<>]+)(?::([^:<>]*))?(?::([^:<>]*))?>")
+
+
+def extract_networks(text: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """(the prompt without its LoRA tags, [(name, text-encoder weight, UNet weight)]), as A1111 reads them.
+    A weight that is not a number is an error (ValueError names the tag)."""
+    found = []
+
+    def take(m):
+        name = m[2].strip()
+        try:
+            te = float(m[3]) if m[3] not in (None, "") else 1.0
+            unet = float(m[4]) if m[4] not in (None, "") else te
+        except ValueError:
+            raise ValueError(f"{m[0]}: the weight must be a number") from None
+        found.append((name, te, unet))
+        return ""
+
+    return _NETWORK.sub(take, text), found

@@ -34,10 +34,20 @@ def server(tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     shutil.copy(EMBEDDED, models / "other.safetensors")  # a second checkpoint to switch to
     out = tmp_path_factory.mktemp("out")
-    app = create_app(ServerConfig(ckpt=str(EMBEDDED), ckpt_dir=str(models), outdir=str(out),
+    loras = tmp_path_factory.mktemp("loras")
+    make_lora(loras / "shapes_style.safetensors")
+    app = create_app(ServerConfig(ckpt=str(EMBEDDED), ckpt_dir=str(models), outdir=str(out), lora_dir=str(loras),
                                   limits=Limits(max_size=512, queue_size=4)))
     with running(app) as (url, port):
         yield app, url, port, out
+
+
+def make_lora(path):
+    import kiln
+    from test_lora import low_rank, targets, write_kohya
+
+    pipe = kiln.load(EMBEDDED, device="cpu")
+    write_kohya(path, low_rank(targets(pipe)), pipe.cfg.unet.num_res_blocks, "diffusers", alpha=2)
 
 
 @pytest.fixture
@@ -346,3 +356,18 @@ def test_serve_cli_rejects_bad_settings(capsys):
     assert "user:password" in capsys.readouterr().err
     assert main(["serve", "--ckpt", "/nonexistent.safetensors"]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_lora_tags_through_the_api_and_clean_removal(server, api):
+    app = server[0]
+    assert [x["name"] for x in api.get_loras()] == ["shapes_style"]
+    kw = dict(seed=4, width=64, height=64, steps=6, sampler_name="Euler")
+    plain = api.txt2img(prompt=PROMPT, **kw)
+    styled = api.txt2img(prompt=PROMPT + " <lora:shapes_style:1>", **kw)
+    again = api.txt2img(prompt=PROMPT, **kw)
+    assert 'Lora hashes: "shapes_style: ' in styled.info["infotexts"][0]
+    a, b, c = (np.asarray(r.image.convert("RGB")).astype(int) for r in (plain, styled, again))
+    assert np.abs(a - b).mean() > 2 and np.array_equal(a, c)  # applied for its request only
+    missing = requests.post(f"{server[1]}/sdapi/v1/txt2img", json={"prompt": "x <lora:nope:1>", **kw}, timeout=60)
+    assert missing.status_code == 422 and "no LoRA named 'nope'" in missing.json()["detail"]
+    wait_idle(app)

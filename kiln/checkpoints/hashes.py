@@ -91,3 +91,18 @@ def full_sha256(path: str | Path) -> str:
 
 def autov2(path: str | Path) -> str:
     return full_sha256(path)[:10]
+
+
+def addnet_sha256(path: str | Path) -> str:
+    """A1111's LoRA hash of a .safetensors file (Civitai's AutoV3): SHA-256 of the tensor data after the header,
+    so that editing the metadata does not change it. Other files: the SHA-256 of the whole file."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return full_sha256(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

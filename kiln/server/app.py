@@ -41,6 +41,7 @@ class ServerConfig:
     token: str | None = None
     preview_every: int = 1
     safety_checker: str | None = None
+    lora_dir: str | None = None  # <lora:name:weight> tags in prompts are looked up here
 
 
 def parse_api_auth(text: str | None) -> list:
@@ -80,17 +81,22 @@ def _authorized(request: Request, config: ServerConfig) -> bool:
     return False
 
 
+def make_worker(config: ServerConfig) -> Worker:
+    """The model worker (loads the first model now): `--ckpt`, else the first checkpoint found, else the demo."""
+    from ..demo.report import EMBEDDED
+
+    models = ModelIndex(config.ckpt, config.ckpt_dir)
+    first = config.ckpt or (models.entries[0].path if models.entries else EMBEDDED)
+    return Worker(models, str(first), config.limits, device=config.device, precision=config.precision,
+                  outdir=config.outdir, preview_every=config.preview_every, safety_checker=config.safety_checker,
+                  lora_dir=config.lora_dir)
+
+
 def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
     """The ASGI app. The worker (model + queue) starts here unless one is given."""
     limits = config.limits
-    models = worker.models if worker else ModelIndex(config.ckpt, config.ckpt_dir)
-    if worker is None:
-        from ..demo.report import EMBEDDED
-
-        first = config.ckpt or (models.entries[0].path if models.entries else EMBEDDED)
-        worker = Worker(models, str(first), limits, device=config.device, precision=config.precision,
-                        outdir=config.outdir, preview_every=config.preview_every,
-                        safety_checker=config.safety_checker)
+    worker = worker or make_worker(config)
+    models = worker.models
     app = FastAPI(title="kiln", version=__version__,
                   description="Stable Diffusion: AUTOMATIC1111-compatible API (/sdapi/v1), job API (/api/v1), web UI.")
     app.state.worker = worker
@@ -252,7 +258,14 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
 
     @a.get("/loras")
     def loras():
-        return []
+        """The LoRA files prompts may name (`<lora:name:weight>`); paths relative to the LoRA folder."""
+        from ..checkpoints.lora import LORA_SUFFIXES
+
+        if not config.lora_dir or not Path(config.lora_dir).is_dir():
+            return []
+        root = Path(config.lora_dir).resolve()
+        return [{"name": p.stem, "alias": p.stem, "path": p.relative_to(root).as_posix(), "metadata": {}}
+                for p in sorted(root.rglob("*")) if p.suffix in LORA_SUFFIXES and p.is_file()]
 
     @a.get("/prompt-styles")
     def prompt_styles():

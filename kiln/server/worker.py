@@ -193,7 +193,7 @@ class ModelIndex:
 class Worker:
     def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="full",
                  outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
-                 loader=None):
+                 loader=None, lora_dir: str | None = None):
         from ..pipeline import load
 
         self.models = models
@@ -202,20 +202,28 @@ class Worker:
         self.outdir = outdir
         self.preview_every = preview_every
         self.safety_checker = safety_checker
+        self.lora_dir = lora_dir
         self._load = loader or load
+        self.pipe = None
+        self.entry: ModelEntry | None = None
+        self._init_queue()
+        self._switch(models.entry_for(first_model))
+        self.start_threads(1)
+
+    def _init_queue(self):
         self.cv = threading.Condition()
         self.queue: deque[Job] = deque()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self.current: Job | None = None
-        self.pipe = None
-        self.entry: ModelEntry | None = None
+        self.running: list[Job] = []  # one job here; a Ray Serve ingress dispatches several at once
         self.options = {"CLIP_stop_at_last_layers": 1, "return_grid": False, "samples_format": "png",
                         "eta_noise_seed_delta": 0, "sd_vae": "Automatic", "randn_source": "CPU"}
         self._durations = deque(maxlen=20)
         self._stopping = False
-        self._switch(models.entry_for(first_model))
-        self.thread = threading.Thread(target=self._loop, name="kiln-worker", daemon=True)
-        self.thread.start()
+
+    def start_threads(self, n: int):
+        self.threads = [threading.Thread(target=self._loop, name=f"kiln-worker-{i}", daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
 
     # ------------------------------------------------------------------ model
     def _switch(self, entry: ModelEntry):
@@ -225,6 +233,7 @@ class Worker:
         pipe = self._load(str(entry.path), device=self.device, precision=self.precision)
         if self.safety_checker:
             pipe.load_safety_checker(self.safety_checker)
+        pipe.lora_dir = self.lora_dir
         self.pipe, self.entry = None, None
         import gc
 
@@ -267,11 +276,11 @@ class Worker:
             try:
                 return self.queue.index(job) + 1
             except ValueError:
-                return 0 if job is self.current else None
+                return 0 if job in self.running else None
 
     def listing(self) -> list[dict]:
         with self.cv:
-            jobs = ([self.current] if self.current else []) + list(self.queue)
+            jobs = list(self.running) + list(self.queue)
             return [j.status(i) for i, j in enumerate(jobs)]
 
     def cancel(self, job: Job) -> bool:
@@ -283,10 +292,16 @@ class Worker:
                 job.version += 1
                 job.done_event.set()
                 return True
-            if job is self.current:
+            if job in self.running:
                 job.cancel_event.set()
                 return True
         return False
+
+    @property
+    def current(self) -> Job | None:
+        """The job A1111's /progress, /interrupt and /skip are about: the oldest running one."""
+        running = self.running
+        return running[0] if running else None
 
     def interrupt(self):
         with self.cv:
@@ -303,10 +318,11 @@ class Worker:
             self._stopping = True
             for job in list(self.queue):
                 self.cancel(job)
-            if self.current is not None:
-                self.current.cancel_event.set()
+            for job in self.running:
+                job.cancel_event.set()
             self.cv.notify_all()
-        self.thread.join(timeout=30)
+        for t in self.threads:
+            t.join(timeout=30)
 
     def _loop(self):
         while True:
@@ -316,7 +332,7 @@ class Worker:
                 if self._stopping:
                     return
                 job = self.queue.popleft()
-                self.current = job
+                self.running.append(job)
                 job.state, job.started = "running", time.time()
                 job.version += 1
             try:
@@ -333,7 +349,7 @@ class Worker:
                 job.state, job.error = "failed", f"internal error: {type(e).__name__}: {e}"
             finally:
                 with self.cv:
-                    self.current = None
+                    self.running.remove(job)
                     job.finished = time.time()
                     if job.state == "done":
                         job.progress = 1.0

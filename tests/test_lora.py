@@ -1,0 +1,167 @@
+"""LoRA: kohya (diffusers and CompVis module names), LoCon convolutions and PEFT files merge to the published
+formula W + w · alpha/rank · up @ down; prompt tags; clean removal; infotext hashes; bad files."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import kiln
+from kiln.checkpoints.diffusers_keys import unet_key
+from kiln.demo.report import EMBEDDED
+from kiln.errors import KilnError
+
+UNET = "model.diffusion_model."
+TE = "cond_stage_model.transformer."
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return kiln.load(EMBEDDED, device="cpu")
+
+
+def targets(pipe):
+    """A cross-attention projection, the feed-forward output, a 3x3 convolution (LoCon) and a text-encoder
+    projection: our keys and their shapes."""
+    params = dict(pipe.model.named_parameters())
+    pick = [next(k for k in params if k.endswith(s)) for s in
+            ("attn2.to_k.weight", "ff.net.2.weight", "in_layers.2.weight", "self_attn.q_proj.weight")]
+    return {k: params[k].shape for k in pick}
+
+
+def low_rank(shapes, rank=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for key, shape in shapes.items():
+        out, inp = shape[0], shape[1]
+        kernel = tuple(shape[2:])
+        down = torch.randn((rank, inp, *kernel), generator=g) * 0.3
+        up = torch.randn((out, rank, *([1] * len(kernel))), generator=g) * 0.3
+        pairs[key] = (up, down)
+    return pairs
+
+
+def kohya_name(key, num_res_blocks, spelling):
+    if key.startswith(UNET):
+        ours = key[len(UNET):-len(".weight")]
+        name = ours if spelling == "compvis" else unet_key(ours + ".weight", num_res_blocks)[:-len(".weight")]
+        return "lora_unet_" + name.replace(".", "_")
+    return "lora_te_" + key[len(TE):-len(".weight")].replace(".", "_")
+
+
+def write_kohya(path, pairs, num_res_blocks, spelling, alpha):
+    sd = {}
+    for key, (up, down) in pairs.items():
+        name = kohya_name(key, num_res_blocks, spelling)
+        sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"] = down, up
+        sd[f"{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(sd, str(path))
+
+
+def write_peft(path, pairs, num_res_blocks, scale):
+    sd = {}
+    for key, (up, down) in pairs.items():
+        if key.startswith(UNET):
+            name = "unet." + unet_key(key[len(UNET):], num_res_blocks)[:-len(".weight")]
+        else:
+            name = "text_encoder." + key[len(TE):-len(".weight")]
+        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = down, up * scale  # PEFT files carry no alpha
+    save_file(sd, str(path))
+
+
+@pytest.fixture(scope="module")
+def files(pipe, tmp_path_factory):
+    d = tmp_path_factory.mktemp("loras")
+    pairs = low_rank(targets(pipe))
+    nrb = pipe.cfg.unet.num_res_blocks
+    write_kohya(d / "kohya.safetensors", pairs, nrb, "diffusers", alpha=2)  # alpha 2, rank 4: scale 0.5
+    write_kohya(d / "compvis.safetensors", pairs, nrb, "compvis", alpha=2)
+    write_peft(d / "peft.safetensors", pairs, nrb, scale=0.5)
+    return d, pairs
+
+
+def test_every_format_merges_to_the_published_formula(pipe, files):
+    d, pairs = files
+    original = {k: v.detach().clone() for k, v in pipe.model.named_parameters()}
+    for name in ("kohya", "compvis", "peft"):
+        lora = pipe.load_lora(d / f"{name}.safetensors")
+        assert sorted(p.key for p in lora.patches) == sorted(pairs) and not lora.unmatched
+        pipe.set_loras([(lora, 0.6, 0.8)])
+        params = dict(pipe.model.named_parameters())
+        for key, (up, down) in pairs.items():
+            w = 0.6 if key.startswith("cond_stage_model.") else 0.8
+            want = original[key] + w * 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(original[key].shape)
+            torch.testing.assert_close(params[key].detach(), want, rtol=0, atol=1e-6)
+        untouched = next(k for k in original if k not in pairs and k.endswith(".weight"))
+        assert torch.equal(params[untouched], original[untouched])
+        pipe.set_loras([])
+        assert all(torch.equal(v, original[k]) for k, v in pipe.model.named_parameters())  # exact removal
+
+
+def test_prompt_tags_apply_and_are_removed_between_runs(pipe, files):
+    d, _ = files
+    pipe.lora_dir = d
+    prompt = "a red circle on a blue background"
+    kw = dict(seed=3, steps=8, sampler="euler")
+    base = pipe.txt2img(prompt, **kw)
+    tagged = pipe.txt2img(prompt + " <lora:kohya:0.9>", **kw)
+    explicit = pipe.txt2img(prompt, loras=[("kohya", 0.9)], **kw)
+    after = pipe.txt2img(prompt, **kw)
+    assert np.array_equal(tagged.pixels, explicit.pixels)
+    assert np.abs(tagged.pixels.astype(int) - base.pixels).mean() > 2  # the LoRA changed the picture
+    assert np.array_equal(after.pixels, base.pixels)  # and it is gone afterwards
+    lora = pipe.load_lora("kohya")
+    assert f'Lora hashes: "kohya: {lora.short_hash}"' in tagged.infotexts[0]
+    assert tagged.infotexts[0].startswith(prompt + " <lora:kohya:0.9>")  # the tag stays in the recorded prompt
+    assert "Lora hashes" not in after.infotexts[0]
+    # the tag is not text: with the text-encoder weight at 0 the conditioning equals the plain prompt's
+    clean, _ = pipe._networks([prompt + " <lora:kohya:0:1>"], None)
+    assert clean == [prompt + " "]
+    pipe.set_loras([])
+
+
+def test_separate_text_encoder_and_unet_weights(pipe, files):
+    d, pairs = files
+    pipe.lora_dir = d
+    te_key = next(k for k in pairs if k.startswith("cond_stage_model."))
+    unet_keyname = next(k for k in pairs if k.startswith("model."))
+    before = dict((k, v.detach().clone()) for k, v in pipe.model.named_parameters())
+    pipe._networks(["x <lora:peft:0:1>"], None)
+    params = dict(pipe.model.named_parameters())
+    assert torch.equal(params[te_key], before[te_key]) and not torch.equal(params[unet_keyname], before[unet_keyname])
+    pipe.set_loras([])
+
+
+def test_bad_lora_files_and_tags_are_clear_errors(pipe, tmp_path):
+    pipe.lora_dir = tmp_path
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(KilnError, match="LyCORIS hada"):
+        pipe.load_lora("loha")
+    save_file({"something.weight": torch.zeros(2, 2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(KilnError, match="no LoRA weights found"):
+        pipe.load_lora("plain")
+    save_file({"lora_unet_nowhere_to_q.lora_down.weight": torch.zeros(2, 4),
+               "lora_unet_nowhere_to_q.lora_up.weight": torch.zeros(4, 2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(KilnError, match="matches this model's layers"):
+        pipe.load_lora("other")
+    with pytest.raises(KilnError, match="no LoRA named 'missing'"):
+        pipe.txt2img("a <lora:missing:1>", steps=1)
+    with pytest.raises(KilnError, match="weight must be a number"):
+        pipe.txt2img("a <lora:other:lots>", steps=1)
+    pipe.lora_dir = None
+    with pytest.raises(KilnError, match="--lora-dir"):
+        pipe.txt2img("a <lora:x:1>", steps=1)
+
+
+def test_cli_lora_flags(files, tmp_path, capsys):
+    from PIL import Image
+
+    from kiln.cli import main
+
+    d, _ = files
+    out = tmp_path / "o"
+    assert main(["txt2img", "--prompt", "a red circle <lora:kohya:0.5>", "--lora-dir", str(d), "--outdir", str(out),
+                 "--n_samples", "1", "--ddim_steps", "4", "--skip_grid"]) == 0
+    with Image.open(out / "samples" / "00000.png") as im:
+        assert "Lora hashes: \"kohya: " in im.info["parameters"]
+    assert main(["txt2img", "--prompt", "a", "--lora", f"{d / 'peft.safetensors'}:abc", "--outdir", str(out)]) == 1
+    assert "--lora" in capsys.readouterr().err
