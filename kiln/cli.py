@@ -83,6 +83,8 @@ def txt2img_parser(sub, command="txt2img"):
                    help="merge a LoRA (kohya/A1111, LoCon or diffusers/PEFT file) at WEIGHT (default 1); repeatable")
     p.add_argument("--lora-dir", dest="lora_dir", default=None,
                    help="folder where <lora:name:weight> tags in the prompt are looked up")
+    p.add_argument("--embeddings-dir", dest="embeddings_dir", default=None,
+                   help="textual-inversion embeddings (.pt, .bin, .safetensors), used in prompts by file name")
     p.add_argument("--seamless", action="store_true", help="tileable output (circular padding in every convolution)")
     p.add_argument("--tile", choices=["auto", "on", "off"], default="auto",
                    help="UNet and VAE decoder in overlapping tiles (auto: above twice the model's native size)")
@@ -278,8 +280,11 @@ def run_txt2img(opt):
             raise KilnError(f"--lora {path}: no such file")
     if opt.lora_dir and not Path(opt.lora_dir).is_dir():
         raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
+    if opt.embeddings_dir and not Path(opt.embeddings_dir).is_dir():
+        raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
     pipe = load(ckpt, device=opt.device, precision=opt.precision, ema=opt.ema, vae=opt.vae, config=config)
     pipe.lora_dir = opt.lora_dir
+    pipe.embeddings_dir = opt.embeddings_dir
     for note in pipe.info.notes:
         say(f"kiln: {note}")
     if opt.safety is not False and opt.safety_checker:
@@ -507,6 +512,8 @@ def serve_parser(sub):
                    help="check every image with CompVis' NSFW checker (weights folder or file)")
     p.add_argument("--lora-dir", dest="lora_dir", default=None,
                    help="folder where <lora:name:weight> tags in prompts are looked up (listed at /sdapi/v1/loras)")
+    p.add_argument("--embeddings-dir", dest="embeddings_dir", default=None,
+                   help="textual-inversion embeddings, used in prompts by file name (listed at /sdapi/v1/embeddings)")
     p.add_argument("--queue-size", dest="queue_size", type=int, default=16,
                    help="jobs waiting beyond this are refused with 503 and Retry-After")
     p.add_argument("--max-size", dest="max_size", type=int, default=2048, help="largest width/height allowed")
@@ -553,6 +560,8 @@ def run_serve(opt):
         raise KilnError(f"--ckpt-dir {opt.ckpt_dir}: not a folder")
     if opt.lora_dir and not Path(opt.lora_dir).is_dir():
         raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
+    if opt.embeddings_dir and not Path(opt.embeddings_dir).is_dir():
+        raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
     if opt.host not in ("127.0.0.1", "localhost", "::1") and not (auth or token):
         say(f"kiln: warning: listening on {opt.host} without --api-auth or --token: anyone who can reach this "
             "machine can use the API")
@@ -562,7 +571,8 @@ def run_serve(opt):
                           limits=Limits(max_size=opt.max_size, max_batch_size=opt.max_batch_size,
                                         queue_size=opt.queue_size),
                           api_auth=auth, token=token, preview_every=opt.preview_every,
-                          safety_checker=opt.safety_checker, lora_dir=opt.lora_dir)
+                          safety_checker=opt.safety_checker, lora_dir=opt.lora_dir,
+                          embeddings_dir=opt.embeddings_dir)
     if opt.ray is not None:
         from .distributed.serve import run
 

@@ -193,6 +193,9 @@ class Pipeline:
         self._lora_cache = {}
         self._lora_applied = ()
         self._lora_backup = {}
+        self.embeddings_dir = None  # textual-inversion files, used in prompts by file name
+        self._emb_cache = {}
+        self._ti_used = {}
 
     # ------------------------------------------------------------------ building blocks
     @torch.no_grad()
@@ -205,10 +208,18 @@ class Pipeline:
             raise KilnError(f"clip skip must be between 1 and {self.cfg.text.layers}, got {clip_skip}")
         if self.cfg.text.max_position != CHUNK + 2:
             raise KilnError(f"the text encoder has {self.cfg.text.max_position} positions; prompts need {CHUNK + 2}")
-        per_prompt = [chunk_tokens(self.tokenizer, p) for p in prompts]
+        table, extra, owners = self._embedding_table()
+        try:
+            per_prompt = [chunk_tokens(self.tokenizer, p, embeddings=table) for p in prompts]
+        except ValueError as e:
+            raise KilnError(str(e)) from None
         flat = [c for chunks in per_prompt for c in chunks]
+        for c in flat:
+            for i in c.ids:
+                if i in owners:
+                    self._ti_used[owners[i].name] = owners[i]
         ids = torch.tensor([c.ids for c in flat], device=self.device)
-        z = self.model.text_model(ids, skip=clip_skip - 1, final_norm=True)
+        z = self.model.text_model(ids, skip=clip_skip - 1, final_norm=True, extra=extra)
         weighted = []
         for c, zc in zip(flat, z):
             if any(w != 1.0 for w in c.weights):
@@ -229,8 +240,48 @@ class Pipeline:
         empty = self.encode_prompts([""], clip_skip)[0]
         return torch.stack([torch.cat([h] + [empty] * ((length - h.shape[0]) // empty.shape[0])) for h in hidden])
 
+    def _embedding_table(self):
+        """Textual-inversion embeddings in `embeddings_dir` for `chunk_tokens`: ({name's token ids: the ids of its
+        vectors (past the vocabulary)}, the vectors [n, width], {id: Embedding}). Files are read once (re-read
+        when they change); embeddings of another width (another model family) are skipped with a notice."""
+        from .checkpoints.embeddings import read_embedding, scan
+        from .errors import CheckpointError
+
+        if not self.embeddings_dir:
+            return None, None, {}
+        width, offset = self.cfg.text.width, self.cfg.text.vocab_size
+        table, vectors, owners = {}, [], {}
+        for path in scan(self.embeddings_dir):
+            key = (str(path), path.stat().st_mtime_ns)
+            if key not in self._emb_cache:
+                try:
+                    self._emb_cache[key] = read_embedding(path)
+                except CheckpointError as e:
+                    self.notices.append(str(e))
+                    self._emb_cache[key] = None
+                emb = self._emb_cache[key]
+                if emb is not None and width not in emb.vectors:
+                    self.notices.append(f"embedding {emb.name}: made for a text encoder of width "
+                                        f"{'/'.join(map(str, emb.vectors))}, this model's is {width}: skipped")
+            emb = self._emb_cache[key]
+            if emb is None or width not in emb.vectors:
+                continue
+            v = emb.vectors[width]
+            ids = list(range(offset, offset + len(v)))
+            offset += len(v)
+            table[tuple(self.tokenizer.encode(emb.name))] = ids
+            vectors.append(v)
+            owners.update({i: emb for i in ids})
+        extra = torch.cat(vectors).to(self.device, self.dtype) if vectors else None
+        return table, extra, owners
+
+    def _ti_fields(self) -> dict:
+        used = self._ti_used.values()
+        return {"TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)} if used else {}
+
     def conditioning(self, prompts: list[str], negative: list[str] | None, clip_skip: int = 1):
         """(cond, uncond) with a common sequence length (uncond None when guidance is off)."""
+        self._ti_used = {}
         cond = self.encode_prompts(prompts, clip_skip)
         if negative is None:
             return cond, None
@@ -590,7 +641,7 @@ class Pipeline:
                         pixels, flagged = self._safety(to_uint8(self.decode_latents(z)))
                 # A1111 records the batch so that an image can be regenerated bit for bit (batch size changes
                 # the kernels' summation order, hence the last bit of some pixels).
-                infos = [self.infotext(params, p, sd, {**extra, **lora_fields,
+                infos = [self.infotext(params, p, sd, {**extra, **lora_fields, **self._ti_fields(),
                                                        **({"Batch size": len(batch), "Batch pos": j}
                                                           if len(batch) > 1 else {})})
                          for j, (p, sd) in enumerate(zip(batch, seeds))]
@@ -764,7 +815,7 @@ class Pipeline:
                 extra = {"Denoising strength": _fmt(strength), "Mask blur": _fmt(mask_blur) if m is not None else None,
                          "Inpaint area": "Only masked" if region is not None else None,
                          "Masked area padding": masked_padding if region is not None else None, **var_fields}
-                infos = [self.infotext(params, p, sd, {**extra, **lora_fields,
+                infos = [self.infotext(params, p, sd, {**extra, **lora_fields, **self._ti_fields(),
                                                        **({"Batch size": n, "Batch pos": j} if n > 1 else {})})
                          for j, (p, sd) in enumerate(zip(batch, seeds))]
                 yield Result([Image.fromarray(p) for p in pixels], seeds, list(batch), params, z, pixels, infos,

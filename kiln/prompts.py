@@ -93,8 +93,33 @@ class Chunk:
     weights: list[float] = field(default_factory=list)
 
 
-def chunk_tokens(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -> list[Chunk]:
-    """The prompt as chunks of exactly 77 ids (BOS, 75 content-or-padding, EOS) with per-token weights."""
+def _units(tokens: list[int], embeddings: dict | None):
+    """Token ids grouped into what must stay together: one id, or the ids standing for an embedding's vectors
+    (`embeddings`: name's token ids (tuple) → its ids; longest names matched first, as A1111)."""
+    if not embeddings:
+        return [[t] for t in tokens]
+    by_first = {}
+    for name_ids, ids in embeddings.items():
+        by_first.setdefault(name_ids[0], []).append((name_ids, ids))
+    for v in by_first.values():
+        v.sort(key=lambda e: -len(e[0]))
+    units, i = [], 0
+    while i < len(tokens):
+        for name_ids, ids in by_first.get(tokens[i], ()):
+            if tuple(tokens[i:i + len(name_ids)]) == name_ids:
+                units.append(list(ids))
+                i += len(name_ids)
+                break
+        else:
+            units.append([tokens[i]])
+            i += 1
+    return units
+
+
+def chunk_tokens(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK, embeddings: dict | None = None
+                 ) -> list[Chunk]:
+    """The prompt as chunks of exactly 77 ids (BOS, 75 content-or-padding, EOS) with per-token weights.
+    `embeddings` (see `_units`) replaces textual-inversion names by their vectors' ids, never split over chunks."""
     bos, eos, pad = BOS, EOS, tokenizer.pad_id
     comma = tokenizer.encode(",")[0]
     chunks: list[Chunk] = []
@@ -113,8 +138,9 @@ def chunk_tokens(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -
         if piece == "BREAK" and weight == -1:
             finish()
             continue
-        for tok in tokenizer.encode(piece):
-            if tok == comma:
+        for unit in _units(tokenizer.encode(piece), embeddings):
+            tok = unit[0]
+            if tok == comma and len(unit) == 1:
                 last_comma = len(chunk.ids)
             elif (comma_backtrack and len(chunk.ids) == CHUNK and last_comma != -1
                   and len(chunk.ids) - last_comma <= comma_backtrack):
@@ -123,10 +149,12 @@ def chunk_tokens(tokenizer, text: str, comma_backtrack: int = COMMA_BACKTRACK) -
                 chunk.ids, chunk.weights = chunk.ids[:cut], chunk.weights[:cut]
                 finish()
                 chunk.ids, chunk.weights = moved_ids, moved_w
-            if len(chunk.ids) == CHUNK:
+            if len(chunk.ids) + len(unit) > CHUNK:
+                if len(unit) > CHUNK:
+                    raise ValueError(f"an embedding of {len(unit)} vectors does not fit a {CHUNK}-token chunk")
                 finish()
-            chunk.ids.append(tok)
-            chunk.weights.append(weight)
+            chunk.ids.extend(unit)
+            chunk.weights.extend([weight] * len(unit))
     if chunk.ids or not chunks:
         finish()
     return chunks

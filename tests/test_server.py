@@ -36,7 +36,10 @@ def server(tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     loras = tmp_path_factory.mktemp("loras")
     make_lora(loras / "shapes_style.safetensors")
+    embeddings = tmp_path_factory.mktemp("embeddings")
+    make_embedding(embeddings / "crimsonish.safetensors")
     app = create_app(ServerConfig(ckpt=str(EMBEDDED), ckpt_dir=str(models), outdir=str(out), lora_dir=str(loras),
+                                  embeddings_dir=str(embeddings),
                                   limits=Limits(max_size=512, queue_size=4)))
     with running(app) as (url, port):
         yield app, url, port, out
@@ -48,6 +51,15 @@ def make_lora(path):
 
     pipe = kiln.load(EMBEDDED, device="cpu")
     write_kohya(path, low_rank(targets(pipe)), pipe.cfg.unet.num_res_blocks, "diffusers", alpha=2)
+
+
+def make_embedding(path):
+    import kiln
+    from safetensors.torch import save_file
+
+    pipe = kiln.load(EMBEDDED, device="cpu")
+    red = pipe.model.text_model.embeddings.token_embedding.weight[pipe.tokenizer.encode("red")].detach().clone()
+    save_file({"emb_params": red}, str(path))
 
 
 @pytest.fixture
@@ -371,3 +383,14 @@ def test_lora_tags_through_the_api_and_clean_removal(server, api):
     missing = requests.post(f"{server[1]}/sdapi/v1/txt2img", json={"prompt": "x <lora:nope:1>", **kw}, timeout=60)
     assert missing.status_code == 422 and "no LoRA named 'nope'" in missing.json()["detail"]
     wait_idle(app)
+
+
+def test_embeddings_listed_and_used(api):
+    listed = api.get_embeddings()
+    assert list(listed["loaded"]) == ["crimsonish"] and listed["loaded"]["crimsonish"]["vectors"] == 1
+    kw = dict(seed=4, width=64, height=64, steps=4, sampler_name="Euler")
+    ti = api.txt2img(prompt="a crimsonish circle on a blue background", **kw)
+    words = api.txt2img(prompt="a red circle on a blue background", **kw)
+    assert 'TI hashes: "crimsonish: ' in ti.info["infotexts"][0]
+    diff = np.abs(np.asarray(ti.image.convert("RGB")).astype(int) - np.asarray(words.image.convert("RGB")))
+    assert diff.max() <= 1  # the embedding is the word "red"

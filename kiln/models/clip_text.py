@@ -72,9 +72,16 @@ class Embeddings(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_position, cfg.width)
 
-    def forward(self, ids):
+    def forward(self, ids, extra=None):
         # Positions are always 0..n-1: some merged checkpoints carry a corrupted `position_ids` buffer, so it is not used.
-        return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]
+        if extra is None:
+            tokens = self.token_embedding(ids)
+        else:  # ids past the vocabulary index `extra` (textual-inversion vectors)
+            vocab = self.token_embedding.num_embeddings
+            tokens = self.token_embedding(ids.clamp(max=vocab - 1))
+            new = ids >= vocab
+            tokens[new] = extra.to(tokens.dtype)[ids[new] - vocab]
+        return tokens + self.position_embedding.weight[: ids.shape[1]]
 
 
 class Encoder(nn.Module):
@@ -95,8 +102,8 @@ class CLIPTextTransformer(nn.Module):
         self.encoder = Encoder(cfg)
         self.final_layer_norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
 
-    def forward(self, ids, skip: int = 0, final_norm: bool | None = None):
-        x = self.embeddings(ids)
+    def forward(self, ids, skip: int = 0, final_norm: bool | None = None, extra=None):
+        x = self.embeddings(ids, extra)
         for layer in self.encoder.layers[: len(self.encoder.layers) - skip]:
             x = layer(x)
         if final_norm if final_norm is not None else skip == 0:

@@ -42,6 +42,7 @@ class ServerConfig:
     preview_every: int = 1
     safety_checker: str | None = None
     lora_dir: str | None = None  # <lora:name:weight> tags in prompts are looked up here
+    embeddings_dir: str | None = None  # textual-inversion files, used in prompts by file name
 
 
 def parse_api_auth(text: str | None) -> list:
@@ -89,7 +90,7 @@ def make_worker(config: ServerConfig) -> Worker:
     first = config.ckpt or (models.entries[0].path if models.entries else EMBEDDED)
     return Worker(models, str(first), config.limits, device=config.device, precision=config.precision,
                   outdir=config.outdir, preview_every=config.preview_every, safety_checker=config.safety_checker,
-                  lora_dir=config.lora_dir)
+                  lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir)
 
 
 def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
@@ -254,7 +255,23 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
 
     @a.get("/embeddings")
     def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        """The textual-inversion embeddings prompts may use, as A1111 lists them (skipped: another width)."""
+        from ..checkpoints.embeddings import read_embedding, scan
+        from ..errors import CheckpointError
+
+        loaded, skipped = {}, {}
+        width = worker.pipe.cfg.text.width
+        for path in scan(config.embeddings_dir) if config.embeddings_dir else []:
+            try:
+                emb = read_embedding(path)
+            except CheckpointError:
+                continue
+            v = emb.vectors.get(width)
+            info = {"step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                    "shape": width if v is not None else max(emb.vectors), "vectors": len(v) if v is not None
+                    else len(next(iter(emb.vectors.values())))}
+            (loaded if v is not None else skipped)[emb.name] = info
+        return {"loaded": loaded, "skipped": skipped}
 
     @a.get("/loras")
     def loras():

@@ -193,7 +193,7 @@ class ModelIndex:
 class Worker:
     def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="full",
                  outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
-                 loader=None, lora_dir: str | None = None):
+                 loader=None, lora_dir: str | None = None, embeddings_dir: str | None = None):
         from ..pipeline import load
 
         self.models = models
@@ -203,6 +203,7 @@ class Worker:
         self.preview_every = preview_every
         self.safety_checker = safety_checker
         self.lora_dir = lora_dir
+        self.embeddings_dir = embeddings_dir
         self._load = loader or load
         self.pipe = None
         self.entry: ModelEntry | None = None
@@ -233,7 +234,7 @@ class Worker:
         pipe = self._load(str(entry.path), device=self.device, precision=self.precision)
         if self.safety_checker:
             pipe.load_safety_checker(self.safety_checker)
-        pipe.lora_dir = self.lora_dir
+        pipe.lora_dir, pipe.embeddings_dir = self.lora_dir, self.embeddings_dir
         self.pipe, self.entry = None, None
         import gc
 
