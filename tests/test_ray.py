@@ -134,7 +134,9 @@ def test_a_killed_worker_still_ends_with_every_row_written_once(cluster, tmp_pat
     assert len(os.listdir(pids)) >= 3, "the killed worker was not replaced"
 
 
-def test_ray_serve_answers_a1111_txt2img(cluster):
+def test_ray_serve_ingress_and_model_deployment(cluster):
+    """Two model replicas behind the FastAPI ingress: A1111's txt2img answers with the pipeline's pixels, and the
+    job API (ids, SSE progress with previews, results) works across replicas."""
     import torch
     from ray import serve
 
@@ -144,24 +146,48 @@ def test_ray_serve_answers_a1111_txt2img(cluster):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServerConfig(save=False), num_replicas=1, max_ongoing_requests=4), name="kiln",
+    serve.run(build_app(ServerConfig(save=False), num_replicas=2, max_ongoing_requests=1), name="kiln",
               route_prefix="/")
-    r = requests.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img",
-                      json={"prompt": "a red circle on a blue background", "seed": 3, "steps": 10, "width": 64,
-                            "height": 64, "sampler_name": "Euler", "cfg_scale": 5}, timeout=120)
+    url = f"http://127.0.0.1:{port}"
+    body = {"prompt": "a red circle on a blue background", "seed": 3, "steps": 10, "width": 64, "height": 64,
+            "sampler_name": "Euler", "cfg_scale": 5}
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
     assert r.status_code == 200, r.text
-    body = r.json()
-    assert json.loads(body["info"])["all_seeds"] == [3]
-    im = Image.open(io.BytesIO(base64.b64decode(body["images"][0])))
+    assert json.loads(r.json()["info"])["all_seeds"] == [3]
+    im = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
     assert "Seed: 3" in im.info["parameters"]
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the replica has one CPU, hence one thread: the same kernels' summation order
+    torch.set_num_threads(1)  # a replica has one CPU, hence one thread: the same kernels' summation order
     try:
-        want = load(EMBEDDED, device="cpu").txt2img("a red circle on a blue background", seed=3, steps=10,
-                                                    sampler="euler", cfg_scale=5).pixels[0]
+        want = load(EMBEDDED, device="cpu").txt2img(body["prompt"], seed=3, steps=10, sampler="euler",
+                                                    cfg_scale=5).pixels[0]
     finally:
         torch.set_num_threads(threads)
     assert np.array_equal(np.asarray(im.convert("RGB")), want)
+
+    jobs = [requests.post(f"{url}/api/v1/txt2img", json=dict(body, seed=s, steps=20), timeout=30).json()
+            for s in (10, 11, 12)]
+    assert all(j["state"] in ("queued", "running") for j in jobs)
+    events = []
+    with requests.get(f"{url}/api/v1/jobs/{jobs[2]['id']}/events", stream=True, timeout=120) as stream:
+        name = None
+        for line in stream.iter_lines(decode_unicode=True):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line[5:])))
+                if name != "progress":
+                    break
+    assert events[-1][0] == "done" and events[-1][1]["seeds"] == [12]
+    assert any(0 < d["progress"] < 1 for n, d in events if n == "progress")
+    assert any(d.get("preview", "").startswith("data:image/png") for _, d in events)
+    for j, seed in zip(jobs, (10, 11, 12)):
+        deadline = time.time() + 120
+        while (st := requests.get(f"{url}/api/v1/jobs/{j['id']}", timeout=10).json())["state"] != "done":
+            assert st["state"] in ("queued", "running") and time.time() < deadline, st
+            time.sleep(0.1)
+        png = requests.get(url + st["image_urls"][0], timeout=10).content
+        assert f"Seed: {seed}" in Image.open(io.BytesIO(png)).info["parameters"]
     serve.delete("kiln")
 
 

@@ -1,37 +1,208 @@
-"""`kiln serve --ray`: the same FastAPI app on Ray Serve, so the API scales over a cluster unchanged.
+"""`kiln serve --ray`: the same FastAPI app on Ray Serve, as an ingress deployment in front of a model deployment.
 
-Each replica is a whole kiln server (model loaded once, its own worker queue) behind Serve's HTTP proxy, which
-spreads requests over the replicas (`num_replicas`, or autoscaling between a minimum and a maximum) and holds at
-most `max_ongoing_requests` per replica. A1111 requests are self-contained, so any replica answers them. The job
-API (`/api/v1/jobs/{id}`) and `/sdapi/v1/progress` describe the replica that answers: with more than one replica,
-poll through a session-affine route or use the blocking A1111 endpoints.
+- **Model deployment** (`kiln-model`): each replica loads the model once and runs jobs on its own worker
+  (`num_replicas` or autoscaling, `max_ongoing_requests` jobs at a time per replica, one GPU each when the
+  cluster has GPUs). Its `run` method streams a job's progress (steps, previews) and then its result.
+- **Ingress** (`kiln`): the unchanged `create_app` over a `RemoteWorker`, which keeps the queue, job ids, options
+  and cancel exactly as the local worker does, but dispatches each job to the model deployment. So the job API,
+  SSE progress, `/sdapi/v1/progress` and the web UI work across replicas.
+
+Cancelling a running job cancels its stream; the replica then cancels the job at its next step.
 """
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 from ..errors import KilnError
+from ..server.worker import Interrupted, Job, Worker
+
+
+def model_facts(worker: Worker) -> dict:
+    """What the ingress needs to validate requests and describe the model, without loading it."""
+    pipe, cfg = worker.pipe, worker.pipe.cfg
+    return {"title": worker.model_title, "sha256": worker.entry.sha256, "native_size": pipe.native_size,
+            "downscale": cfg.downscale, "text_layers": cfg.text.layers, "text_width": cfg.text.width, "in_channels": cfg.unet.in_channels,
+            "latent_channels": cfg.latent_channels, "model_name": pipe.model_name, "model_hash": pipe.model_hash,
+            "models": [{"filename": e.filename, "name": e.name, "sha256": e.sha256} for e in worker.models.entries]}
+
+
+class ModelServer:
+    """The model deployment's body: a local worker; `run` streams one job."""
+
+    def __init__(self, config):
+        import ray
+        import torch
+
+        from ..server.app import make_worker
+
+        # as many threads as the replica was given CPUs: predictable speed, and the same kernels' summation order
+        # on every replica (so every replica renders the same pixels)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
+        self.worker = make_worker(config)
+
+    def facts(self) -> dict:
+        return model_facts(self.worker)
+
+    def refresh(self) -> dict:
+        self.worker.models.refresh()
+        return model_facts(self.worker)
+
+    def run(self, mode: str, params: dict, model: str | None, save: bool):
+        job = self.worker.submit(Job(mode, params, model=model, save=save))
+        try:
+            seen, preview = -1, -1
+            while not job.done_event.wait(0.05):
+                if job.version != seen:
+                    seen = job.version
+                    update = {"progress": job.progress, "step": job.step, "batch_no": job.batch_no,
+                              "sampling_step": job.sampling_step, "sampling_steps": job.sampling_steps}
+                    if job.preview is not None and job.preview_step != preview:
+                        preview = job.preview_step
+                        update["preview"], update["preview_step"] = job.preview, job.preview_step
+                    yield update
+            yield {"final": True, "state": job.state, "error": job.error, "user_error": job.user_error,
+                   "images": job.images, "infotexts": job.infotexts, "seeds": job.seeds, "prompts": job.prompts,
+                   "files": job.files, "flagged": job.flagged, "result_params": job.result_params,
+                   "model_title": job.model_title, "step": job.step, "facts": model_facts(self.worker)}
+        finally:
+            if not job.done_event.is_set():  # the ingress cancelled the stream
+                self.worker.cancel(job)
+
+
+class RemoteEntry(SimpleNamespace):
+    @property
+    def short_hash(self):
+        return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def title(self):
+        return f"{self.filename} [{self.short_hash}]" if self.sha256 else self.filename
+
+
+class RemoteModels:
+    """The model deployment's checkpoint index, as the ingress sees it."""
+
+    def __init__(self, worker: "RemoteWorker"):
+        self.worker = worker
+        self.entries = []
+
+    def load(self, facts: dict):
+        self.entries = [RemoteEntry(**e) for e in facts["models"]]
+
+    def refresh(self):
+        self.load(self.worker.handle.refresh.remote().result())
+
+    def find(self, name: str):
+        name = (name or "").strip()
+        for e in self.entries:
+            if name in (e.title, e.filename, e.name) or (e.sha256 and name.lower() in (e.short_hash, e.sha256)):
+                return e
+        return None
+
+
+class RemoteWorker(Worker):
+    """The local worker's queue, ids, options and cancel; the work itself runs on the model deployment."""
+
+    def __init__(self, handle, limits, facts: dict, *, dispatchers: int = 4):
+        self.handle = handle
+        self.limits = limits
+        self._init_queue()
+        self.models = RemoteModels(self)
+        self._apply(facts)
+        self.start_threads(dispatchers)
+
+    def _apply(self, facts: dict):
+        self.facts = facts
+        self.models.load(facts)
+        self.entry = self.models.find(facts["title"]) or RemoteEntry(filename=facts["title"], name=facts["title"],
+                                                                     sha256=facts["sha256"])
+        cfg = SimpleNamespace(downscale=facts["downscale"], text=SimpleNamespace(layers=facts["text_layers"], width=facts["text_width"]),
+                              unet=SimpleNamespace(in_channels=facts["in_channels"]),
+                              latent_channels=facts["latent_channels"])
+        self.pipe = SimpleNamespace(cfg=cfg, native_size=facts["native_size"], model_name=facts["model_name"],
+                                    model_hash=facts["model_hash"])
+
+    @property
+    def model_title(self) -> str:
+        return self.entry.title
+
+    def _run(self, job: Job):
+        # every replica renders with the model chosen here (options / override_settings)
+        model = job.model or self.model_title
+        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, job.save)
+        final = None
+        for update in stream:
+            if job.cancel_event.is_set():
+                stream.cancel()
+                raise Interrupted
+            if update.get("final"):
+                final = update
+                break
+            for k in ("progress", "step", "batch_no", "sampling_step", "sampling_steps"):
+                setattr(job, k, update[k])
+            if "preview" in update:
+                job.preview, job.preview_step = update["preview"], update["preview_step"]
+            job.version += 1
+        if final is None:
+            raise KilnError("the model deployment ended the job without a result")
+        for k in ("images", "infotexts", "seeds", "prompts", "files", "flagged", "result_params", "model_title",
+                  "step"):
+            setattr(job, k, final[k])
+        if job.mode == "load":
+            self._apply(final["facts"])
+        if final["state"] == "failed":
+            if final["user_error"]:
+                raise KilnError(final["error"])
+            raise RuntimeError(final["error"])
+        if final["state"] in ("interrupted", "cancelled"):
+            raise Interrupted
+
+    def stop(self):
+        with self.cv:
+            self._stopping = True
+            for job in list(self.queue):
+                self.cancel(job)
+            for job in self.running:
+                job.cancel_event.set()
+            self.cv.notify_all()
 
 
 def build_app(config, *, num_replicas: int | None = 1, min_replicas: int | None = None,
-              max_replicas: int | None = None, max_ongoing_requests: int = 8, num_gpus: float = 0,
-              num_cpus: float = 1):
-    """A bound Ray Serve application serving `create_app(config)` on every replica."""
+              max_replicas: int | None = None, max_ongoing_requests: int = 1, num_gpus: float = 0,
+              num_cpus: float = 1, dispatchers: int | None = None):
+    """A bound Ray Serve application: the `kiln` ingress (FastAPI) over the `kiln-model` deployment."""
     from ray import serve
 
-    def asgi_app():
-        from ..server import create_app
-
-        return create_app(config)
-
-    options = dict(name="kiln", max_ongoing_requests=max_ongoing_requests,
-                   ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus})
+    model_options = dict(name="kiln-model", max_ongoing_requests=max_ongoing_requests,
+                         ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus})
     if min_replicas is not None or max_replicas is not None:
         lo = min_replicas if min_replicas is not None else 1
-        options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": max(lo, max_replicas or lo),
-                                         "target_ongoing_requests": max(1, max_ongoing_requests // 2)}
+        hi = max(lo, max_replicas or lo)
+        model_options["autoscaling_config"] = {"min_replicas": lo, "max_replicas": hi,
+                                               "target_ongoing_requests": max(1, max_ongoing_requests)}
+        capacity = hi * max_ongoing_requests
     else:
-        options["num_replicas"] = num_replicas or 1
-    deployment = serve.deployment(serve.ingress(asgi_app)(), **options)
-    return deployment.bind()
+        model_options["num_replicas"] = num_replicas or 1
+        capacity = (num_replicas or 1) * max_ongoing_requests
+    model = serve.deployment(ModelServer, **model_options).bind(config)
+
+    class Ingress:
+        def __init__(self, handle):
+            self.handle = handle
+
+        async def __serve_build_asgi_app__(self):
+            from ..server import create_app
+
+            facts = await self.handle.facts.remote()
+            worker = RemoteWorker(self.handle, config.limits, facts, dispatchers=dispatchers or capacity)
+            return create_app(config, worker=worker)
+
+    ingress = serve.deployment(serve.ingress()(Ingress), name="kiln", num_replicas=1,
+                               max_ongoing_requests=max(64, config.limits.queue_size * 4),
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(model)
 
 
 def run(config, *, host: str, port: int, address: str | None = None, blocking: bool = True, **deploy):
@@ -46,4 +217,7 @@ def run(config, *, host: str, port: int, address: str | None = None, blocking: b
     gpus = ray.cluster_resources().get("GPU", 0)
     deploy.setdefault("num_gpus", 1 if gpus else 0)
     serve.start(http_options={"host": host, "port": port})
-    return serve.run(build_app(config, **deploy), name="kiln", route_prefix="/", blocking=blocking)
+    handle = serve.run(build_app(config, **deploy), name="kiln", route_prefix="/", blocking=blocking)
+    while blocking:  # serve.run(blocking=True) returns on Ctrl+C in some Ray versions
+        time.sleep(3600)
+    return handle
