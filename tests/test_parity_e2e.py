@@ -13,9 +13,10 @@ from kiln.cli import main
 from kiln.pipeline import generators, randn
 
 pytestmark = pytest.mark.slow
+STEPS = 6  # DDIM steps: enough for every part of the loop (timesteps, CFG, eta-0 update) to show in the pixels
 
 
-def run_kiln(tmp_path, ckpt, *extra, prompt="a red cube on a blue table", n=2, steps=10):
+def run_kiln(tmp_path, ckpt, *extra, prompt="a red cube on a blue table", n=2, steps=STEPS):
     out = tmp_path / "out"
     rc = main(["txt2img", "--ckpt", str(ckpt), "--prompt", prompt, "--outdir", str(out), "--H", "64", "--W", "64",
                "--ddim_steps", str(steps), "--scale", "7.5", "--seed", "42", "--no-watermark", "--n_samples", str(n),
@@ -25,7 +26,8 @@ def run_kiln(tmp_path, ckpt, *extra, prompt="a red cube on a blue table", n=2, s
     return np.stack([np.asarray(Image.open(out / "samples" / f"{i:05}.png")) for i in range(n)]), out
 
 
-def run_diffusers(sd15, state, prompt="a red cube on a blue table", negative=None, n=2, steps=10, extract_ema=False):
+def run_diffusers(sd15, state, prompt="a red cube on a blue table", negative=None, n=2, steps=STEPS,
+                  extract_ema=False):
     pipe = sdref.ref_pipeline(state, sd15["tokenizer"], extract_ema=extract_ema)
     latents = randn((4, 8, 8), generators([42 + i for i in range(n)]), "cpu")  # kiln's documented seed rule
     with torch.no_grad():
@@ -47,23 +49,31 @@ def fp32_state(path):
     return {k: v.float() for k, v in load_file(path).items()}
 
 
-def test_e2e_safetensors_fp16(sd15, tmp_path):
-    ours, out = run_kiln(tmp_path, sd15["fp16"])
+@pytest.fixture(scope="module")
+def fp16_run(sd15, tmp_path_factory):
+    """kiln on the fp16 .safetensors file and diffusers on the same weights: shared by the tests below (each run
+    loads 4.3 GB of weights; CI time matters)."""
+    ours, out = run_kiln(tmp_path_factory.mktemp("fp16"), sd15["fp16"])
+    return ours, out, run_diffusers(sd15, fp32_state(sd15["fp16"]))
+
+
+def test_e2e_safetensors_fp16(fp16_run):
+    ours, out, ref = fp16_run
     assert (out / "grid-0000.png").exists()
-    assert_pixels_match(ours, run_diffusers(sd15, fp32_state(sd15["fp16"])))
+    assert_pixels_match(ours, ref)
 
 
-def test_e2e_negative_prompt(sd15, tmp_path):
+def test_e2e_negative_prompt(sd15, tmp_path, fp16_run):
     ours, _ = run_kiln(tmp_path, sd15["fp16"], "--negative-prompt", "green, blurry")
     ref = run_diffusers(sd15, fp32_state(sd15["fp16"]), negative="green, blurry")
     assert_pixels_match(ours, ref)
-    plain, _ = run_kiln(tmp_path / "plain", sd15["fp16"])
+    plain = fp16_run[0]
     assert (plain != ours).mean() > 0.5  # the negative prompt really changed the image
 
 
-def test_e2e_diffusers_folder(sd15, tmp_path):
+def test_e2e_diffusers_folder(sd15, tmp_path, fp16_run):
     ours, _ = run_kiln(tmp_path, sd15["diffusers"])
-    assert_pixels_match(ours, run_diffusers(sd15, fp32_state(sd15["fp16"])))
+    assert_pixels_match(ours, fp16_run[2])
 
 
 @pytest.mark.parametrize("ema", ["on", "off"])
