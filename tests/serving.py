@@ -33,3 +33,23 @@ def running(app):
         server.should_exit = True
         thread.join(timeout=30)
         app.state.worker.stop()
+
+
+def read_events(url: str, timeout: float = 120) -> list:
+    """A job's server-sent events as [(event name, data)], up to and including the final (non-progress) one."""
+    import json
+
+    import requests
+
+    events = []
+    with requests.get(url, stream=True, timeout=timeout) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                events.append((name, json.loads(line[5:])))
+                if name != "progress":
+                    break
+    return events

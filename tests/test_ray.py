@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from PIL import Image  # noqa: E402
 from kiln.demo.report import EMBEDDED  # noqa: E402
 from kiln.distributed.batch import Defaults, run_batch  # noqa: E402
 
-from serving import free_port  # noqa: E402
+from serving import free_port, read_events  # noqa: E402
 
 ROWS = [
     {"prompt": "a red circle on a blue background"},
@@ -168,16 +167,7 @@ def test_ray_serve_ingress_and_model_deployment(cluster):
     jobs = [requests.post(f"{url}/api/v1/txt2img", json=dict(body, seed=s, steps=20), timeout=30).json()
             for s in (10, 11, 12)]
     assert all(j["state"] in ("queued", "running") for j in jobs)
-    events = []
-    with requests.get(f"{url}/api/v1/jobs/{jobs[2]['id']}/events", stream=True, timeout=120) as stream:
-        name = None
-        for line in stream.iter_lines(decode_unicode=True):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                events.append((name, json.loads(line[5:])))
-                if name != "progress":
-                    break
+    events = read_events(f"{url}/api/v1/jobs/{jobs[2]['id']}/events")
     assert events[-1][0] == "done" and events[-1][1]["seeds"] == [12]
     assert any(0 < d["progress"] < 1 for n, d in events if n == "progress")
     assert any(d.get("preview", "").startswith("data:image/png") for _, d in events)

@@ -5,7 +5,6 @@ Pipeline called directly, so "the image matches its seed" is checked exactly.
 """
 import base64
 import io
-import json
 import shutil
 import threading
 import time
@@ -24,7 +23,7 @@ from PIL import Image  # noqa: E402
 from kiln.demo.report import EMBEDDED  # noqa: E402
 from kiln.server import Limits, ServerConfig, create_app  # noqa: E402
 
-from serving import running  # noqa: E402
+from serving import read_events, running  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 
@@ -253,17 +252,7 @@ def test_sse_stream_reports_progress_previews_and_the_end(server):
     app, url, _, _ = server
     job = requests.post(f"{url}/api/v1/txt2img", json={"prompt": PROMPT, "seed": 9, "steps": 20, "width": 64,
                                                         "height": 64}, timeout=10).json()
-    events = []
-    with requests.get(f"{url}/api/v1/jobs/{job['id']}/events", stream=True, timeout=60) as r:
-        assert r.headers["content-type"].startswith("text/event-stream")
-        name = None
-        for line in r.iter_lines(decode_unicode=True):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                events.append((name, json.loads(line[5:])))
-                if name != "progress":
-                    break
+    events = read_events(f"{url}/api/v1/jobs/{job['id']}/events", timeout=60)
     names = [n for n, _ in events]
     assert names[-1] == "done" and names.count("done") == 1
     progress = [d["progress"] for n, d in events if n == "progress"]

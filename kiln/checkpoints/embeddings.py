@@ -54,18 +54,10 @@ def _tensors(data, path) -> dict:
 def read_embedding(path) -> Embedding:
     from .hashes import addnet_sha256
 
+    from .sources import read_small_file
+
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            data = load_file(str(path))
-        except Exception as e:  # safetensors raises several types for damaged files
-            raise CheckpointError(f"embedding {path}: not a readable safetensors file ({e})") from None
-    else:
-        from .safe_pickle import load_pickle_checkpoint
-
-        data = load_pickle_checkpoint(path)
+    data = read_small_file(path, "embedding")
     step = data.get("step") if isinstance(data, dict) and isinstance(data.get("step"), int) else None
     return Embedding(path.stem, str(path.resolve()), _tensors(data, path), addnet_sha256(path), step)
 

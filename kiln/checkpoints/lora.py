@@ -112,18 +112,11 @@ def read_lora(path, state_keys, num_res_blocks: int, name: str | None = None) ->
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LoRA {path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from .sources import read_small_file
 
-        try:
-            tensors = load_file(str(path))
-        except Exception as e:  # safetensors raises several types for damaged files
-            raise CheckpointError(f"LoRA {path}: not a readable safetensors file ({e})") from None
-    else:
-        from .safe_pickle import load_pickle_checkpoint
-
-        tensors = load_pickle_checkpoint(path)
-        tensors = tensors.get("state_dict", tensors) if isinstance(tensors, dict) else tensors
+    tensors = read_small_file(path, "LoRA")
+    if isinstance(tensors, dict) and isinstance(tensors.get("state_dict"), dict):
+        tensors = tensors["state_dict"]
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise CheckpointError(f"LoRA {path}: not a dictionary of tensors")
     groups, other = _groups(tensors)

@@ -35,6 +35,20 @@ class TensorSource:
                             lambda key: self._get(mapping[key]), self.metadata, name or self.name)
 
 
+def read_small_file(path, what: str) -> dict:
+    """The whole content of a small weights file (a LoRA, an embedding): `.safetensors` directly, anything else
+    through the restricted unpickler. Errors name `what` and the file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise CheckpointError(f"{what} {path}: not a readable safetensors file ({e})") from None
+    return load_pickle_checkpoint(path)
+
+
 def _check_safetensors_header(path: Path):
     size = path.stat().st_size
     with open(path, "rb") as f:

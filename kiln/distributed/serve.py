@@ -159,15 +159,6 @@ class RemoteWorker(Worker):
         if final["state"] in ("interrupted", "cancelled"):
             raise Interrupted
 
-    def stop(self):
-        with self.cv:
-            self._stopping = True
-            for job in list(self.queue):
-                self.cancel(job)
-            for job in self.running:
-                job.cancel_event.set()
-            self.cv.notify_all()
-
 
 def build_app(config, *, num_replicas: int | None = 1, min_replicas: int | None = None,
               max_replicas: int | None = None, max_ongoing_requests: int = 1, num_gpus: float = 0,
