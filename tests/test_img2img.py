@@ -217,16 +217,23 @@ def test_hires_png_round_trip(tmp_path):
     assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(first)))
 
 
+def whole_and_tiled(pipe, fn, arg):
+    """fn(arg) with tiling forced off, then on; the pipeline's tiling is back to "auto" afterwards."""
+    try:
+        pipe.tile = "off"
+        whole = fn(arg)
+        pipe.tile = "on"
+        return whole, fn(arg)
+    finally:
+        pipe.tile = "auto"
+
+
 def test_tiled_decode_is_close_to_the_whole_decode(pipe):
     """Measured on a 160×160 demo image (40×40 latents, 32-latent tiles every 24): mean |Δ| 11.3/255. The
     decoder's group norms see one tile at a time, so the difference is not only at seams; on this model's flat
     pictures it is large (16-latent tiles: 26/255). Tiles with image-wide norm statistics are the next step."""
     z = pipe.txt2img(PROMPT, steps=8, seed=3, width=160, height=160, tile="off").latents
-    pipe.tile = "off"
-    whole = pipe.decode_latents(z)
-    pipe.tile = "on"
-    tiled = pipe.decode_latents(z)
-    pipe.tile = "auto"
+    whole, tiled = whole_and_tiled(pipe, pipe.decode_latents, z)
     assert tiled.shape == whole.shape == (1, 3, 160, 160)
     diff = ((tiled - whole).abs() * 127.5).mean().item()
     assert diff < 15, diff
@@ -301,11 +308,7 @@ def test_tiled_encode_is_close_to_the_whole_encode(pipe):
     fraction of their spread (measured: mean |Δ| = 0.075 of their std), and img2img at that size runs tiled."""
     big = Image.fromarray(np.asarray(picture("white", "star", "green", "left", "large").resize((160, 160))))
     x = torch.from_numpy(np.asarray(big)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    pipe.tile = "off"
-    whole = pipe.encode_images(x)
-    pipe.tile = "on"
-    tiled = pipe.encode_images(x)
-    pipe.tile = "auto"
+    whole, tiled = whole_and_tiled(pipe, pipe.encode_images, x)
     assert tiled.shape == whole.shape == (1, 4, 40, 40)
     rel = ((tiled - whole).abs().mean() / whole.std()).item()
     assert rel < 0.15, rel
