@@ -22,7 +22,7 @@ from .prompts import CHUNK, chunk_tokens
 from .samplers import SAMPLERS, Discrete, ddim_timesteps, discrete_denoiser, get_sigmas, resolve
 from .samplers.compvis import Known
 from .tiling import tiled_cover
-from .tokenizer import default_tokenizer
+from .tokenizer import EOS, default_tokenizer
 
 PRECISIONS = ("full", "autocast")
 
@@ -112,6 +112,13 @@ def start_noise(shape, seeds, device, subseeds=None, subseed_strength: float = 0
 
 
 @dataclass
+class Cond:
+    """Text conditioning: the cross-attention context [B, n, C] and, for SDXL, the UNet's vector input [B, adm]."""
+    context: torch.Tensor
+    vector: torch.Tensor | None = None
+
+
+@dataclass
 class Result:
     images: list  # PIL images
     seeds: list[int]
@@ -146,6 +153,11 @@ class Pipeline:
     @property
     def native_size(self):
         return self.cfg.native_size
+
+    @property
+    def max_clip_skip(self) -> int:
+        """Clip skip counts from the layer the model conditions on (SD 2.x: the penultimate is clip skip 1)."""
+        return self.cfg.text.layers - self.cfg.text_skip
 
     @property
     def model_name(self) -> str:
@@ -188,38 +200,62 @@ class Pipeline:
         self._model_hash = None
         self.alphas_cumprod = alphas_cumprod(self.cfg)
         self.discrete = Discrete(self.alphas_cumprod)
-        self.tokenizer = default_tokenizer()
+        # one tokenizer per text encoder: the same BPE, but open_clip pads with 0 where OpenAI's CLIP repeats the end
+        self.tokenizers = [default_tokenizer(0 if t.kind == "openclip" else EOS)
+                           for t in (self.cfg.text, self.cfg.text2) if t is not None]
+        self.tokenizer = self.tokenizers[0]
         self.lora_dir = None  # where <lora:name:w> tags are looked up
         self._lora_cache = {}
         self._lora_applied = ()
         self._lora_backup = {}
         self.embeddings_dir = None  # textual-inversion files, used in prompts by file name
+        self.refiner = None  # a second Pipeline that finishes txt2img's last steps (SDXL refiner)
+        self.refiner_switch = 0.8
         self._emb_cache = {}
         self._ti_used = {}
 
     # ------------------------------------------------------------------ building blocks
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], clip_skip: int = 1) -> torch.Tensor:
-        """Prompts in A1111's language → [B, 77·chunks, C] hidden states (see `kiln.prompts`).
+        """Prompts in A1111's language → [B, 77·chunks, C] hidden states (see `encode_prompts_pooled`)."""
+        return self.encode_prompts_pooled(prompts, clip_skip)[0]
+
+    @torch.no_grad()
+    def encode_prompts_pooled(self, prompts: list[str], clip_skip: int = 1):
+        """Prompts in A1111's language → ([B, 77·chunks, C] hidden states, pooled [B, P] or None).
 
         Each 75-token chunk is encoded on its own; emphasis multiplies the chunk's hidden states and then restores
-        their mean (A1111's "Original" emphasis). Prompts with fewer chunks are padded with the empty prompt's."""
-        if clip_skip < 1 or clip_skip > self.cfg.text.layers:
-            raise KilnError(f"clip skip must be between 1 and {self.cfg.text.layers}, got {clip_skip}")
+        their mean (A1111's "Original" emphasis). Prompts with fewer chunks are padded with the empty prompt's.
+        SDXL: the two encoders' states are concatenated (768 + 1280), and the pooled embedding (of each prompt's
+        first chunk, as A1111) comes from the last encoder."""
+        if clip_skip < 1 or clip_skip > self.max_clip_skip:
+            raise KilnError(f"clip skip must be between 1 and {self.max_clip_skip}, got {clip_skip}")
         if self.cfg.text.max_position != CHUNK + 2:
             raise KilnError(f"the text encoder has {self.cfg.text.max_position} positions; prompts need {CHUNK + 2}")
-        table, extra, owners = self._embedding_table()
-        try:
-            per_prompt = [chunk_tokens(self.tokenizer, p, embeddings=table) for p in prompts]
-        except ValueError as e:
-            raise KilnError(str(e)) from None
+        table, extras, owners = self._embedding_table()
+        skip, final_norm = clip_skip - 1 + self.cfg.text_skip, self.cfg.text_final_norm
+        states, pooled, per_prompt = [], None, None
+        for k, (encoder, tok) in enumerate(zip(self.model.text_models, self.tokenizers)):
+            try:  # the same chunks for every encoder; only the padding id may differ
+                per_prompt = [chunk_tokens(tok, p, embeddings=table) for p in prompts]
+            except ValueError as e:
+                raise KilnError(str(e)) from None
+            flat = [c for chunks in per_prompt for c in chunks]
+            ids = torch.tensor([c.ids for c in flat], device=self.device)
+            extra = extras.get(encoder.cfg.width)
+            if self.cfg.is_sdxl and k == len(self.tokenizers) - 1:
+                z, pool = encoder.hidden_and_pooled(ids, skip, final_norm, extra=extra)
+                firsts = np.cumsum([0] + [len(c) for c in per_prompt[:-1]])
+                pooled = pool[torch.as_tensor(firsts, device=pool.device)]
+            else:
+                z = encoder(ids, skip=skip, final_norm=final_norm, extra=extra)
+            states.append(z)
+        z = torch.cat(states, dim=-1)
         flat = [c for chunks in per_prompt for c in chunks]
         for c in flat:
             for i in c.ids:
                 if i in owners:
                     self._ti_used[owners[i].name] = owners[i]
-        ids = torch.tensor([c.ids for c in flat], device=self.device)
-        z = self.model.text_model(ids, skip=clip_skip - 1, final_norm=True, extra=extra)
         weighted = []
         for c, zc in zip(flat, z):
             if any(w != 1.0 for w in c.weights):
@@ -231,7 +267,7 @@ class Pipeline:
         for chunks in per_prompt:
             out.append(torch.cat(weighted[i:i + len(chunks)]))
             i += len(chunks)
-        return self._pad_chunks(out, clip_skip)
+        return self._pad_chunks(out, clip_skip), pooled
 
     def _pad_chunks(self, hidden: list[torch.Tensor], clip_skip: int, length: int | None = None) -> torch.Tensor:
         length = length or max(h.shape[0] for h in hidden)
@@ -248,9 +284,9 @@ class Pipeline:
         from .errors import CheckpointError
 
         if not self.embeddings_dir:
-            return None, None, {}
-        width, offset = self.cfg.text.width, self.cfg.text.vocab_size
-        table, vectors, owners = {}, [], {}
+            return None, {}, {}
+        widths, offset = self.cfg.context_widths, self.cfg.text.vocab_size
+        table, vectors, owners = {}, {w: [] for w in widths}, {}
         for path in scan(self.embeddings_dir):
             key = (str(path), path.stat().st_mtime_ns)
             if key not in self._emb_cache:
@@ -260,34 +296,54 @@ class Pipeline:
                     self.notices.append(str(e))
                     self._emb_cache[key] = None
                 emb = self._emb_cache[key]
-                if emb is not None and width not in emb.vectors:
-                    self.notices.append(f"embedding {emb.name}: made for a text encoder of width "
-                                        f"{'/'.join(map(str, emb.vectors))}, this model's is {width}: skipped")
+                if emb is not None and not all(w in emb.vectors for w in widths):
+                    self.notices.append(f"embedding {emb.name}: made for text encoders of width "
+                                        f"{'/'.join(map(str, emb.vectors))}, this model's are "
+                                        f"{'/'.join(map(str, widths))}: skipped")
             emb = self._emb_cache[key]
-            if emb is None or width not in emb.vectors:
+            if emb is None or not all(w in emb.vectors for w in widths):
                 continue
-            v = emb.vectors[width]
-            ids = list(range(offset, offset + len(v)))
-            offset += len(v)
+            n = len(emb.vectors[widths[0]])
+            if any(len(emb.vectors[w]) != n for w in widths):
+                continue
+            ids = list(range(offset, offset + n))
+            offset += n
             table[tuple(self.tokenizer.encode(emb.name))] = ids
-            vectors.append(v)
+            for w in widths:
+                vectors[w].append(emb.vectors[w])
             owners.update({i: emb for i in ids})
-        extra = torch.cat(vectors).to(self.device, self.dtype) if vectors else None
-        return table, extra, owners
+        extras = {w: torch.cat(v).to(self.device, self.dtype) for w, v in vectors.items() if v}
+        return table, extras, owners
 
     def _ti_fields(self) -> dict:
         used = self._ti_used.values()
         return {"TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used)} if used else {}
 
-    def conditioning(self, prompts: list[str], negative: list[str] | None, clip_skip: int = 1):
-        """(cond, uncond) with a common sequence length (uncond None when guidance is off)."""
+    def conditioning(self, prompts: list[str], negative: list[str] | None, clip_skip: int = 1,
+                     size: tuple[int, int] | None = None, aesthetic: tuple[float, float] = (6.0, 2.5)):
+        """(cond, uncond) `Cond`s with a common sequence length (uncond None when guidance is off). SDXL also gets
+        its vector conditioning for an image of `size` = (width, height) (default: native), uncropped; the refiner
+        its aesthetic scores (positive, negative), diffusers' and A1111's defaults."""
         self._ti_used = {}
-        cond = self.encode_prompts(prompts, clip_skip)
+        cond, pooled = self.encode_prompts_pooled(prompts, clip_skip)
+        w, h = size or (self.native_size, self.native_size)
+        vec = lambda pool, score: None if pool is None else self.vector_conditioning(pool, h, w, aesthetic=score)
         if negative is None:
-            return cond, None
-        uncond = self.encode_prompts(negative, clip_skip)
+            return Cond(cond, vec(pooled, aesthetic[0])), None
+        uncond, upooled = self.encode_prompts_pooled(negative, clip_skip)
         n = max(cond.shape[1], uncond.shape[1])
-        return (self._pad_chunks(list(cond), clip_skip, n), self._pad_chunks(list(uncond), clip_skip, n))
+        return (Cond(self._pad_chunks(list(cond), clip_skip, n), vec(pooled, aesthetic[0])),
+                Cond(self._pad_chunks(list(uncond), clip_skip, n), vec(upooled, aesthetic[1])))
+
+    def vector_conditioning(self, pooled, height: int, width: int, crop=(0, 0), target=None, aesthetic=6.0):
+        """SDXL's `y`: pooled text ⊕ sinusoidal embeddings (256 each, cos first) of the original size (h, w), the crop's
+        top-left corner and the target size (base) or the aesthetic score (refiner)."""
+        from .models.unet import timestep_embedding
+
+        tail = [aesthetic] if self.cfg.text2 is None else list(target or (height, width))
+        values = torch.tensor([height, width, *crop, *tail], dtype=torch.float32, device=pooled.device)
+        emb = timestep_embedding(values, 256).reshape(1, -1).to(pooled.dtype)
+        return torch.cat([pooled, emb.expand(pooled.shape[0], -1)], dim=-1)
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -351,24 +407,31 @@ class Pipeline:
         models: mask and masked-image latents) is appended to the UNet's input channels. `unet_call(x, t, ctx)`
         replaces the UNet call (kiln.compat's tiled `apply_model`)."""
         unet, disc, v_pred = self.model.unet, self.discrete, self.cfg.parameterization == "v"
+        cond = cond if isinstance(cond, Cond) else Cond(cond)
+        uncond = uncond if uncond is None or isinstance(uncond, Cond) else Cond(uncond)
+        if uncond is None:
+            ctx_all, y_all = cond.context, cond.vector
+        else:
+            ctx_all = torch.cat([uncond.context, cond.context])
+            y_all = None if cond.vector is None else torch.cat([uncond.vector, cond.vector])
 
         ks = self.native_size // self.cfg.downscale
 
-        def run(xin, tt, ctx):
+        def run(xin, tt):
             if unet_call is not None:
-                return unet_call(xin, tt, ctx)
+                return unet_call(xin, tt, ctx_all)
             if self._tiled(xin.shape[-2:]):
-                return tiled_cover(lambda z: unet(z, tt, ctx), xin, ks, ks * 3 // 4)
-            return unet(xin, tt, ctx)
+                return tiled_cover(lambda z: unet(z, tt, ctx_all, y_all), xin, ks, ks * 3 // 4)
+            return unet(xin, tt, ctx_all, y_all)
 
         def predict(x, t):
             b = x.shape[0]
             xin = x.to(self.dtype) if concat is None else torch.cat([x, concat], dim=1).to(self.dtype)
             if uncond is None:
-                out = run(xin, torch.full((b,), float(t), device=self.device), cond).float()
+                out = run(xin, torch.full((b,), float(t), device=self.device)).float()
             else:
-                out_u, out_c = run(torch.cat([xin, xin]), torch.full((2 * b,), float(t), device=self.device),
-                                   torch.cat([uncond, cond])).float().chunk(2)
+                out_u, out_c = run(torch.cat([xin, xin]),
+                                   torch.full((2 * b,), float(t), device=self.device)).float().chunk(2)
                 out = out_u + scale * (out_c - out_u)
             if v_pred:  # v → ε, so that every sampler works on ε: ε = √ᾱ·v + √(1−ᾱ)·x
                 a = disc.alpha_cumprod_at(t)
@@ -378,16 +441,29 @@ class Pipeline:
         return predict
 
     def sample(self, x, cond, uncond, cfg_scale, *, sampler, schedule, steps, eta, s_noise, gens, callback=None,
-               init=None, strength=1.0, known_mask=None, concat=None):
+               init=None, strength=1.0, known_mask=None, concat=None, refiner=None):
         """Run one sampler from unit noise `x` (fp32) to a clean latent. Noise drawn while sampling comes from the
         images' own generators, so every image is reproducible on its own.
 
         img2img: `init` (clean latents) is noised to the level of the first of the last int(strength·steps) steps
         and only those run; strength 1 starts from pure noise, exactly as txt2img. `known_mask` (latent-sized, 1 = keep `init`) keeps the init where it is 1: DDIM/PLMS
         blend the re-noised init in before every step (CompVis), the other samplers see a denoiser whose estimate
-        is the init there, so every step moves that region exactly towards it; both return the init there."""
+        is the init there, so every step moves that region exactly towards it; both return the init there.
+
+        `refiner` = (eps_fn of a second model, switch): this model runs the first `switch` fraction of the steps
+        and the second one the rest, from the same noisy latent (SDXL's base + refiner)."""
         noise = lambda like: randn(like.shape[1:], gens, like.device, torch.float32)
         eps_fn = self.eps_fn(cond, uncond, cfg_scale, concat)
+        split = None
+        if refiner is not None:
+            ref_eps, switch = refiner
+            split = min(steps, max(0, round(switch * steps)))  # steps run by this model
+            if split == steps:
+                refiner = None
+
+        def staged(cb, offset):
+            return None if cb is None else (lambda i, n, *a: cb(i + offset, steps, *a))
+
         if sampler.kind == "eps":
             ac = self.alphas_cumprod
             known = Known(known_mask, init, ac.to(x.device), noise) if known_mask is not None else None
@@ -399,8 +475,14 @@ class Pipeline:
                     return init
                 a = ac[int(ts[start - 1])].item()  # noised to the level of the first step that runs (CompVis
                 x = a ** 0.5 * init + (1 - a) ** 0.5 * x  # noised one sub-step higher: an off-by-one kiln fixes)
-            return sampler.fn(eps_fn, x, ac, steps, eta=eta, noise=noise, callback=callback, start=start,
-                              known=known)
+            kw = dict(eta=eta, noise=noise, known=known)
+            if refiner is None:
+                return sampler.fn(eps_fn, x, ac, steps, callback=callback, start=start, **kw)
+            n = len(ddim_timesteps(steps, len(ac)))
+            stop = n - split
+            if split:
+                x = sampler.fn(eps_fn, x, ac, steps, callback=staged(callback, 0), start=start, stop=stop, **kw)
+            return sampler.fn(ref_eps, x, ac, steps, callback=staged(callback, split), start=stop, **kw)
         sigmas = get_sigmas(self.discrete, schedule, steps)
         denoise = discrete_denoiser(eps_fn, self.discrete)
         if init is not None and strength < 1.0:
@@ -414,7 +496,13 @@ class Pipeline:
         if known_mask is not None:
             inner = denoise
             denoise = lambda z, sigma: known_mask * init + (1 - known_mask) * inner(z, sigma)
-        return sampler.fn(denoise, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise)
+        kw = dict(noise=noise, eta=eta, s_noise=s_noise)
+        if refiner is None:
+            return sampler.fn(denoise, x, sigmas, callback=callback, **kw)
+        if split:
+            x = sampler.fn(denoise, x, sigmas[:split + 1], callback=staged(callback, 0), **kw)
+        return sampler.fn(discrete_denoiser(ref_eps, self.discrete), x, sigmas[split:],
+                          callback=staged(callback, split), **kw)
 
     # ------------------------------------------------------------------ LoRA
     def load_lora(self, name_or_path):
@@ -437,6 +525,8 @@ class Pipeline:
         """Merge [(Lora, text-encoder weight, UNet weight)] into the weights: W + w · alpha/rank · up @ down.
         The previous set is removed first by restoring the original tensors (exact: no subtraction drift), so
         requests never leak LoRAs into each other."""
+        from .checkpoints.lora import TE_PREFIXES
+
         want = tuple((lora.path, float(te), float(unet)) for lora, te, unet in loras)
         if want == self._lora_applied:
             return
@@ -446,13 +536,14 @@ class Pipeline:
         self._lora_backup, self._lora_applied = {}, ()
         for lora, te, unet in loras:
             for patch in lora.patches:
-                w = te if patch.key.startswith("cond_stage_model.") else unet
+                w = te if patch.key.startswith(TE_PREFIXES) else unet
                 if w == 0:
                     continue
                 p = params[patch.key]
                 if patch.key not in self._lora_backup:
                     self._lora_backup[patch.key] = p.detach().to("cpu", copy=True)
-                p.add_((patch.delta(p.shape, torch.float32, p.device) * w).to(p.dtype))
+                target = p if patch.rows is None else p[patch.rows[0]:patch.rows[1]]
+                target.add_((patch.delta(target.shape, torch.float32, p.device) * w).to(p.dtype))
         self._lora_applied = want
 
     def _networks(self, batch, loras):
@@ -516,6 +607,25 @@ class Pipeline:
                           else self.preview(pred_x0))
                 on_preview(i, total, images, seeds)
         return on_step
+
+    def compile(self) -> None:
+        """torch.compile the UNet and the VAE decoder in place (dynamic=False: one graph per shape; inductor's
+        cache makes later processes start faster). Parameter names, LoRA and state dicts are unaffected."""
+        self.model.unet.compile(dynamic=False)
+        self.model.vae.decoder.compile(dynamic=False)
+
+    def set_refiner(self, refiner: "Pipeline | None", switch: float = 0.8) -> None:
+        """txt2img hands the latent to `refiner` after `switch` of the steps (A1111's "Refiner switch at")."""
+        if refiner is not None:
+            if not 0.0 <= switch <= 1.0:
+                raise KilnError(f"refiner switch must be between 0 and 1, got {switch}")
+            if (refiner.cfg.latent_channels, refiner.cfg.scale_factor, refiner.cfg.downscale) != \
+                    (self.cfg.latent_channels, self.cfg.scale_factor, self.cfg.downscale):
+                raise KilnError(f"refiner {refiner.info.path}: its latent space ({refiner.cfg.family}) differs from "
+                                f"the model's ({self.cfg.family})")
+            if refiner.cfg.unet.in_channels != refiner.cfg.latent_channels:
+                raise KilnError(f"refiner {refiner.info.path}: an inpainting model cannot be a refiner")
+        self.refiner, self.refiner_switch = refiner, switch
 
     def _variation(self, subseed, strength, resize_from):
         """A function seeds → (subseeds, strength, resize_from in latent pixels) for `start_noise`."""
@@ -615,6 +725,11 @@ class Pipeline:
                       seamless=seamless, hires_scale=hires_scale, hires_upscaler=hires_upscaler,
                       hires_steps=hires_steps, hires_strength=hires_strength)
         extra = self._extra_fields(params)
+        if self.refiner is not None:
+            r = self.refiner
+            extra["Refiner"] = f"{r.model_name} [{r.model_hash[:10]}]" if r.model_hash else r.model_name
+            extra["Refiner switch at"] = _fmt(self.refiner_switch)
+            params.update(refiner=r.info.path, refiner_switch=self.refiner_switch)
         self.tile = tile
         index, first_codes = 0, None
         for _ in range(n_iter):
@@ -628,12 +743,19 @@ class Pipeline:
                 clean, lora_fields = self._networks(batch, loras)
                 with torch.no_grad():
                     cond, uncond = self.conditioning(
-                        clean, [negative_prompt] * len(batch) if cfg_scale != 1.0 else None, clip_skip)
+                        clean, [negative_prompt] * len(batch) if cfg_scale != 1.0 else None, clip_skip,
+                        size=(width, height))
+                    refine = None
+                    if self.refiner is not None:
+                        r = self.refiner
+                        rc, ru = r.conditioning(clean, [negative_prompt] * len(batch) if cfg_scale != 1.0 else None,
+                                                min(clip_skip, r.max_clip_skip), size=(width, height))
+                        refine = (r.eps_fn(rc, ru, cfg_scale), self.refiner_switch)
                     bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress, leave=False)
                     on_step = self._step_callback(bar, callback, preview_every, on_preview, preview_full, seeds)
                     with self.seamless(seamless):
                         z = self.sample(x, cond, uncond, cfg_scale, sampler=spec, schedule=sched, steps=steps,
-                                        eta=eta, s_noise=s_noise, gens=gens, callback=on_step)
+                                        eta=eta, s_noise=s_noise, gens=gens, callback=on_step, refiner=refine)
                         if hires is not None:
                             z = self._hires(z, hires, hires_upscaler, cond, uncond, cfg_scale, spec, sched,
                                             hires_steps or steps, eta, s_noise, gens, hires_strength)
@@ -786,7 +908,8 @@ class Pipeline:
                 clean, lora_fields = self._networks(batch, loras)
                 with torch.no_grad():
                     cond, uncond = self.conditioning(clean, [negative_prompt] * n if cfg_scale != 1.0 else None,
-                                                     clip_skip)
+                                                     clip_skip, size=(z0.shape[-1] * self.cfg.downscale,
+                                                                      z0.shape[-2] * self.cfg.downscale))
                     bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress, leave=False)
                     on_step = self._step_callback(bar, callback, preview_every, on_preview, preview_full, seeds)
                     c = None if concat is None else concat.to(self.device).expand(n, -1, -1, -1)
@@ -844,11 +967,12 @@ def _join(parts: list[Result]) -> Result:
 
 
 def load(path: str | Path, *, device: str = "auto", precision: str = "full", ema: str = "auto",
-         vae: str | None = None, config: str | None = None) -> Pipeline:
-    """Load a checkpoint (CompVis file or diffusers folder) into a ready Pipeline."""
+         vae: str | None = None, config: str | None = None, prediction: str | None = None) -> Pipeline:
+    """Load a checkpoint (CompVis file or diffusers folder) into a ready Pipeline. `prediction` ("eps" | "v")
+    overrides the detected parameterization (SD 2.x files carry no such fact)."""
     dev = pick_device(device)
     dtype = compute_dtype(precision, dev)
-    model, info = load_model(path, ema=ema, vae=vae, config_yaml=config, dtype=dtype, device=dev)
+    model, info = load_model(path, ema=ema, vae=vae, config_yaml=config, prediction=prediction, dtype=dtype, device=dev)
     return Pipeline(model, info, dev, dtype, precision)
 
 

@@ -239,6 +239,6 @@ class Tokenizer:
 
 
 @functools.lru_cache
-def default_tokenizer() -> Tokenizer:
-    """Shared SD1 tokenizer (pad with EOS); the vocabulary is loaded once."""
-    return Tokenizer()
+def default_tokenizer(pad_id: int = EOS) -> Tokenizer:
+    """Shared tokenizer per padding id (EOS: SD 1.x; 0: open_clip's SD 2.x); built once each."""
+    return Tokenizer(pad_id)

@@ -51,3 +51,43 @@ def sd15(tmp_path_factory):
     gc.collect()
     sdref.hf_tokenizer_files(files["tokenizer"])
     return files
+
+
+@pytest.fixture(scope="session")
+def sd2(tmp_path_factory):
+    """Random full-size SD 2.x (v-prediction) weights in the upstream layout, stored fp16 (2.6 GB), plus the
+    BPE files for transformers' tokenizer. The tests compute in fp32 from these values."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("sd2")
+    cfg = sdref.sd2_config("v")
+    state = sdref.random_state(cfg, seed=2)
+    sdref.calibrate(state, cfg)
+    for k in state:
+        state[k] = state[k].half()
+    files = {"fp16": root / "sd21-v-fp16.safetensors", "tokenizer": root / "tokenizer", "config": cfg}
+    save_file({**state, **sdref.schedule_buffers(cfg)}, files["fp16"])
+    del state
+    gc.collect()
+    sdref.hf_tokenizer_files(files["tokenizer"])
+    return files
+
+
+@pytest.fixture(scope="session")
+def sdxl(tmp_path_factory):
+    """Random full-size SDXL base weights in the upstream layout, stored fp16 (6.9 GB; 13.8 GB in fp32, so the tests
+    hold one model at a time)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("sdxl")
+    cfg = sdref.sdxl_config()
+    state = sdref.random_state(cfg, seed=3)
+    sdref.calibrate(state, cfg)
+    for k in state:
+        state[k] = state[k].half()
+    files = {"fp16": root / "sdxl-base-fp16.safetensors", "tokenizer": root / "tokenizer", "config": cfg}
+    save_file({**state, **sdref.schedule_buffers(cfg)}, files["fp16"])
+    del state
+    gc.collect()
+    sdref.hf_tokenizer_files(files["tokenizer"])
+    return files

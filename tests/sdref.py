@@ -22,12 +22,14 @@ ASSETS = Path(__file__).parent.parent / "kiln" / "assets"
 
 def random_tensor(name: str, shape, gen: torch.Generator) -> torch.Tensor:
     x = torch.randn(shape, generator=gen)
+    if len(shape) == 0:  # open_clip's logit_scale
+        return torch.tensor(4.6052)
     if len(shape) == 1:
-        is_norm = any(s in name for s in ("norm", "in_layers.0", "out_layers.0", "out.0."))
+        is_norm = any(s in name for s in ("norm", "in_layers.0", "out_layers.0", "out.0.", ".ln_"))
         if name.endswith(".weight") and is_norm:
             return x.mul_(0.1).add_(1.0)
         return x.mul_(0.05)  # biases
-    if "token_embedding" in name or "position_embedding" in name:
+    if any(s in name for s in ("token_embedding", "position_embedding", "positional_embedding")):
         return x.mul_(0.5)
     return x.mul_(x[0].numel() ** -0.5)  # 1/sqrt(fan_in)
 
@@ -53,9 +55,13 @@ def calibrate(state: dict, cfg: ModelConfig = ModelConfig()):
     model = model_from_state(state, cfg)
     gen = torch.Generator().manual_seed(123)
     x = torch.randn(2, 4, 8, 8, generator=gen)
-    ctx = model.text_model(torch.randint(0, 49407, (2, 77), generator=gen))
+    if cfg.is_sdxl:
+        ctx = torch.randn(2, 77, cfg.unet.context_dim, generator=gen)
+    else:
+        ctx = model.text_model(torch.randint(0, 49407, (2, 77), generator=gen))
+    y = torch.randn(2, cfg.unet.adm_in_channels, generator=gen) if cfg.unet.adm_in_channels else None
     x_in = torch.randn(2, cfg.unet.in_channels, 8, 8, generator=gen) if cfg.unet.in_channels != 4 else x
-    eps = model.unet(x_in, torch.tensor([500, 500]), ctx)
+    eps = model.unet(x_in, torch.tensor([500, 500]), ctx, y)
     for k in ("model.diffusion_model.out.2.weight", "model.diffusion_model.out.2.bias"):
         state[k].mul_(1.0 / eps.std())
     img = model.vae.decode(x)
@@ -177,6 +183,133 @@ def ref_pipeline(checkpoint: dict, tok_dir: Path, extract_ema=False):
                                    requires_safety_checker=False)
 
 
+# ------------------------------------------------------------------ SD 2.x
+
+def sd2_config(prediction="v"):
+    """SD 2.x as the upstream v2-inference(-v).yaml and open_clip's ViT-H/14 text tower define it."""
+    from kiln.models import CLIPTextConfig, UNetConfig
+
+    return ModelConfig(
+        family="sd2", unet=UNetConfig(num_heads=-1, num_head_channels=64, context_dim=1024,
+                                      use_linear_in_transformer=True, upcast_attention=True),
+        text=CLIPTextConfig(kind="openclip", width=1024, layers=24, heads=16, mlp_width=4096, act="gelu",
+                            projection=1024),
+        text_skip=1, parameterization=prediction, native_size=768 if prediction == "v" else 512, watermark="SDV2")
+
+
+def ref_openclip(checkpoint: dict):
+    """transformers' CLIPTextModel as diffusers' SD 2 uses it: 23 layers (the penultimate, then the final norm),
+    converted from open_clip's names by diffusers' own `convert_open_clip_checkpoint`."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                         num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+    with torch.device("meta"):
+        model = CLIPTextModel(cfg)
+    sd = convert_open_clip_checkpoint(model, checkpoint)
+    sd = {k: v for k, v in sd.items() if not k.startswith("text_projection")}  # CLIPTextModel has none
+    if not hasattr(model, "text_model"):
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    model = _assign(model, sd)
+    emb = model.text_model.embeddings if hasattr(model, "text_model") else model.embeddings
+    if hasattr(emb, "position_ids"):
+        emb.position_ids = torch.arange(77)[None]
+    return model
+
+
+def ref_sd2_pipeline(checkpoint: dict, tok_dir: Path, prediction="v"):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+    from diffusers import UNet2DConditionModel
+
+    original = yaml.safe_load((DATA / ("v2-inference-v.yaml" if prediction == "v" else "v2-inference.yaml")).read_text())
+    cfg = create_unet_diffusers_config_from_ldm(original, checkpoint)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    unet = _assign(unet, convert_ldm_unet_checkpoint(checkpoint, cfg))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1,
+                          prediction_type="v_prediction" if prediction == "v" else "epsilon")
+    from transformers import CLIPTokenizer
+
+    hf_tokenizer_files(tok_dir)  # SD 2's tokenizer pads with "!" (id 0), as open_clip does
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=77, pad_token="!", unk_token="<|endoftext|>",
+                                        bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    return StableDiffusionPipeline(vae=ref_vae(checkpoint), text_encoder=ref_openclip(checkpoint), tokenizer=tok,
+                                   unet=unet, scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# ------------------------------------------------------------------ SDXL
+
+def sdxl_config():
+    from kiln.models import CLIPTextConfig, UNetConfig
+
+    return ModelConfig(
+        family="sdxl",
+        unet=UNetConfig(model_channels=320, attention_resolutions=(4, 2), channel_mult=(1, 2, 4), num_heads=-1,
+                        num_head_channels=64, transformer_depth=(1, 2, 10), context_dim=2048,
+                        use_linear_in_transformer=True, adm_in_channels=2816),
+        text=CLIPTextConfig(),
+        text2=CLIPTextConfig(kind="openclip", width=1280, layers=32, heads=20, mlp_width=5120, act="gelu",
+                             projection=1280),
+        text_skip=1, text_final_norm=False, scale_factor=0.13025, native_size=1024, watermark="SDXL")
+
+
+def ref_big_g(checkpoint: dict):
+    """transformers' CLIPTextModelWithProjection converted by diffusers' `convert_open_clip_checkpoint`."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                         num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
+    with torch.device("meta"):
+        model = CLIPTextModelWithProjection(cfg)
+    sd = convert_open_clip_checkpoint(model, checkpoint, prefix="conditioner.embedders.1.model.")
+    if not hasattr(model, "text_model"):
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    model = _assign(model, sd)
+    emb = model.text_model.embeddings if hasattr(model, "text_model") else model.embeddings
+    if hasattr(emb, "position_ids"):
+        emb.position_ids = torch.arange(77)[None]
+    return model
+
+
+def ref_sdxl_unet(checkpoint: dict):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    original = yaml.safe_load((DATA / "sd_xl_base.yaml").read_text())
+    cfg = create_unet_diffusers_config_from_ldm(original, checkpoint)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    return _assign(unet, convert_ldm_unet_checkpoint(checkpoint, cfg))
+
+
+def ref_sdxl_pipeline(checkpoint: dict, tok_dir: Path):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
+    from transformers import CLIPTokenizer
+
+    original = yaml.safe_load((DATA / "sd_xl_base.yaml").read_text())
+    vcfg = create_vae_diffusers_config_from_ldm(original, checkpoint)
+    with torch.device("meta"):
+        vae = AutoencoderKL(**vcfg)
+    vae = _assign(vae, convert_ldm_vae_checkpoint(checkpoint, vcfg))
+    hf_tokenizer_files(tok_dir)
+    tok_kw = dict(model_max_length=77, unk_token="<|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=ref_clip(checkpoint), text_encoder_2=ref_big_g(checkpoint),
+        tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="<|endoftext|>", **tok_kw),
+        tokenizer_2=CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!", **tok_kw),
+        unet=ref_sdxl_unet(checkpoint), scheduler=sched, force_zeros_for_empty_prompt=False, add_watermarker=False)
+
+
 # ------------------------------------------------------------------ a tiny model of the same architecture
 
 def tiny_config():
@@ -201,3 +334,59 @@ def save_tiny(path: Path, seed: int = 0, dtype=torch.float32, metadata=True) -> 
     meta = {"kiln_config": json.dumps(cfg.to_dict())} if metadata else None
     save_file({k: v.to(dtype) for k, v in state.items()}, path, metadata=meta)
     return state
+
+
+# ------------------------------------------------------------------ random kohya LoRAs over full-size layouts
+
+UNET_LORA_SUFFIXES = ("attn1.to_q.weight", "attn2.to_v.weight", "attn2.to_out.0.weight", "ff.net.2.weight",
+                      "proj_in.weight")
+TE_LORA = {"clip": ("self_attn.q_proj.weight", "self_attn.v_proj.weight", "self_attn.out_proj.weight",
+                    "mlp.fc1.weight"),
+           "openclip": ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight")}
+
+
+def kohya_modules(shapes: dict, cfg: ModelConfig) -> dict:
+    """{kohya module name: (out, in)} for a selection of our weights, named as kohya's sd-scripts name them:
+    SD 1.x UNet in diffusers' names, SDXL UNet in the sgm names, text encoders in Hugging Face's names
+    (`lora_te_` for SD 1.x, `lora_te1_`/`lora_te2_` for SDXL's CLIP-L and bigG; bigG's fused q/k/v split in three)."""
+    from kiln.checkpoints.diffusers_keys import unet_key
+
+    unet_pre = "model.diffusion_model."
+    out = {}
+    for key, shape in shapes.items():
+        if key.startswith(unet_pre) and key.endswith(UNET_LORA_SUFFIXES) and len(shape) == 2:
+            ours = key[len(unet_pre):]
+            name = ours if cfg.is_sdxl else unet_key(ours, cfg.unet.num_res_blocks)
+            out["lora_unet_" + name[:-len(".weight")].replace(".", "_")] = tuple(shape)
+    encoders = ([("conditioner.embedders.0.transformer.text_model.", "clip", "lora_te1_"),
+                 ("conditioner.embedders.1.model.", "openclip", "lora_te2_")] if cfg.is_sdxl else
+                [("cond_stage_model.transformer.text_model.", "clip", "lora_te_")])
+    for pre, kind, tag in encoders:
+        for key, shape in shapes.items():
+            if not key.startswith(pre) or not key.endswith(TE_LORA[kind]):
+                continue
+            rest = key[len(pre):]
+            if kind == "clip":
+                out[tag + "text_model_" + rest[:-len(".weight")].replace(".", "_")] = tuple(shape)
+                continue
+            i = rest.split(".")[2]  # transformer.resblocks.{i}.…
+            hf = f"{tag}text_model_encoder_layers_{i}_"
+            if rest.endswith("in_proj_weight"):
+                w = shape[1]
+                for q in "qkv":
+                    out[f"{hf}self_attn_{q}_proj"] = (w, w)
+            else:
+                out[hf + {"attn.out_proj.weight": "self_attn_out_proj", "mlp.c_fc.weight": "mlp_fc1"}[
+                    rest.split(".", 3)[3]]] = tuple(shape)
+    return out
+
+
+def random_kohya_lora(modules: dict, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> dict:
+    """Low-rank pairs whose product changes each weight by about 15% of its scale (alpha/rank = 0.5)."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, (o, i) in sorted(modules.items()):
+        sd[f"{name}.lora_down.weight"] = torch.randn(rank, i, generator=gen) * i ** -0.5
+        sd[f"{name}.lora_up.weight"] = torch.randn(o, rank, generator=gen) * 0.15
+        sd[f"{name}.alpha"] = torch.tensor(alpha)
+    return sd

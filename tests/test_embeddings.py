@@ -33,7 +33,7 @@ def folder(pipe, tmp_path_factory):
 
 
 def cond(pipe, prompt):
-    return pipe.conditioning([prompt], None)[0]
+    return pipe.conditioning([prompt], None)[0].context
 
 
 def test_every_layout_conditions_like_the_words_it_was_made_of(pipe, folder):

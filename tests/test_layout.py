@@ -59,10 +59,72 @@ def test_ema_manifest_names_follow_litema():
     assert all(ema_key(k) in ref and ref[ema_key(k)] == ref[k] for k in unet)
 
 
-@pytest.mark.parametrize("name,words", [("sd_v2_keys.json", "2.x"), ("sdxl_base_keys.json", "SDXL")])
-def test_other_families_are_named_and_refused(name, words):
-    with pytest.raises(CheckpointError, match=words):
-        detect(shapes_source(manifest(name)))
+@pytest.mark.parametrize("name,family,in_ch", [("sd_v2_keys.json", "sd2", 4), ("sd_v2_inpainting_keys.json", "sd2-inpaint", 9)])
+def test_sd2_manifest_maps_exactly_onto_our_modules(name, family, in_ch):
+    ref = manifest(name)
+    cfg = detect(shapes_source(ref))
+    assert cfg.family == family and cfg.unet.in_channels == in_ch
+    assert cfg.text.kind == "openclip" and cfg.text_skip == 1 and cfg.unet.upcast_attention
+    ours = our_shapes(cfg)
+    file_model = {k: v for k, v in ref.items() if k.startswith(MODEL_PREFIXES)}
+    assert set(file_model) == set(ours)
+    assert all(ours[k] == file_model[k] for k in ours)
+    count = lambda p: sum(torch.Size(s).numel() for k, s in ours.items() if k.startswith(p))
+    # Published sizes: SD 2 UNet 865,910,724 (+ 14,400 for the 5 extra input channels of inpainting);
+    # OpenCLIP ViT-H/14 text tower 354,032,641 (incl. text_projection and logit_scale).
+    assert count("model.diffusion_model.") == 865_910_724 + (14_400 if in_ch == 9 else 0)
+    assert count("cond_stage_model.") == 354_032_641
+
+
+@pytest.mark.parametrize("yaml_name,pred,native", [("v2-inference-v.yaml", "v", 768), ("v2-inference.yaml", "eps", 512)])
+def test_sd2_yaml_gives_the_detected_model(yaml_name, pred, native):
+    from kiln.checkpoints import config_from_yaml
+
+    over = config_from_yaml(DATA / yaml_name)
+    cfg = detect(shapes_source(manifest("sd_v2_keys.json")))
+    assert over["unet"] == cfg.unet and over["vae"] == cfg.vae
+    assert over["parameterization"] == pred and over["native_size"] == native
+
+
+@pytest.mark.parametrize("name,family,unet_params", [("sdxl_base_keys.json", "sdxl", 2_567_463_684),
+                                                      ("sdxl_refiner_keys.json", "sdxl-refiner", 2_259_526_660)])
+def test_sdxl_manifest_maps_exactly_onto_our_modules(name, family, unet_params):
+    ref = manifest(name)
+    cfg = detect(shapes_source(ref))
+    assert cfg.family == family and cfg.scale_factor == 0.13025 and cfg.native_size == 1024
+    ours = our_shapes(cfg)
+    file_model = {k: v for k, v in ref.items() if k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner."))}
+    assert set(file_model) - set(ours) <= {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}
+    assert set(ours) <= set(file_model)
+    assert all(ours[k] == file_model[k] for k in ours)
+    count = lambda p: sum(torch.Size(s).numel() for k, s in ours.items() if k.startswith(p))
+    # Published: SDXL base UNet 2,567,463,684; CLIP ViT-L text 123,060,480; OpenCLIP bigG text 694,659,841
+    assert count("model.diffusion_model.") == unet_params
+    big_g = "conditioner.embedders.1." if family == "sdxl" else "conditioner.embedders.0."
+    assert count(big_g) == 694_659_841
+    if family == "sdxl":
+        assert count("conditioner.embedders.0.") == 123_060_480
+        assert cfg.unet.transformer_depth == (1, 2, 10) and cfg.unet.context_dim == 2048
+        assert cfg.unet.adm_in_channels == 2816
+    else:
+        assert cfg.unet.context_dim == 1280 and cfg.unet.adm_in_channels == 2560
+
+
+@pytest.mark.parametrize("name,yaml_name", [("sdxl_base_keys.json", "sd_xl_base.yaml"),
+                                            ("sdxl_refiner_keys.json", "sd_xl_refiner.yaml")])
+def test_sdxl_detection_agrees_with_the_upstream_yaml(name, yaml_name):
+    import yaml
+
+    u = yaml.safe_load((DATA / yaml_name).read_text())["model"]["params"]["network_config"]["params"]
+    cfg = detect(shapes_source(manifest(name))).unet
+    assert cfg.model_channels == u["model_channels"] and cfg.channel_mult == tuple(u["channel_mult"])
+    ctx = u["context_dim"]
+    assert cfg.context_dim == (ctx[0] if isinstance(ctx, list) else ctx) and cfg.adm_in_channels == u["adm_in_channels"]
+    assert cfg.num_head_channels == u["num_head_channels"] and cfg.use_linear_in_transformer
+    depth = u["transformer_depth"]
+    depth = depth if isinstance(depth, list) else [depth] * len(u["channel_mult"])
+    levels = [i for i in range(len(u["channel_mult"])) if 2 ** i in u["attention_resolutions"]]
+    assert [cfg.depth(i) for i in levels] == [depth[i] for i in levels]
 
 
 def test_non_sd_file_is_refused():

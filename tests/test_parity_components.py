@@ -85,3 +85,46 @@ def test_loading_holds_one_copy_of_the_weights(sd15):
     model_bytes, peak = json.loads(r.stdout.strip().splitlines()[-1])
     assert model_bytes > 4.2e9
     assert peak < 1.5 * model_bytes, f"peak RSS {peak / 1e9:.2f} GB for a {model_bytes / 1e9:.2f} GB model"
+
+
+def test_kohya_lora_matches_diffusers_load_lora_weights(fp32_pair, sd15, tmp_path):
+    """A random kohya LoRA (UNet in diffusers' names, text encoder in Hugging Face's, alpha/rank 0.5) merged by kiln
+    equals diffusers' `load_lora_weights` on the same weights; weight 0 changes nothing; removal is exact."""
+    from safetensors.torch import save_file
+
+    from kiln.pipeline import Pipeline
+
+    ours, state = fp32_pair
+    pipe = Pipeline(ours, None, torch.device("cpu"), torch.float32)
+    params = dict(ours.named_parameters())
+    path = tmp_path / "sd15-lora.safetensors"
+    lora_sd = sdref.random_kohya_lora(sdref.kohya_modules({k: v.shape for k, v in params.items()}, ours.cfg))
+    save_file(lora_sd, str(path))
+    lora = pipe.load_lora(path)
+    assert lora.unmatched == [] and len(lora.patches) == len(lora_sd) // 3
+    before = {k: params[k].detach().clone() for k in {p.key for p in lora.patches}}
+
+    gen = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 49406, (2, 77), generator=gen)
+    ids[:, 0], ids[:, 20:] = 49406, 49407
+    x, ctx, t = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 77, 768, generator=gen), torch.tensor([700, 40])
+
+    def probe(text, unet):
+        with torch.no_grad():
+            return text(ids), unet(x, t, ctx)
+
+    plain = probe(ours.text_model, ours.unet)
+    pipe.set_loras([(lora, 0.0, 0.0)])
+    assert all(torch.equal(params[k], v) for k, v in before.items())
+    pipe.set_loras([(lora, 1.0, 1.0)])
+    mine = probe(ours.text_model, ours.unet)
+    pipe.set_loras([])
+    assert all(torch.equal(params[k], v) for k, v in before.items())
+
+    ref = sdref.ref_pipeline(state, sd15["tokenizer"])
+    ref.load_lora_weights(lora_sd)
+    theirs = probe(lambda i: ref.text_encoder(i).last_hidden_state, lambda *a: ref.unet(*a).sample)
+    for a, b, p0 in zip(mine, theirs, plain):
+        assert (a - p0).abs().max() > 0.05  # the LoRA really changed the output
+        assert (a - b).abs().max() <= 1e-4
+    del ref, pipe

@@ -130,7 +130,7 @@ def test_emphasis_scales_tokens_and_restores_the_mean(pipe):
 
 def test_long_prompts_concatenate_and_pad_with_the_empty_prompt(pipe):
     long = " ".join(["red circle"] * 60)  # 120 tokens → 2 chunks
-    cond, uncond = pipe.conditioning([long], [""])
+    cond, uncond = (c.context for c in pipe.conditioning([long], [""]))
     assert cond.shape[1] == uncond.shape[1] == 2 * 77
     empty = pipe.encode_prompts([""])[0]
     assert torch.equal(uncond[0, :77], empty) and torch.equal(uncond[0, 77:], empty)

@@ -13,11 +13,12 @@ import torch
 from ..errors import CheckpointError
 from ..models.sd import LatentDiffusion, ModelConfig
 from . import diffusers_keys
-from .detect import CLIP, UNET, VAE, clip_config, config_from_yaml, detect, unet_config, vae_config
+from .detect import CLIP, UNET, VAE, clip_config, config_from_yaml, detect, guess_v_prediction, unet_config, vae_config
 from .sources import TensorSource, open_file
 
 EMA = "model_ema."
 EMA_CHOICES = ("auto", "on", "off")
+PREDICTIONS = ("eps", "v")
 
 
 @dataclass
@@ -139,15 +140,33 @@ def open_source(path) -> TensorSource:
     return open_file(path)
 
 
+def sidecar_yaml(path) -> Path | None:
+    """`model.yaml` beside `model.safetensors` (the convention of CompVis' and A1111's model folders)."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    side = path.with_suffix(".yaml")
+    return side if side.is_file() else None
+
+
 def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: str | None = None,
-               dtype: torch.dtype = torch.float32, device="cpu") -> tuple[LatentDiffusion, LoadInfo]:
+               prediction: str | None = None, dtype: torch.dtype = torch.float32,
+               device="cpu") -> tuple[LatentDiffusion, LoadInfo]:
+    """`prediction` ("eps" | "v") overrides the model's parameterization; otherwise it comes from the yaml
+    (`config_yaml`, or one beside the file), or, for SD 2.x files, from `guess_v_prediction`."""
     if ema not in EMA_CHOICES:
         raise CheckpointError(f"--ema must be one of {', '.join(EMA_CHOICES)}, not {ema!r}")
+    if prediction not in (None, *PREDICTIONS):
+        raise CheckpointError(f"--prediction must be one of {', '.join(PREDICTIONS)}, not {prediction!r}")
     src = open_source(path)
     cfg = detect(src)
+    notes = []
+    if config_yaml is None and "kiln_config" not in src.metadata:
+        config_yaml = sidecar_yaml(path)
+        if config_yaml is not None:
+            notes.append(f"model config from {config_yaml.name} beside the weights")
     if config_yaml:
         cfg = replace(cfg, **config_from_yaml(config_yaml))
-    notes = []
     if "global_step" in src.metadata:
         notes.append(f"global step {src.metadata['global_step']}")
 
@@ -196,6 +215,14 @@ def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: 
         raise CheckpointError(f"{path}: {e}") from None
     del state
     model.requires_grad_(False).eval()
+    if prediction is None and cfg.family == "sd2" and not config_yaml:
+        prediction = "v" if guess_v_prediction(model.unet) else "eps"
+        notes.append(f"{'v' if prediction == 'v' else 'ε'}-prediction model (guessed from the weights; "
+                     f"--prediction eps|v overrides)")
+    if prediction is not None and prediction != cfg.parameterization:
+        native = (768 if prediction == "v" else 512) if cfg.family == "sd2" else cfg.native_size
+        cfg = replace(cfg, parameterization=prediction, native_size=native)
+        model.cfg = cfg
     return model, LoadInfo(str(path), cfg, use_ema, str(vae) if vae else None, notes)
 
 
@@ -217,4 +244,4 @@ def load_ema_weights(path, dtype: torch.dtype = torch.float32, device="cpu") -> 
 
 
 __all__ = ["load_model", "load_ema_weights", "LoadInfo", "open_source", "open_file", "open_vae", "detect", "unet_config", "vae_config",
-           "clip_config", "config_from_yaml", "ema_key", "has_ema", "EMA_CHOICES"]
+           "clip_config", "config_from_yaml", "ema_key", "has_ema", "sidecar_yaml", "EMA_CHOICES", "PREDICTIONS"]

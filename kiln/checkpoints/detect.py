@@ -1,6 +1,9 @@
 """Which architecture a weights file holds, read from its tensor names and shapes (or a CompVis yaml)."""
 import json
 import re
+from dataclasses import replace
+
+import torch
 
 from ..errors import CheckpointError
 from ..models.clip_text import CLIPTextConfig
@@ -11,6 +14,7 @@ from ..models.vae import VAEConfig
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP = "cond_stage_model.transformer.text_model."
+OPENCLIP = "cond_stage_model.model."
 
 
 def _indices(keys, pattern):
@@ -85,15 +89,83 @@ def clip_config(src, prefix=CLIP) -> CLIPTextConfig:
                           heads=max(1, width // 64), mlp_width=shape("encoder.layers.0.mlp.fc1.weight")[0])
 
 
+def openclip_config(src, prefix=OPENCLIP) -> CLIPTextConfig:
+    """open_clip's text tower (SD 2.x: ViT-H/14, 1024 wide, 24 layers; SDXL: bigG, 1280 wide, 32 layers)."""
+    shape = lambda k: src.shape(prefix + k)
+    if prefix + "token_embedding.weight" not in src:
+        raise CheckpointError(f"{src.name}: no OpenCLIP text encoder found (expected '{prefix}token_embedding.weight')")
+    vocab, width = shape("token_embedding.weight")
+    proj = shape("text_projection")[1] if prefix + "text_projection" in src else width
+    return CLIPTextConfig(kind="openclip", vocab_size=vocab, max_position=shape("positional_embedding")[0], width=width,
+                          layers=len(_indices(src.keys(), re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")),
+                          heads=max(1, width // 64), mlp_width=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+                          act="gelu", projection=proj)
+
+
+def sd2_config(src) -> ModelConfig:
+    """SD 2.x: OpenCLIP ViT-H text encoder, conditioning on its penultimate layer (+ final norm); attention in
+    fp32 under half precision (SD 2.1 makes black images otherwise). ε vs v is not visible in the names: see
+    `guess_v_prediction`."""
+    unet = replace(unet_config(src), upcast_attention=True)
+    family = {4: "sd2", 9: "sd2-inpaint"}.get(unet.in_channels)
+    if family is None:
+        raise CheckpointError(f"{src.name}: an SD 2.x variant with a {unet.in_channels}-channel UNet "
+                              f"(depth-to-image?) is not supported")
+    return ModelConfig(family=family, unet=unet, vae=vae_config(src), text=openclip_config(src), text_skip=1,
+                       watermark="SDV2")
+
+
+SDXL_EMBEDDERS = "conditioner.embedders."
+
+
+def sdxl_config(src) -> ModelConfig:
+    """SDXL base (CLIP ViT-L + OpenCLIP bigG, vector conditioning of 2,816) or refiner (bigG alone, 2,560 with the
+    aesthetic score). Both condition on the penultimate layers without the final norm."""
+    texts = []
+    for i in range(2):
+        pre = f"{SDXL_EMBEDDERS}{i}."
+        if pre + "transformer.text_model.embeddings.token_embedding.weight" in src:
+            texts.append(clip_config(src, pre + "transformer.text_model."))
+        elif pre + "model.token_embedding.weight" in src:
+            texts.append(openclip_config(src, pre + "model."))
+    if not texts:
+        raise CheckpointError(f"{src.name}: an SDXL-like file without a text encoder under '{SDXL_EMBEDDERS}N.'")
+    unet = unet_config(src)
+    if unet.adm_in_channels is None:
+        raise CheckpointError(f"{src.name}: an SDXL-like file whose UNet has no vector conditioning (label_emb)")
+    vector = texts[-1].projection + 256 * (6 if len(texts) == 2 else 5)  # pooled text + size/crop/(target | score)
+    if unet.adm_in_channels != vector or unet.context_dim != sum(t.width for t in texts):
+        raise CheckpointError(f"{src.name}: unknown SDXL variant (vector {unet.adm_in_channels}, context "
+                              f"{unet.context_dim}, text encoders {[t.width for t in texts]})")
+    kind = "sdxl" if len(texts) == 2 else "sdxl-refiner"
+    family = {4: kind, 9: kind + "-inpaint"}.get(unet.in_channels)
+    if family is None:
+        raise CheckpointError(f"{src.name}: an SDXL variant with a {unet.in_channels}-channel UNet is not supported")
+    return ModelConfig(family=family, unet=unet, vae=vae_config(src), text=texts[0],
+                       text2=texts[1] if len(texts) == 2 else None, text_skip=1, text_final_norm=False,
+                       scale_factor=0.13025, native_size=1024, watermark="SDXL")
+
+
+@torch.no_grad()
+def guess_v_prediction(unet) -> bool:
+    """A1111's test for SD 2.x files without a yaml: at t=999 on a flat 0.5 latent, an ε-model predicts about the
+    input itself, a v-model about its negative, so (output − input) has a mean below −1 only for v-models."""
+    p = next(unet.parameters())
+    x = torch.full((1, unet.cfg.in_channels, 8, 8), 0.5, device=p.device, dtype=p.dtype)
+    ctx = torch.full((1, 2, unet.cfg.context_dim), 0.5, device=p.device, dtype=p.dtype)
+    out = unet(x, torch.tensor([999.0], device=p.device), ctx).float()
+    return (out - x.float()).mean().item() < -1
+
+
 def detect(src) -> ModelConfig:
     """The model config of a CompVis-layout source; kiln's own files carry it in their metadata."""
     if "kiln_config" in src.metadata:
         return ModelConfig.from_dict(json.loads(src.metadata["kiln_config"]))
     keys = src.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(f"{src.name}: an SDXL checkpoint; SDXL is not supported yet")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise CheckpointError(f"{src.name}: a Stable Diffusion 2.x checkpoint (OpenCLIP text encoder); SD 2.x is not supported yet")
+    if any(k.startswith(SDXL_EMBEDDERS) for k in keys):
+        return sdxl_config(src)
+    if any(k.startswith(OPENCLIP) for k in keys):
+        return sd2_config(src)
     if not any(k.startswith(UNET) for k in keys):
         raise CheckpointError(
             f"{src.name}: not a Stable Diffusion checkpoint (no 'model.diffusion_model.*' tensors among {len(keys)} keys)")
@@ -119,9 +191,8 @@ def config_from_yaml(path) -> dict:
         embed_dim = params["first_stage_config"]["params"]["embed_dim"]
     except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
         raise CheckpointError(f"{path}: not a usable CompVis model config ({type(e).__name__}: {e})") from None
-    target = params.get("cond_stage_config", {}).get("target", "")
-    if "OpenCLIP" in target:
-        raise CheckpointError(f"{path}: describes an SD 2.x model (OpenCLIP); SD 2.x is not supported yet")
+    openclip = "OpenCLIP" in params.get("cond_stage_config", {}).get("target", "")
+    parameterization = params.get("parameterization", "eps")
     depth = unet_p.get("transformer_depth", 1)
     unet = UNetConfig(
         in_channels=unet_p["in_channels"], out_channels=unet_p["out_channels"], model_channels=unet_p["model_channels"],
@@ -129,12 +200,13 @@ def config_from_yaml(path) -> dict:
         channel_mult=tuple(unet_p["channel_mult"]), num_heads=unet_p.get("num_heads", -1),
         num_head_channels=unet_p.get("num_head_channels", -1),
         transformer_depth=tuple(depth) if isinstance(depth, list) else depth, context_dim=unet_p["context_dim"],
-        use_linear_in_transformer=unet_p.get("use_linear_in_transformer", False))
+        use_linear_in_transformer=unet_p.get("use_linear_in_transformer", False), upcast_attention=openclip)
     vae = VAEConfig(in_channels=dd["in_channels"], out_ch=dd["out_ch"], ch=dd["ch"], ch_mult=tuple(dd["ch_mult"]),
                     num_res_blocks=dd["num_res_blocks"], attn_resolutions=tuple(dd.get("attn_resolutions", [])),
                     resolution=dd["resolution"], z_channels=dd["z_channels"], embed_dim=embed_dim)
     return dict(unet=unet, vae=vae, scale_factor=params.get("scale_factor", 1.0),
-                parameterization=params.get("parameterization", "eps"),
+                parameterization=parameterization,
                 linear_start=params.get("linear_start", 0.00085), linear_end=params.get("linear_end", 0.012),
                 timesteps=params.get("timesteps", 1000),
-                native_size=params.get("image_size", 64) * 2 ** (len(dd["ch_mult"]) - 1))
+                # SD 2 v-models are 768² models, though their yaml says image_size 64 (unused upstream)
+                native_size=768 if openclip and parameterization == "v" else params.get("image_size", 64) * 2 ** (len(dd["ch_mult"]) - 1))

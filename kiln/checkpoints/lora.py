@@ -19,7 +19,12 @@ from ..errors import CheckpointError
 from .diffusers_keys import unet_key
 
 UNET_PREFIX = "model.diffusion_model."
-TE_PREFIX = "cond_stage_model.transformer."
+TE_PREFIXES = ("cond_stage_model.", "conditioner.")
+# Text encoders in the order LoRA files number them (te / te1 = the first, te2 = SDXL's bigG); CLIP (Hugging Face
+# names) or open_clip (fused q/k/v) layouts.
+_ENCODERS = [("cond_stage_model.transformer.text_model.", "clip"), ("cond_stage_model.model.", "openclip"),
+             ("conditioner.embedders.0.transformer.text_model.", "clip"), ("conditioner.embedders.0.model.", "openclip"),
+             ("conditioner.embedders.1.model.", "openclip")]
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Patch:
     up: torch.Tensor
     down: torch.Tensor
     scale: float
+    rows: tuple[int, int] | None = None  # the rows it changes (q, k or v of open_clip's fused in_proj)
 
     def delta(self, shape, dtype, device) -> torch.Tensor:
         up = self.up.to(device=device, dtype=torch.float32).flatten(1)
@@ -52,32 +58,51 @@ class Lora:
         return self.sha256[:12]  # A1111's "Lora hashes" use 12 hex digits
 
 
-def module_names(state_keys, num_res_blocks: int) -> dict[str, str]:
-    """Every name a LoRA may give one of our weights' modules → that weight's key."""
+def module_names(state_keys, num_res_blocks: int) -> dict[str, tuple[str, tuple[int, int] | None]]:
+    """Every name a LoRA may give one of our weights' modules → (that weight's key, the rows it covers or None).
+    Text-encoder names are prefixed "te:" (the first encoder) or "te2:" (SDXL's second), UNet names "unet:"."""
+    keys = set(state_keys)
     names = {}
-    for key in state_keys:
-        if not key.endswith(".weight"):
-            continue
-        if key.startswith(UNET_PREFIX):
+
+    def add(spellings, target):
+        for s in spellings:
+            names[s] = target
+            names[s.replace(".", "_")] = target
+
+    for key in keys:
+        if key.startswith(UNET_PREFIX) and key.endswith(".weight"):
             ours = key[len(UNET_PREFIX):-len(".weight")]
             spellings = {"unet:" + ours}
             try:
                 spellings.add("unet:" + unet_key(ours + ".weight", num_res_blocks)[:-len(".weight")])
             except KeyError:
                 pass
-        elif key.startswith(TE_PREFIX):
-            ours = key[len(TE_PREFIX):-len(".weight")]
-            spellings = {"te:" + ours, "te:" + ours.removeprefix("text_model.")}
-        else:
+            add(spellings, (key, None))
+    encoders = [(pre, kind) for pre, kind in _ENCODERS if any(k.startswith(pre) for k in keys)]
+    for index, (pre, kind) in enumerate(encoders):
+        part = "te" if index == 0 else "te2"
+        if kind == "clip":
+            for key in keys:
+                if key.startswith(pre) and key.endswith(".weight"):
+                    ours = key[len(pre):-len(".weight")]
+                    add({f"{part}:{ours}", f"{part}:text_model.{ours}"}, (key, None))
             continue
-        for s in spellings:
-            names[s] = key
-            names[s.replace(".", "_")] = key
+        # open_clip: Hugging Face's names (which LoRA trainers use) onto the fused layout
+        layers = {int(m[1]) for k in keys if (m := re.match(re.escape(pre) + r"transformer\.resblocks\.(\d+)\.", k))}
+        for i in layers:
+            block, hf = f"{pre}transformer.resblocks.{i}.", f"encoder.layers.{i}."
+            for j, qkv in enumerate("qkv"):
+                names_for = {f"{part}:{hf}self_attn.{qkv}_proj", f"{part}:text_model.{hf}self_attn.{qkv}_proj"}
+                add(names_for, (block + "attn.in_proj_weight", ("qkv", j)))
+            for theirs, ours in (("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
+                                 ("mlp.fc2", "mlp.c_proj")):
+                add({f"{part}:{hf}{theirs}", f"{part}:text_model.{hf}{theirs}", f"{part}:transformer.resblocks.{i}.{ours}"},
+                    (block + ours + ".weight", None))
     return names
 
 
-_KOHYA = re.compile(r"^lora_(unet|te1?)_(.+?)\.(lora_down|lora_up|alpha|lora_mid|hada_\w+|lokr_\w+)(?:\.weight)?$")
-_PEFT = re.compile(r"^(unet|text_encoder)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+_KOHYA = re.compile(r"^lora_(unet|te[12]?)_(.+?)\.(lora_down|lora_up|alpha|lora_mid|hada_\w+|lokr_\w+)(?:\.weight)?$")
+_PEFT = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
 _PROCESSOR = re.compile(r"^(.+?)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
@@ -86,7 +111,7 @@ def _groups(tensors: dict) -> tuple[dict, list]:
     groups, other = {}, []
     for k, t in tensors.items():
         if m := _KOHYA.match(k):
-            part, module, kind = ("unet" if m[1] == "unet" else "te"), m[2], m[3]
+            part, module, kind = {"te1": "te"}.get(m[1], m[1]), m[2], m[3]
             if kind.startswith(("hada_", "lokr_")) or kind == "lora_mid":
                 raise CheckpointError(f"LyCORIS {kind.split('_')[0]} weights ({k}) are not supported; LoRA and "
                                       "LoCon files are")
@@ -95,7 +120,7 @@ def _groups(tensors: dict) -> tuple[dict, list]:
             module = f"{m[1]}.{'to_out.0' if m[2] == 'to_out' else m[2]}"
             groups.setdefault(("unet", module.removeprefix("unet.")), {})[m[3]] = t
         elif m := _PEFT.match(k):
-            part = "unet" if m[1] == "unet" else "te"
+            part = {"text_encoder": "te", "text_encoder_2": "te2"}.get(m[1], m[1])
             kind = {"lora_A": "down", "lora.down": "down", "lora_B": "up", "lora.up": "up"}[m[3]]
             groups.setdefault((part, m[2]), {})[kind] = t
         elif m := re.match(r"^(.+?)\.(lora\.down|lora\.up)\.weight$", k):  # older diffusers, no prefix: the UNet
@@ -126,13 +151,17 @@ def read_lora(path, state_keys, num_res_blocks: int, name: str | None = None) ->
     names = module_names(state_keys, num_res_blocks)
     patches, unmatched = [], list(other)
     for (part, module), g in sorted(groups.items()):
-        key = names.get(f"{part}:{module}") or names.get(f"{part}:{module.replace('.', '_')}")
-        if key is None or "up" not in g or "down" not in g:
+        target = names.get(f"{part}:{module}") or names.get(f"{part}:{module.replace('.', '_')}")
+        if target is None or "up" not in g or "down" not in g:
             unmatched.append(f"{part}:{module}")
             continue
+        key, rows = target
         rank = g["down"].shape[0]
         alpha = float(g["alpha"].item()) if "alpha" in g else float(rank)
-        patches.append(Patch(key, g["up"], g["down"], alpha / rank))
+        if rows is not None:  # ("qkv", j): the j-th third of the fused in_proj
+            n = g["up"].shape[0]
+            rows = (rows[1] * n, (rows[1] + 1) * n)
+        patches.append(Patch(key, g["up"], g["down"], alpha / rank, rows))
     if not patches:
         raise CheckpointError(f"LoRA {path}: none of its {len(groups)} modules matches this model's layers "
                               f"(a LoRA for another model family?)")

@@ -22,7 +22,8 @@ def model_facts(worker: Worker) -> dict:
     """What the ingress needs to validate requests and describe the model, without loading it."""
     pipe, cfg = worker.pipe, worker.pipe.cfg
     return {"title": worker.model_title, "sha256": worker.entry.sha256, "native_size": pipe.native_size,
-            "downscale": cfg.downscale, "text_layers": cfg.text.layers, "text_width": cfg.text.width, "in_channels": cfg.unet.in_channels,
+            "downscale": cfg.downscale, "text_layers": cfg.text.layers, "text_width": cfg.text.width,
+            "context_widths": cfg.context_widths, "in_channels": cfg.unet.in_channels,
             "latent_channels": cfg.latent_channels, "model_name": pipe.model_name, "model_hash": pipe.model_hash,
             "models": [{"filename": e.filename, "name": e.name, "sha256": e.sha256} for e in worker.models.entries]}
 
@@ -120,6 +121,7 @@ class RemoteWorker(Worker):
                                                                      sha256=facts["sha256"])
         cfg = SimpleNamespace(downscale=facts["downscale"], text=SimpleNamespace(layers=facts["text_layers"], width=facts["text_width"]),
                               unet=SimpleNamespace(in_channels=facts["in_channels"]),
+                              context_widths=facts["context_widths"],
                               latent_channels=facts["latent_channels"])
         self.pipe = SimpleNamespace(cfg=cfg, native_size=facts["native_size"], model_name=facts["model_name"],
                                     model_hash=facts["model_hash"])

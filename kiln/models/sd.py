@@ -1,14 +1,15 @@
 """The whole latent-diffusion model as one module whose state-dict keys are the CompVis checkpoint keys.
 
 `LatentDiffusion(cfg).state_dict()` has exactly the keys `model.diffusion_model.*`, `first_stage_model.*`
-and `cond_stage_model.transformer.text_model.*` of a CompVis SD v1 file, so loading is `load_state_dict`.
+and `cond_stage_model.transformer.text_model.*` of a CompVis SD v1 file (`cond_stage_model.model.*`, open_clip's
+names, for SD 2.x), so loading is `load_state_dict`.
 """
 from dataclasses import dataclass, field, asdict
 
 import torch
 from torch import nn
 
-from .clip_text import CLIPTextConfig, CLIPTextTransformer
+from .clip_text import CLIPTextConfig, CLIPTextTransformer, OpenCLIPTextTransformer
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
@@ -23,6 +24,9 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: CLIPTextConfig = field(default_factory=CLIPTextConfig)
+    text_skip: int = 0  # text-encoder layers left out: SD 2.x and SDXL condition on the penultimate (1)
+    text_final_norm: bool = True  # the final layer norm on that state (SD 1.x/2.x yes; SDXL no)
+    text2: CLIPTextConfig | None = None  # SDXL base: OpenCLIP bigG beside CLIP ViT-L (contexts concatenated)
     scale_factor: float = 0.18215
     parameterization: str = "eps"  # eps | v
     linear_start: float = 0.00085
@@ -42,6 +46,14 @@ class ModelConfig:
         return torch.cat([torch.full((self.latent_channels, 3), 1.0 / self.latent_channels), torch.zeros(1, 3)])
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.family.startswith("sdxl")
+
+    @property
+    def context_widths(self) -> list[int]:
+        return [t.width for t in (self.text, self.text2) if t is not None]
+
+    @property
     def latent_channels(self):
         return self.unet.out_channels
 
@@ -59,7 +71,8 @@ class ModelConfig:
         if d.get("latent_rgb") is not None:
             d["latent_rgb"] = tuple(tuple(r) for r in d["latent_rgb"])
         return cls(**{**d, "unet": UNetConfig(**tup(d["unet"])), "vae": VAEConfig(**tup(d["vae"])),
-                      "text": CLIPTextConfig(**d["text"])})
+                      "text": CLIPTextConfig(**d["text"]),
+                      "text2": CLIPTextConfig(**d["text2"]) if d.get("text2") else None})
 
 
 def alphas_cumprod(cfg: ModelConfig) -> torch.Tensor:
@@ -83,7 +96,12 @@ class LatentDiffusion(nn.Module):
         self.cfg = cfg
         self.model = _Holder(diffusion_model=UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.vae)
-        self.cond_stage_model = _Holder(transformer=_Holder(text_model=CLIPTextTransformer(cfg.text)))
+        wrap = lambda t: (_Holder(model=OpenCLIPTextTransformer(t)) if t.kind == "openclip"
+                          else _Holder(transformer=_Holder(text_model=CLIPTextTransformer(t))))
+        if cfg.is_sdxl:  # `conditioner.embedders.N.`: base 0 = CLIP ViT-L, 1 = OpenCLIP bigG; refiner 0 = bigG
+            self.conditioner = _Holder(embedders=nn.ModuleList(wrap(t) for t in (cfg.text, cfg.text2) if t))
+        else:  # SD 1.x `cond_stage_model.transformer.text_model.*`; SD 2.x `cond_stage_model.model.*`
+            self.cond_stage_model = wrap(cfg.text)
 
     @property
     def unet(self) -> UNetModel:
@@ -94,5 +112,11 @@ class LatentDiffusion(nn.Module):
         return self.first_stage_model
 
     @property
-    def text_model(self) -> CLIPTextTransformer:
-        return self.cond_stage_model.transformer.text_model
+    def text_model(self) -> CLIPTextTransformer | OpenCLIPTextTransformer:
+        """The (first) text encoder."""
+        return self.text_models[0]
+
+    @property
+    def text_models(self) -> list:
+        holders = list(self.conditioner.embedders) if self.cfg.is_sdxl else [self.cond_stage_model]
+        return [h.model if hasattr(h, "model") else h.transformer.text_model for h in holders]

@@ -76,13 +76,15 @@ class Intermediates(dict):
 @torch.no_grad()
 def sample_ddim(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None,
                 temperature=1.0, noise_dropout=0.0, known: Known | None = None,
-                intermediates: Intermediates | None = None):
-    """Run DDIM from pure noise `x` (or, with `start` = k, from a latent noised to the k-th sub-step: img2img)."""
+                intermediates: Intermediates | None = None, stop: int = 0):
+    """Run DDIM from pure noise `x` (or, with `start` = k, from a latent noised to the k-th sub-step: img2img).
+    `stop` = k ends after sub-step k, leaving the latent at that sub-step's noise level (a refiner goes on from
+    there with `start` = k)."""
     ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, eta)
     if eta > 0 and noise is None:
         raise ValueError("eta > 0 needs a noise source")
     n = len(ts) if start is None else start
-    order = list(reversed(range(n)))
+    order = list(reversed(range(stop, n)))
     for i, index in enumerate(order):
         if known is not None:
             x = known.before(x, int(ts[index]))
@@ -107,14 +109,14 @@ def plms_eps(e_t, old_eps):
 @torch.no_grad()
 def sample_plms(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None,
                 temperature=1.0, noise_dropout=0.0, known: Known | None = None,
-                intermediates: Intermediates | None = None):
+                intermediates: Intermediates | None = None, stop: int = 0):
     """PLMS: a pseudo improved-Euler first step (two evaluations), then 2-, 3-, 4-step Adams–Bashforth.
     (σ is 0 throughout, so temperature and noise dropout have nothing to act on; accepted as CompVis does.)"""
     if eta != 0:
         raise ValueError("PLMS is deterministic: eta must be 0")
     ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, 0.0)
     n = len(ts) if start is None else start
-    order = list(reversed(range(n)))
+    order = list(reversed(range(stop, n)))
     old_eps = []
     for i, index in enumerate(order):
         if known is not None:

@@ -260,17 +260,17 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
         from ..errors import CheckpointError
 
         loaded, skipped = {}, {}
-        width = worker.pipe.cfg.text.width
+        widths = worker.pipe.cfg.context_widths  # SDXL: an embedding needs vectors for both encoders
         for path in scan(config.embeddings_dir) if config.embeddings_dir else []:
             try:
                 emb = read_embedding(path)
             except CheckpointError:
                 continue
-            v = emb.vectors.get(width)
+            ok = all(w in emb.vectors for w in widths)
+            v = emb.vectors[widths[0]] if ok else next(iter(emb.vectors.values()))
             info = {"step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                    "shape": width if v is not None else max(emb.vectors), "vectors": len(v) if v is not None
-                    else len(next(iter(emb.vectors.values())))}
-            (loaded if v is not None else skipped)[emb.name] = info
+                    "shape": widths[0] if ok else max(emb.vectors), "vectors": len(v)}
+            (loaded if ok else skipped)[emb.name] = info
         return {"loaded": loaded, "skipped": skipped}
 
     @a.get("/loras")
