@@ -96,6 +96,10 @@ def txt2img_parser(sub, command="txt2img"):
                        help="steps of the second pass (default: --ddim_steps)")
         p.add_argument("--hires-strength", dest="hires_strength", type=float, default=0.7,
                        help="denoising strength of the second pass")
+        p.add_argument("--refiner", type=str, default=None,
+                       help="a second checkpoint (the SDXL refiner) that runs the last steps")
+        p.add_argument("--refiner-switch", dest="refiner_switch", type=float, default=0.8,
+                       help="fraction of the steps the main model runs before the refiner takes over")
     p.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
     size_default = "the model's native size, 512 for SD v1" if command == "txt2img" else \
         "the init image's, rounded down to a multiple of 8"
@@ -115,8 +119,15 @@ def txt2img_parser(sub, command="txt2img"):
     p.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
                    help="full = fp32; autocast = fp16 on CUDA/MPS, bf16 on CPUs with native bf16 (else fp32)")
     p.add_argument("--ema", choices=["auto", "on", "off"], default="auto", help="use the file's EMA weights (auto: when present)")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None,
+                   help="what the UNet predicts: eps (noise) or v (SD 2.x 768 models); default: from the yaml beside "
+                        "the weights, else detected (SD 2.x: A1111's test on the weights)")
     p.add_argument("--vae", type=str, default=None, help="a separate VAE file (CompVis layout, e.g. the ft-MSE VAE)")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and VAE decoder (slow first image; faster after; see docs/performance.md)")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
+                   help="NHWC convolution weights (the default on CUDA; on CPUs ~10%% faster UNet, +2.7 GB memory)")
     p.add_argument("--no-watermark", dest="no_watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("--watermark", type=str, default=None,
                    help="invisible watermark text (default: the model's, \"StableDiffusionV1\" for SD v1)")
@@ -282,7 +293,16 @@ def run_txt2img(opt):
         raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
     if opt.embeddings_dir and not Path(opt.embeddings_dir).is_dir():
         raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
-    pipe = load(ckpt, device=opt.device, precision=opt.precision, ema=opt.ema, vae=opt.vae, config=config)
+    if getattr(opt, "refiner", None) and not Path(opt.refiner).exists():
+        raise KilnError(f"--refiner {opt.refiner}: no such file or folder")
+    pipe = load(ckpt, device=opt.device, precision=opt.precision, ema=opt.ema, vae=opt.vae, config=config,
+                prediction=opt.prediction, channels_last=opt.channels_last)
+    if opt.compile:
+        say("kiln: compiling the UNet and VAE decoder (the first image takes longer)")
+        pipe.compile()
+    if getattr(opt, "refiner", None):
+        say(f"kiln: loading the refiner {opt.refiner}")
+        pipe.set_refiner(load(opt.refiner, device=opt.device, precision=opt.precision), opt.refiner_switch)
     pipe.lora_dir = opt.lora_dir
     pipe.embeddings_dir = opt.embeddings_dir
     for note in pipe.info.notes:
@@ -647,6 +667,34 @@ def run_batch_command(opt):
     return 1 if s.errors else 0
 
 
+def bench_parser(sub):
+    p = sub.add_parser("bench", help="kiln against diffusers on the same weights (speed, memory, load time)",
+                       description="Runs kiln and diffusers (a test-only dependency) in fresh processes on the same "
+                                   "weights (random full-size SD 1.5, built once and cached, or --weights) and prints "
+                                   "kiln/diffusers ratios: UNet step, VAE decode, txt2img, load time, peak memory, "
+                                   "and the largest difference between the two images.")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256; 512 on a GPU)")
+    p.add_argument("--steps", type=int, default=4, help="DDIM steps of the txt2img run (default 4)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    p.add_argument("--repeat", type=int, default=3, help="timed UNet calls (the median is reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads in both runs (default: torch's)")
+    p.add_argument("--compile", action="store_true", help="also run kiln with torch.compile (--compile)")
+    p.add_argument("--channels-last", dest="channels_last", action="store_true",
+                   help="also run kiln with channels-last weights (--channels-last)")
+    p.add_argument("--weights", default=None, help="a CompVis SD 1.x file instead of the random weights")
+    p.add_argument("--json", default=None, help="write the report here as JSON")
+
+
+def run_bench(opt):
+    from .bench import bench
+
+    if opt.repeat < 1 or opt.steps < 1:
+        raise KilnError("--repeat and --steps must be at least 1")
+    bench(opt)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="kiln", description="Stable Diffusion in plain, fast, verifiable PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -658,6 +706,7 @@ def build_parser():
     info_parser(sub)
     serve_parser(sub)
     batch_parser(sub)
+    bench_parser(sub)
     return parser
 
 
@@ -666,7 +715,8 @@ def main(argv=None):
     opt = parser.parse_args(argv)
     try:
         rc = {"txt2img": run_txt2img, "img2img": run_txt2img, "inpaint": run_txt2img, "train": run_train,
-              "eval": run_eval, "info": run_info, "serve": run_serve, "batch": run_batch_command}[opt.command](opt)
+              "eval": run_eval, "info": run_info, "serve": run_serve, "batch": run_batch_command,
+              "bench": run_bench}[opt.command](opt)
     except KilnError as e:
         say(f"kiln: error: {e}")
         return 1

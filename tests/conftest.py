@@ -1,4 +1,5 @@
 import gc
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,7 +51,8 @@ def sd15(tmp_path_factory):
     del full
     gc.collect()
     sdref.hf_tokenizer_files(files["tokenizer"])
-    return files
+    yield files
+    shutil.rmtree(root, ignore_errors=True)  # 15 GB; pytest would keep it for three runs
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +72,8 @@ def sd2(tmp_path_factory):
     del state
     gc.collect()
     sdref.hf_tokenizer_files(files["tokenizer"])
-    return files
+    yield files
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -90,4 +93,5 @@ def sdxl(tmp_path_factory):
     del state
     gc.collect()
     sdref.hf_tokenizer_files(files["tokenizer"])
-    return files
+    yield files
+    shutil.rmtree(root, ignore_errors=True)

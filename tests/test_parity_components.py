@@ -128,3 +128,30 @@ def test_kohya_lora_matches_diffusers_load_lora_weights(fp32_pair, sd15, tmp_pat
         assert (a - p0).abs().max() > 0.05  # the LoRA really changed the output
         assert (a - b).abs().max() <= 1e-4
     del ref, pipe
+
+
+def test_textual_inversion_matches_diffusers_load_textual_inversion(fp32_pair, sd15, tmp_path):
+    """A random two-vector embedding (A1111's .safetensors layout), used by its file name, conditions exactly as
+    diffusers' `load_textual_inversion` makes it condition."""
+    from safetensors.torch import save_file
+
+    from kiln.pipeline import Pipeline
+
+    ours, state = fp32_pair
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    vectors = torch.randn(2, 768, generator=torch.Generator().manual_seed(9)) * 0.4
+    save_file({"emb_params": vectors}, str(folder / "kilnstyle.safetensors"))
+    prompt = "a photo of kilnstyle on a table"
+    pipe = Pipeline(ours, None, torch.device("cpu"), torch.float32)
+    plain = pipe.encode_prompts([prompt])
+    pipe.embeddings_dir = folder
+    mine = pipe.encode_prompts([prompt])
+    assert (mine - plain).abs().max() > 0.1  # the embedding is used
+
+    ref = sdref.ref_pipeline(state, sd15["tokenizer"])
+    ref.load_textual_inversion(str(folder / "kilnstyle.safetensors"), token="kilnstyle")
+    with torch.no_grad():
+        theirs = ref.encode_prompt(prompt, "cpu", 1, False)[0]
+    assert (mine - theirs).abs().max() <= 1e-4
+    del ref, pipe

@@ -151,9 +151,10 @@ def sidecar_yaml(path) -> Path | None:
 
 def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: str | None = None,
                prediction: str | None = None, dtype: torch.dtype = torch.float32,
-               device="cpu") -> tuple[LatentDiffusion, LoadInfo]:
+               device="cpu", channels_last: bool = False) -> tuple[LatentDiffusion, LoadInfo]:
     """`prediction` ("eps" | "v") overrides the model's parameterization; otherwise it comes from the yaml
-    (`config_yaml`, or one beside the file), or, for SD 2.x files, from `guess_v_prediction`."""
+    (`config_yaml`, or one beside the file), or, for SD 2.x files, from `guess_v_prediction`. `channels_last`
+    stores the UNet's and VAE's convolution weights NHWC, converted tensor by tensor (no second copy)."""
     if ema not in EMA_CHOICES:
         raise CheckpointError(f"--ema must be one of {', '.join(EMA_CHOICES)}, not {ema!r}")
     if prediction not in (None, *PREDICTIONS):
@@ -206,9 +207,11 @@ def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: 
         raise CheckpointError(f"{path}: does not match the detected {cfg.family} architecture: {detail}")
 
     state = {}
+    nhwc = lambda key, t: channels_last and t.dim() == 4 and key.startswith((UNET, VAE))
     for key in expected:
         s, k = pick(key)
-        state[key] = s.get(k).to(device=device, dtype=dtype)
+        t = s.get(k).to(device=device, dtype=dtype)
+        state[key] = t.contiguous(memory_format=torch.channels_last) if nhwc(key, t) else t
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:  # cannot happen after the checks above, but never leave a half-built model

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
+from .unet import like_weights
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -174,9 +176,9 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x):
         """Image in [-1, 1] → (mean, logvar) of the diagonal Gaussian posterior (logvar clamped as CompVis)."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        mean, logvar = self.quant_conv(self.encoder(like_weights(x, self.encoder.conv_in))).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z):
         """Unscaled latent → image, roughly in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(like_weights(z, self.decoder.conv_in)))
