@@ -169,6 +169,13 @@ def apply_png_parameters(opt):
     sr = kw.get("seed_resize_from")
     opt.seed_resize_from = f"{sr[0]}x{sr[1]}" if sr else None
     opt.seamless = kw.get("seamless", False)
+    if "Refiner" in info and opt.command == "txt2img":
+        try:
+            opt.refiner_switch = float(info.get("Refiner switch at", opt.refiner_switch))
+        except ValueError:
+            raise KilnError(f"--from-png {opt.from_png}: bad Refiner switch at {info['Refiner switch at']!r}") from None
+        if not opt.refiner:
+            say(f"kiln: note: the image was refined by {info['Refiner']}; pass --refiner FILE to reproduce it")
     if "hires_scale" in kw and opt.command == "txt2img":
         opt.hires_scale, opt.hires_steps = kw["hires_scale"], kw["hires_steps"]
         opt.hires_upscaler, opt.hires_strength = kw["hires_upscaler"], kw["hires_strength"]

@@ -176,3 +176,47 @@ def test_img2img_and_inpainting_on_sdxl(tiny_xl):
     px, src = np.asarray(inp.images[0]), np.asarray(init)
     assert np.array_equal(px[:8], src[:8])  # outside the mask: the original pixels
     assert not np.array_equal(px[24:40, 40:56], src[24:40, 40:56])
+
+
+def test_sdxl_through_the_a1111_api_with_weighted_prompts(tiny_xl):
+    """The server on an SDXL file: txt2img and img2img answer images; emphasis reaches the conditioning."""
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from kiln.server import Limits, ServerConfig, create_app
+
+    app = create_app(ServerConfig(ckpt=str(tiny_xl), outdir=None, save=False, limits=Limits(max_size=128)))
+    try:
+        client = TestClient(app)
+        body = dict(prompt="a (red:1.4) circle", steps=3, width=64, height=64, sampler_name="Euler", seed=2)
+        r = client.post("/sdapi/v1/txt2img", json=body)
+        assert r.status_code == 200, r.text
+        img = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+        assert img.size == (64, 64)
+        plain = client.post("/sdapi/v1/txt2img", json={**body, "prompt": "a red circle"}).json()["images"][0]
+        assert plain != r.json()["images"][0]  # the weight changed the picture
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        r2 = client.post("/sdapi/v1/img2img", json={**body, "init_images": [base64.b64encode(buf.getvalue()).decode()],
+                                                     "denoising_strength": 0.5})
+        assert r2.status_code == 200, r2.text
+        models = client.get("/sdapi/v1/sd-models").json()
+        assert "tinyxl" in [m["model_name"] for m in models]  # listed beside the embedded demo model
+    finally:
+        app.state.worker.stop()
+
+
+def test_from_png_takes_the_refiner_switch(tiny_xl, tiny_refiner, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["txt2img", "--ckpt", str(tiny_xl), "--outdir", str(out), "--H", "64", "--W", "64", "--ddim_steps", "4",
+            "--n_samples", "1", "--n_iter", "1", "--no-watermark", "--precision", "full", "--prompt", "a red circle"]
+    assert main(args + ["--refiner", str(tiny_refiner), "--refiner-switch", "0.5"]) == 0
+    first = np.asarray(Image.open(out / "samples" / "00000.png"))
+    again = ["txt2img", "--ckpt", str(tiny_xl), "--outdir", str(out), "--no-watermark", "--precision", "full",
+             "--from-png", str(out / "samples" / "00000.png")]
+    assert main(again) == 0
+    assert "pass --refiner FILE" in capsys.readouterr().err
+    assert main(again + ["--refiner", str(tiny_refiner)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "samples" / "00002.png")), first)  # switch 0.5 from the PNG
