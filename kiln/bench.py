@@ -160,7 +160,7 @@ def _diffusers_pipeline(weights, device, dtype, tokenizer_dir: Path):
     if hasattr(emb, "position_ids"):
         emb.position_ids = torch.arange(77, device=device)[None]
     del ckpt
-    _tokenizer_files(tokenizer_dir)
+    hf_tokenizer_files(tokenizer_dir)
     tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir), model_max_length=77, pad_token="<|endoftext|>",
                                         unk_token="<|endoftext|>", bos_token="<|startoftext|>",
                                         eos_token="<|endoftext|>")
@@ -173,15 +173,15 @@ def _diffusers_pipeline(weights, device, dtype, tokenizer_dir: Path):
     return pipe
 
 
-def _tokenizer_files(folder: Path):
-    """vocab.json + merges.txt for transformers' CLIPTokenizer, from the BPE merges kiln ships."""
+def hf_tokenizer_files(folder: Path) -> Path:
+    """vocab.json + merges.txt for transformers' CLIPTokenizer, from the BPE merges kiln ships (written once)."""
     import gzip
 
     from .tokenizer import bytes_to_unicode
 
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "merges.txt").is_file():
-        return
+        return folder
     raw = gzip.open(Path(__file__).parent / "assets" / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8")
     merges = raw.split("\n")[1:49152 - 256 - 2 + 1]
     chars = list(bytes_to_unicode().values())
@@ -189,6 +189,7 @@ def _tokenizer_files(folder: Path):
         ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return folder
 
 
 def run_diffusers(opt, device, dtype) -> dict:

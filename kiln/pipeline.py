@@ -250,8 +250,7 @@ class Pipeline:
             else:
                 z = encoder(ids, skip=skip, final_norm=final_norm, extra=extra)
             states.append(z)
-        z = torch.cat(states, dim=-1)
-        flat = [c for chunks in per_prompt for c in chunks]
+        z = torch.cat(states, dim=-1)  # `flat`: the last encoder's chunks (the same for every encoder but padding)
         for c in flat:
             for i in c.ids:
                 if i in owners:

@@ -55,43 +55,34 @@ def sd15(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)  # 15 GB; pytest would keep it for three runs
 
 
-@pytest.fixture(scope="session")
-def sd2(tmp_path_factory):
-    """Random full-size SD 2.x (v-prediction) weights in the upstream layout, stored fp16 (2.6 GB), plus the
-    BPE files for transformers' tokenizer. The tests compute in fp32 from these values."""
+def random_fp16_weights(tmp_path_factory, name, cfg, seed):
+    """Random calibrated weights for `cfg` written as an fp16 CompVis-layout file (fp32 only while generating), plus
+    the BPE files for transformers' tokenizer; deleted at the end of the session."""
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("sd2")
-    cfg = sdref.sd2_config("v")
-    state = sdref.random_state(cfg, seed=2)
+    root = tmp_path_factory.mktemp(name)
+    state = sdref.random_state(cfg, seed=seed)
     sdref.calibrate(state, cfg)
     for k in state:
         state[k] = state[k].half()
-    files = {"fp16": root / "sd21-v-fp16.safetensors", "tokenizer": root / "tokenizer", "config": cfg}
+    files = {"fp16": root / f"{name}-fp16.safetensors", "tokenizer": root / "tokenizer", "config": cfg}
     save_file({**state, **sdref.schedule_buffers(cfg)}, files["fp16"])
     del state
     gc.collect()
     sdref.hf_tokenizer_files(files["tokenizer"])
     yield files
     shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sd2(tmp_path_factory):
+    """Random full-size SD 2.x (v-prediction) weights in the upstream layout, stored fp16 (2.6 GB). The tests
+    compute in fp32 from these values."""
+    yield from random_fp16_weights(tmp_path_factory, "sd21-v", sdref.sd2_config("v"), seed=2)
 
 
 @pytest.fixture(scope="session")
 def sdxl(tmp_path_factory):
     """Random full-size SDXL base weights in the upstream layout, stored fp16 (6.9 GB; 13.8 GB in fp32, so the tests
     hold one model at a time)."""
-    from safetensors.torch import save_file
-
-    root = tmp_path_factory.mktemp("sdxl")
-    cfg = sdref.sdxl_config()
-    state = sdref.random_state(cfg, seed=3)
-    sdref.calibrate(state, cfg)
-    for k in state:
-        state[k] = state[k].half()
-    files = {"fp16": root / "sdxl-base-fp16.safetensors", "tokenizer": root / "tokenizer", "config": cfg}
-    save_file({**state, **sdref.schedule_buffers(cfg)}, files["fp16"])
-    del state
-    gc.collect()
-    sdref.hf_tokenizer_files(files["tokenizer"])
-    yield files
-    shutil.rmtree(root, ignore_errors=True)
+    yield from random_fp16_weights(tmp_path_factory, "sdxl-base", sdref.sdxl_config(), seed=3)

@@ -106,16 +106,10 @@ def _assign(module, state):
     return module.eval().requires_grad_(False)
 
 
-def ref_clip(checkpoint: dict):
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from transformers import CLIPTextModel
-
-    with torch.device("meta"):
-        model = CLIPTextModel(hf_clip_config())
-    sd = convert_ldm_clip_checkpoint(checkpoint)
+def _assign_text_model(model, sd):
+    """A transformers CLIP text model on meta filled with `sd` (names with or without `text_model.`)."""
     if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
         sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
     model = _assign(model, sd)
     emb = model.text_model.embeddings if hasattr(model, "text_model") else model.embeddings
     if hasattr(emb, "position_ids"):  # a non-persistent buffer left on meta
@@ -123,12 +117,27 @@ def ref_clip(checkpoint: dict):
     return model
 
 
-def ref_unet(checkpoint: dict, extract_ema=False, in_channels=4):
+def ref_clip(checkpoint: dict):
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from transformers import CLIPTextModel
+
+    with torch.device("meta"):
+        model = CLIPTextModel(hf_clip_config())
+    sd = convert_ldm_clip_checkpoint(checkpoint)
+    return _assign_text_model(model, {k: v for k, v in sd.items() if not k.endswith("position_ids")})
+
+
+def ref_unet(checkpoint: dict, extract_ema=False, in_channels=4, yaml_name=None):
+    """diffusers' UNet from the CompVis checkpoint, configured by `yaml_name` in tests/data (default: SD v1's
+    config with `in_channels`)."""
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
-    original = original_config()
-    original["model"]["params"]["unet_config"]["params"]["in_channels"] = in_channels
+    if yaml_name:
+        original = yaml.safe_load((DATA / yaml_name).read_text())
+    else:
+        original = original_config()
+        original["model"]["params"]["unet_config"]["params"]["in_channels"] = in_channels
     cfg = create_unet_diffusers_config_from_ldm(original, checkpoint)
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
@@ -146,21 +155,9 @@ def ref_vae(checkpoint: dict):
 
 
 def hf_tokenizer_files(folder: Path) -> Path:
-    """vocab.json + merges.txt for transformers' CLIPTokenizer, made from the BPE merges we ship."""
-    folder.mkdir(parents=True, exist_ok=True)
-    merges = gzip.open(ASSETS / "bpe_simple_vocab_16e6.txt.gz").read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    chars = [chr(c) for c in cs]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return folder
+    from kiln.bench import hf_tokenizer_files as write
+
+    return write(folder)
 
 
 def hf_tokenizer(folder: Path):
@@ -209,26 +206,13 @@ def ref_openclip(checkpoint: dict):
     with torch.device("meta"):
         model = CLIPTextModel(cfg)
     sd = convert_open_clip_checkpoint(model, checkpoint)
-    sd = {k: v for k, v in sd.items() if not k.startswith("text_projection")}  # CLIPTextModel has none
-    if not hasattr(model, "text_model"):
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    model = _assign(model, sd)
-    emb = model.text_model.embeddings if hasattr(model, "text_model") else model.embeddings
-    if hasattr(emb, "position_ids"):
-        emb.position_ids = torch.arange(77)[None]
-    return model
+    return _assign_text_model(model, {k: v for k, v in sd.items() if not k.startswith("text_projection")})
 
 
 def ref_sd2_pipeline(checkpoint: dict, tok_dir: Path, prediction="v"):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-    from diffusers import UNet2DConditionModel
 
-    original = yaml.safe_load((DATA / ("v2-inference-v.yaml" if prediction == "v" else "v2-inference.yaml")).read_text())
-    cfg = create_unet_diffusers_config_from_ldm(original, checkpoint)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-    unet = _assign(unet, convert_ldm_unet_checkpoint(checkpoint, cfg))
+    unet = ref_unet(checkpoint, yaml_name="v2-inference-v.yaml" if prediction == "v" else "v2-inference.yaml")
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1,
                           prediction_type="v_prediction" if prediction == "v" else "epsilon")
@@ -268,25 +252,7 @@ def ref_big_g(checkpoint: dict):
                          bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
     with torch.device("meta"):
         model = CLIPTextModelWithProjection(cfg)
-    sd = convert_open_clip_checkpoint(model, checkpoint, prefix="conditioner.embedders.1.model.")
-    if not hasattr(model, "text_model"):
-        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
-    model = _assign(model, sd)
-    emb = model.text_model.embeddings if hasattr(model, "text_model") else model.embeddings
-    if hasattr(emb, "position_ids"):
-        emb.position_ids = torch.arange(77)[None]
-    return model
-
-
-def ref_sdxl_unet(checkpoint: dict):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
-
-    original = yaml.safe_load((DATA / "sd_xl_base.yaml").read_text())
-    cfg = create_unet_diffusers_config_from_ldm(original, checkpoint)
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**cfg)
-    return _assign(unet, convert_ldm_unet_checkpoint(checkpoint, cfg))
+    return _assign_text_model(model, convert_open_clip_checkpoint(model, checkpoint, prefix="conditioner.embedders.1.model."))
 
 
 def ref_sdxl_pipeline(checkpoint: dict, tok_dir: Path):
@@ -307,7 +273,7 @@ def ref_sdxl_pipeline(checkpoint: dict, tok_dir: Path):
         vae=vae, text_encoder=ref_clip(checkpoint), text_encoder_2=ref_big_g(checkpoint),
         tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="<|endoftext|>", **tok_kw),
         tokenizer_2=CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!", **tok_kw),
-        unet=ref_sdxl_unet(checkpoint), scheduler=sched, force_zeros_for_empty_prompt=False, add_watermarker=False)
+        unet=ref_unet(checkpoint, yaml_name="sd_xl_base.yaml"), scheduler=sched, force_zeros_for_empty_prompt=False, add_watermarker=False)
 
 
 # ------------------------------------------------------------------ a tiny model of the same architecture
