@@ -105,7 +105,7 @@ def run_kiln(opt, device, dtype) -> dict:
 
     t = time.perf_counter()
     pipe = load(opt.weights, device=str(device), precision="full" if dtype == torch.float32 else "autocast",
-                channels_last=True if opt.channels_last else None)
+                channels_last=True if opt.channels_last else None, prepack=not opt.no_prepack, offload=opt.offload)
     if opt.compile:
         pipe.compile()
     load_s = time.perf_counter() - t
@@ -239,6 +239,8 @@ def _worker_main(argv):
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", dest="channels_last", action="store_true")
+    p.add_argument("--no-prepack", dest="no_prepack", action="store_true")
+    p.add_argument("--offload", default=None)
     opt = p.parse_args(argv)
     if opt.threads:
         torch.set_num_threads(opt.threads)
@@ -285,6 +287,13 @@ def bench(opt) -> dict:
     variants = [("diffusers", "diffusers", ()), ("kiln", "kiln", ())]
     if getattr(opt, "channels_last", False):
         variants.append(("kiln --channels-last", "kiln", ("--channels-last",)))
+    if getattr(opt, "no_prepack", False):
+        variants.append(("kiln --no-prepack", "kiln", ("--no-prepack",)))
+    for mode in ("medvram", "lowvram"):
+        if getattr(opt, mode, False):
+            if device.type == "cpu":
+                raise KilnError(f"--{mode} measures GPU memory; it needs --device cuda (or mps)")
+            variants.append((f"kiln --{mode}", "kiln", ("--offload", mode)))
     if opt.compile:
         variants.append(("kiln --compile", "kiln", ("--compile",)))
     for name, side, flags in variants:

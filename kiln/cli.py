@@ -128,6 +128,7 @@ def txt2img_parser(sub, command="txt2img"):
                    help="torch.compile the UNet and VAE decoder (slow first image; faster after; see docs/performance.md)")
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="NHWC convolution weights (the default on CUDA; on CPUs ~10%% faster UNet, +2.7 GB memory)")
+    add_memory_flags(p)
     p.add_argument("--no-watermark", dest="no_watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("--watermark", type=str, default=None,
                    help="invisible watermark text (default: the model's, \"StableDiffusionV1\" for SD v1)")
@@ -303,13 +304,16 @@ def run_txt2img(opt):
     if getattr(opt, "refiner", None) and not Path(opt.refiner).exists():
         raise KilnError(f"--refiner {opt.refiner}: no such file or folder")
     pipe = load(ckpt, device=opt.device, precision=opt.precision, ema=opt.ema, vae=opt.vae, config=config,
-                prediction=opt.prediction, channels_last=opt.channels_last)
+                prediction=opt.prediction, channels_last=opt.channels_last, prepack=opt.prepack,
+                offload=opt.offload)
     if opt.compile:
         say("kiln: compiling the UNet and VAE decoder (the first image takes longer)")
         pipe.compile()
     if getattr(opt, "refiner", None):
         say(f"kiln: loading the refiner {opt.refiner}")
-        pipe.set_refiner(load(opt.refiner, device=opt.device, precision=opt.precision), opt.refiner_switch)
+        pipe.set_refiner(load(opt.refiner, device=opt.device, precision=opt.precision, prepack=opt.prepack,
+                             offload=opt.offload),
+                        opt.refiner_switch)
     pipe.lora_dir = opt.lora_dir
     pipe.embeddings_dir = opt.embeddings_dir
     for note in pipe.info.notes:
@@ -535,6 +539,7 @@ def serve_parser(sub):
     p.add_argument("--token", default=None, help="a bearer token accepted on every endpoint (also: KILN_TOKEN)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", choices=["full", "autocast", "fp16", "bf16"], default="full")
+    add_memory_flags(p)
     p.add_argument("--safety-checker", dest="safety_checker", default=None, metavar="PATH",
                    help="check every image with CompVis' NSFW checker (weights folder or file)")
     p.add_argument("--lora-dir", dest="lora_dir", default=None,
@@ -594,7 +599,7 @@ def run_serve(opt):
             "machine can use the API")
     logging.basicConfig(level=opt.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = ServerConfig(ckpt=opt.ckpt, ckpt_dir=opt.ckpt_dir, outdir=opt.outdir, save=not opt.no_save,
-                          device=opt.device, precision=opt.precision,
+                          device=opt.device, precision=opt.precision, offload=opt.offload, prepack=opt.prepack,
                           limits=Limits(max_size=opt.max_size, max_batch_size=opt.max_batch_size,
                                         queue_size=opt.queue_size),
                           api_auth=auth, token=token, preview_every=opt.preview_every,
@@ -674,6 +679,17 @@ def run_batch_command(opt):
     return 1 if s.errors else 0
 
 
+def add_memory_flags(p):
+    p.add_argument("--no-prepack", dest="prepack", action="store_false",
+                   help="CPU: do not pre-pack convolution weights for oneDNN (packing makes the UNet 1.2-1.7x faster "
+                        "at 256x256, about even at 512x512; see docs/performance.md)")
+    vram = p.add_mutually_exclusive_group()
+    vram.add_argument("--medvram", dest="offload", action="store_const", const="medvram", default=None,
+                      help="GPU: keep the weights in CPU memory; text encoder, UNet and VAE visit the GPU one at a time")
+    vram.add_argument("--lowvram", dest="offload", action="store_const", const="lowvram",
+                      help="GPU: as --medvram, and the UNet too goes block by block (least memory, slowest)")
+
+
 def bench_parser(sub):
     p = sub.add_parser("bench", help="kiln against diffusers on the same weights (speed, memory, load time)",
                        description="Runs kiln and diffusers (a test-only dependency) in fresh processes on the same "
@@ -689,6 +705,10 @@ def bench_parser(sub):
     p.add_argument("--compile", action="store_true", help="also run kiln with torch.compile (--compile)")
     p.add_argument("--channels-last", dest="channels_last", action="store_true",
                    help="also run kiln with channels-last weights (--channels-last)")
+    p.add_argument("--no-prepack", dest="no_prepack", action="store_true",
+                   help="also run kiln without oneDNN weight pre-packing (--no-prepack: PyTorch's plain eager path)")
+    p.add_argument("--medvram", action="store_true", help="GPU: also run kiln with --medvram (peak device memory)")
+    p.add_argument("--lowvram", action="store_true", help="GPU: also run kiln with --lowvram (peak device memory)")
     p.add_argument("--weights", default=None, help="a CompVis SD 1.x file instead of the random weights")
     p.add_argument("--json", default=None, help="write the report here as JSON")
 

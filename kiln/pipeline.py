@@ -213,6 +213,8 @@ class Pipeline:
         self.refiner_switch = 0.8
         self._emb_cache = {}
         self._ti_used = {}
+        self.offloader = None  # see `offload`
+        self.offload_mode = None
 
     # ------------------------------------------------------------------ building blocks
     @torch.no_grad()
@@ -346,7 +348,10 @@ class Pipeline:
 
     @torch.no_grad()
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents → images in [-1, 1], fp32; re-decodes in fp32 if half precision overflowed."""
+        """Latents → images in [-1, 1], fp32; re-decodes in fp32 if half precision overflowed. Under --medvram and
+        --lowvram one image at a time (the decoder's activations are then most of the device memory)."""
+        if self.offload_mode and z.shape[0] > 1:
+            return torch.cat([self.decode_latents(one) for one in z.split(1)])
         vae = self.model.vae
         dec = vae.decode
         if self._tiled(z.shape[-2:]):  # tiles of twice the native size: the decoder's group norms see one tile
@@ -619,10 +624,41 @@ class Pipeline:
         graph does not see weight changes, so LoRA changes reset the compiled code (the next call recompiles)."""
         import torch._inductor.config as inductor
 
+        if self.offloader is not None:
+            raise KilnError("--compile and --medvram/--lowvram do not go together (compiled graphs keep the weights)")
         self._frozen = self.device.type == "cpu" if freeze is None else freeze
         inductor.freezing = self._frozen
         self.model.unet.compile(dynamic=False)
         self.model.vae.decoder.compile(dynamic=False)
+
+    def offload(self, mode: str | None) -> None:
+        """`mode` "medvram" or "lowvram" (A1111's flags, `kiln.offload`): the weights stay in CPU memory and each part
+        of the model moves to the device only while it runs. None: everything back on the device."""
+        from .offload import MODES, offload
+
+        if mode not in (None, *MODES):
+            raise KilnError(f"offload mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if mode and getattr(self, "_frozen", None) is not None:
+            raise KilnError("--medvram/--lowvram and --compile do not go together (compiled graphs keep the weights)")
+        if self.offloader is not None:
+            self.offloader.remove()
+            self.offloader = None
+        if mode:
+            self.model.to("cpu")
+            self.offloader = offload(self.model, self.device, mode)
+        self.offload_mode = mode
+
+    def attention_slicing(self, size: int | None) -> None:
+        """UNet attention over at most `size` queries at a time (None: all). PyTorch's SDPA already runs in
+        bounded memory on CUDA and CPUs; this is for backends where it falls back to the N×N kernel (some MPS
+        versions), at a small speed cost. Results are identical up to float summation order."""
+        from .models.unet import CrossAttention
+
+        if size is not None and size < 1:
+            raise KilnError(f"attention slice size must be at least 1, got {size}")
+        for m in self.model.unet.modules():
+            if isinstance(m, CrossAttention):
+                m.slice_size = size
 
     def set_refiner(self, refiner: "Pipeline | None", switch: float = 0.8) -> None:
         """txt2img hands the latent to `refiner` after `switch` of the steps (A1111's "Refiner switch at")."""
@@ -978,19 +1014,33 @@ def _join(parts: list[Result]) -> Result:
 
 def load(path: str | Path, *, device: str = "auto", precision: str = "full", ema: str = "auto",
          vae: str | None = None, config: str | None = None, prediction: str | None = None,
-         channels_last: bool | None = None) -> Pipeline:
+         channels_last: bool | None = None, prepack: bool = True, offload: str | None = None) -> Pipeline:
     """Load a checkpoint (CompVis file or diffusers folder) into a ready Pipeline. `prediction` ("eps" | "v")
     overrides the detected parameterization (SD 2.x files carry no such fact). `channels_last` (default: on
     CUDA) stores the UNet's and VAE's convolution weights NHWC, which cuDNN and oneDNN run faster; results differ
     from NCHW only by float summation order. Not the CPU default: there the weights stay in the file's memory map
     (no copy, fast load), and NHWC copies would add 2.7 GB of resident memory for a 10% faster UNet
-    (docs/performance.md)."""
+    (docs/performance.md). `prepack` (CPU, fp32) packs the convolution weights for oneDNN at the first call at an
+    image size (`kiln.models.conv`); off, PyTorch's plain eager convolution runs. `offload` ("medvram" |
+    "lowvram") keeps the weights in CPU memory and moves each part to the GPU while it runs (`Pipeline.offload`);
+    on a CPU there is nothing to offload, and it is ignored with a notice."""
     dev = pick_device(device)
     dtype = compute_dtype(precision, dev)
     nhwc = channels_last if channels_last is not None else dev.type == "cuda"
+    notices = []
+    if offload and dev.type == "cpu":
+        notices.append(f"--{offload}: the model runs on the CPU, so there is nothing to offload; ignored")
+        offload = None
     model, info = load_model(path, ema=ema, vae=vae, config_yaml=config, prediction=prediction, dtype=dtype,
-                             device=dev, channels_last=nhwc)
-    return Pipeline(model, info, dev, dtype, precision)
+                             device="cpu" if offload else dev, channels_last=nhwc)
+    if not prepack:
+        from .models.conv import prepack as set_prepack
+
+        set_prepack(model, False)
+    pipe = Pipeline(model, info, dev, dtype, precision, notices=notices)
+    if offload:
+        pipe.offload(offload)
+    return pipe
 
 
 __all__ = ["Pipeline", "Result", "load", "pick_device", "compute_dtype", "SAMPLERS"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import kiln
+from kiln.errors import KilnError
 import sdref
 
 
@@ -50,3 +51,99 @@ def test_compile_gives_the_same_latents_and_sees_lora_changes(tiny, tmp_path):
     a2, b2 = run(eager, lora), run(comp, lora)
     assert (a2 - a).abs().max() > 1e-2 * a.abs().max()  # the LoRA changes the result
     assert (a2 - b2).abs().max() <= 1e-4 * a2.abs().max()
+
+
+def test_prepacked_convolutions_change_nothing(tiny):
+    packed = kiln.load(tiny, device="cpu")  # the CPU default
+    plain = kiln.load(tiny, device="cpu", prepack=False)
+    a, b = run(packed), run(plain)
+    conv = packed.model.unet.input_blocks[1][0].in_layers[2]
+    assert conv._packed is not None and getattr(plain.model.unet.input_blocks[1][0].in_layers[2], "_packed", None) is None
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (a - b).abs().max()
+
+
+# ---------------------------------------------------------------- --medvram / --lowvram
+
+def _placement(parts):
+    return [{t.device.type for t in (*p.parameters(), *p.buffers())} for p in parts]
+
+
+@pytest.mark.parametrize("mode", ["medvram", "lowvram"])
+def test_offload_moves_one_part_at_a_time_and_back_without_copies(tmp_path, mode):
+    """The "device" is `meta` here (no GPU): a part's tensors are on it exactly while that part runs, and sending
+    a part back re-attaches the very CPU tensors it had (no copy, values untouched)."""
+    from test_sdxl import write_tiny_sdxl  # SDXL: two text encoders, `hidden_and_pooled`, label_emb
+    from kiln.offload import offload, unet_blocks
+
+    pipe = kiln.load(write_tiny_sdxl(tmp_path / "xl.safetensors"), device="cpu")
+    model = pipe.model
+    before = {k: (t.data_ptr(), t.clone()) for k, t in model.state_dict().items()}
+    off = offload(model, "meta", mode)
+    parts = off.parts
+    assert len(parts) == len(model.text_models) + (len(unet_blocks(model.unet)) if mode == "lowvram" else 1) + 2
+    seen = []
+
+    def check(module, args, part):  # registered after the offloader's hooks, so it runs after `bring`
+        seen.append(part)
+        placed = _placement(parts)
+        assert all(pl == ({"meta"} if p is part else {"cpu"}) for p, pl in zip(parts, placed))
+
+    for part in parts:
+        for m in part.modules():
+            m.register_forward_pre_hook(lambda m, a, part=part: check(m, a, part))
+    ids = torch.zeros(2, 77, dtype=torch.long, device="meta")
+    model.text_models[0](ids)
+    model.text_models[1].hidden_and_pooled(ids, 1, False)  # not `forward`: the submodules' hooks bring it
+    unet = model.unet
+    unet(torch.zeros(2, 4, 8, 8, device="meta"), torch.zeros(2, device="meta"),
+         torch.zeros(2, 77, unet.cfg.context_dim, device="meta"), torch.zeros(2, unet.cfg.adm_in_channels, device="meta"))
+    model.vae.decode(torch.zeros(1, 4, 8, 8, device="meta"))
+    unet_parts = unet_blocks(unet) if mode == "lowvram" else [unet]
+    assert off.loads == 2 + len(unet_parts) + 1
+    assert [p for p in dict.fromkeys(seen)] == [*model.text_models, *unet_parts, model.vae.decoder]
+    off.send_back(off.resident)
+    assert all(pl == {"cpu"} for pl in _placement(parts))
+    after = model.state_dict()
+    for k, (ptr, value) in before.items():
+        if any(k.startswith(p) for p in ("first_stage_model.quant_conv", "first_stage_model.post_quant_conv")):
+            assert after[k].device.type == "meta"  # small, outside every part: stays on the device
+            continue
+        assert after[k].data_ptr() == ptr and torch.equal(after[k], value), k
+
+
+def test_offloaded_pipeline_gives_the_same_latents(tiny):
+    plain = kiln.load(tiny, device="cpu")
+    off = kiln.load(tiny, device="cpu")
+    off.offload("lowvram")  # on a CPU the moves are no-ops; the hooks and hand-overs still run
+    assert off.offloader.parts
+    a, b = run(plain), run(off)
+    assert torch.equal(a, b)
+    assert off.offloader.loads > len(off.offloader.parts)  # parts came and went, step after step
+    with pytest.raises(KilnError, match="do not go together"):
+        off.compile()
+    off.offload(None)
+    assert off.offloader is None and torch.equal(run(off), a)
+
+
+def test_offload_flags_on_a_cpu_are_ignored_with_a_notice(tiny):
+    pipe = kiln.load(tiny, device="cpu", offload="lowvram")
+    assert pipe.offloader is None
+    assert any("nothing to offload" in n for n in pipe.notices)
+
+
+def test_attention_slicing_changes_nothing(tiny, monkeypatch):
+    from kiln.models.unet import CrossAttention
+
+    calls = []
+    attend = CrossAttention.attend
+    monkeypatch.setattr(CrossAttention, "attend", lambda self, q, k, v: calls.append(q.shape[2]) or attend(self, q, k, v))
+    pipe = kiln.load(tiny, device="cpu")
+    a = run(pipe)
+    whole = list(calls)
+    calls.clear()
+    pipe.attention_slicing(7)  # 64x64 → 16x16 latents, attention at 8x8: 64 queries in slices of 7 (the last one 1)
+    b = run(pipe)
+    assert set(whole) == {64} and set(calls) == {7, 1} and len(calls) == 10 * len(whole)
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    with pytest.raises(KilnError, match="at least 1"):
+        pipe.attention_slicing(0)

@@ -285,3 +285,35 @@ def test_inpainting_checkpoint_is_refused_by_txt2img(tmp_path, capsys):
     save_file(sdref.random_state(cfg), tmp_path / "inpaint.safetensors", metadata={"kiln_config": json.dumps(cfg.to_dict())})
     assert txt2img(tmp_path / "inpaint.safetensors", tmp_path / "out") != 0
     assert "inpainting model" in one_error_line(capsys)
+
+
+def test_memory_flags(tiny, tmp_path, capsys):
+    """--no-prepack is PyTorch's plain convolution (same picture up to float order); --lowvram on a CPU has nothing to
+    offload and says so; --medvram and --lowvram together are refused by the parser."""
+    assert txt2img(tiny, tmp_path / "a", "--n_samples", "1") == 0
+    assert txt2img(tiny, tmp_path / "b", "--n_samples", "1", "--no-prepack", "--lowvram") == 0
+    assert "--lowvram: the model runs on the CPU, so there is nothing to offload" in capsys.readouterr().err
+    a, b = (png(tmp_path / d / "samples" / "00000.png").astype(int) for d in "ab")
+    assert np.abs(a - b).max() <= 1
+    with pytest.raises(SystemExit):
+        txt2img(tiny, tmp_path / "c", "--medvram", "--lowvram")
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_serve_passes_memory_flags_to_the_loader(tiny, monkeypatch):
+    import kiln
+    from kiln.server import worker as worker_module
+    from kiln.server.app import ServerConfig, make_worker
+
+    seen = []
+    real = worker_module.Worker.__init__
+
+    def spy(self, *a, **kw):
+        kw["loader"] = lambda path, **options: seen.append(options) or kiln.load(path, **options)
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(worker_module.Worker, "__init__", spy)
+    w = make_worker(ServerConfig(ckpt=str(tiny), device="cpu", offload="lowvram", prepack=False, outdir=None))
+    w.stop()
+    assert seen == [{"device": "cpu", "precision": "full", "offload": "lowvram", "prepack": False}]
+    assert any("nothing to offload" in n for n in w.pipe.notices)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import Conv2d
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -41,7 +43,7 @@ class GroupNorm32(nn.GroupNorm):
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).type(x.dtype)
 
 
-def like_weights(x, conv: nn.Conv2d):
+def like_weights(x, conv: Conv2d):
     """`x` in the memory format of the model's convolutions: channels-last when the weights are (the pipeline sets
     that on CPUs and CUDA, where oneDNN and cuDNN run NHWC convolutions faster); a no-op otherwise."""
     if conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous():
@@ -65,10 +67,10 @@ def timestep_embedding(t, dim, max_period=10000):
 class ResBlock(nn.Module):
     def __init__(self, ch, emb_ch, out_ch):
         super().__init__()
-        self.in_layers = nn.Sequential(norm32(ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(norm32(ch), nn.SiLU(), Conv2d(ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
-        self.out_layers = nn.Sequential(norm32(out_ch), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1))
-        self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
+        self.out_layers = nn.Sequential(norm32(out_ch), nn.SiLU(), nn.Dropout(0.0), Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip_connection = nn.Identity() if ch == out_ch else Conv2d(ch, out_ch, 1)
 
     def forward(self, x, emb):
         h = self.in_layers(x) + self.emb_layers(emb).type(x.dtype)[:, :, None, None]
@@ -76,6 +78,8 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
+    slice_size: int | None = None  # queries per attention call (`Pipeline.attention_slicing`); None: all at once
+
     def __init__(self, query_dim, context_dim, heads, dim_head, upcast=False):
         super().__init__()
         inner = heads * dim_head
@@ -90,11 +94,17 @@ class CrossAttention(nn.Module):
         b, n, _ = x.shape
         q, k, v = (t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).type(q.dtype)
+        if self.slice_size and n > self.slice_size:  # bounded memory where SDPA falls back to the N² kernel
+            out = torch.cat([self.attend(q[:, :, i:i + self.slice_size], k, v) for i in range(0, n, self.slice_size)],
+                            dim=2)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)
+            out = self.attend(q, k, v)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+    def attend(self, q, k, v):
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).type(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class GEGLU(nn.Module):
@@ -136,10 +146,10 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.linear = linear
         self.norm = nn.GroupNorm(32, ch, eps=1e-6)
-        self.proj_in = nn.Linear(ch, inner) if linear else nn.Conv2d(ch, inner, 1)
+        self.proj_in = nn.Linear(ch, inner) if linear else Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth))
-        self.proj_out = nn.Linear(inner, ch) if linear else nn.Conv2d(inner, ch, 1)
+        self.proj_out = nn.Linear(inner, ch) if linear else Conv2d(inner, ch, 1)
 
     def forward(self, x, context):
         b, c, h, w = x.shape
@@ -163,7 +173,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.op = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.op = Conv2d(ch, ch, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.op(x)
@@ -172,7 +182,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x, size=None):
         # `size` (the next skip's size) lets latents that are not a multiple of 8 work, as diffusers allows.
@@ -213,7 +223,7 @@ class UNetModel(nn.Module):
             return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim,
                                       cfg.use_linear_in_transformer, cfg.upcast_attention)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -244,7 +254,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(norm32(ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(norm32(ch), nn.SiLU(), Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     @property
     def dtype(self):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import Conv2d
 from .unet import like_weights
 
 
@@ -35,11 +36,11 @@ class ResnetBlock(nn.Module):
     def __init__(self, ch, out_ch):
         super().__init__()
         self.norm1 = Normalize(ch)
-        self.conv1 = nn.Conv2d(ch, out_ch, 3, padding=1)
+        self.conv1 = Conv2d(ch, out_ch, 3, padding=1)
         self.norm2 = Normalize(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         if ch != out_ch:
-            self.nin_shortcut = nn.Conv2d(ch, out_ch, 1)
+            self.nin_shortcut = Conv2d(ch, out_ch, 1)
 
     def forward(self, x):
         h = self.conv1(F.silu(self.norm1(x)))
@@ -53,8 +54,8 @@ class AttnBlock(nn.Module):
     def __init__(self, ch):
         super().__init__()
         self.norm = Normalize(ch)
-        self.q, self.k, self.v = nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1), nn.Conv2d(ch, ch, 1)
-        self.proj_out = nn.Conv2d(ch, ch, 1)
+        self.q, self.k, self.v = Conv2d(ch, ch, 1), Conv2d(ch, ch, 1), Conv2d(ch, ch, 1)
+        self.proj_out = Conv2d(ch, ch, 1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -67,7 +68,7 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0)
+        self.conv = Conv2d(ch, ch, 3, stride=2, padding=0)
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad, as CompVis
@@ -76,7 +77,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
@@ -108,7 +109,7 @@ class Level(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
         self.down = nn.ModuleList()
         ch, res = cfg.ch, cfg.resolution
         for i, mult in enumerate(cfg.ch_mult):
@@ -123,7 +124,7 @@ class Encoder(nn.Module):
             self.down.append(level)
         self.mid = Mid(ch)
         self.norm_out = Normalize(ch)
-        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)
 
     def forward(self, x):
         h = self.conv_in(x)
@@ -139,7 +140,7 @@ class Decoder(nn.Module):
         super().__init__()
         ch = cfg.ch * cfg.ch_mult[-1]
         res = cfg.resolution // cfg.downscale
-        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(cfg.z_channels, ch, 3, padding=1)
         self.mid = Mid(ch)
         up = []
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
@@ -154,7 +155,7 @@ class Decoder(nn.Module):
             up.insert(0, level)  # index = resolution level, as the checkpoint keys expect
         self.up = nn.ModuleList(up)
         self.norm_out = Normalize(ch)
-        self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
+        self.conv_out = Conv2d(ch, cfg.out_ch, 3, padding=1)
 
     def forward(self, z):
         h = self.mid(self.conv_in(z))
@@ -171,8 +172,8 @@ class AutoencoderKL(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        self.quant_conv = Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
     def encode(self, x):
         """Image in [-1, 1] → (mean, logvar) of the diagonal Gaussian posterior (logvar clamped as CompVis)."""

@@ -36,6 +36,8 @@ class ServerConfig:
     save: bool = True  # native API / web UI results saved to outdir (A1111 requests: their save_images)
     device: str = "auto"
     precision: str = "full"
+    offload: str | None = None  # "medvram" | "lowvram" (GPU)
+    prepack: bool = True  # CPU: oneDNN pre-packed convolution weights
     limits: Limits = field(default_factory=Limits)
     api_auth: list = field(default_factory=list)  # [(user, password), ...]
     token: str | None = None
@@ -90,7 +92,9 @@ def make_worker(config: ServerConfig) -> Worker:
     first = config.ckpt or (models.entries[0].path if models.entries else EMBEDDED)
     return Worker(models, str(first), config.limits, device=config.device, precision=config.precision,
                   outdir=config.outdir, preview_every=config.preview_every, safety_checker=config.safety_checker,
-                  lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir)
+                  lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir,
+                  load_options={k: v for k, v in (("offload", config.offload), ("prepack", config.prepack))
+                                if v != ServerConfig.__dataclass_fields__[k].default})
 
 
 def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:

@@ -193,7 +193,8 @@ class ModelIndex:
 class Worker:
     def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="full",
                  outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
-                 loader=None, lora_dir: str | None = None, embeddings_dir: str | None = None):
+                 loader=None, lora_dir: str | None = None, embeddings_dir: str | None = None,
+                 load_options: dict | None = None):
         from ..pipeline import load
 
         self.models = models
@@ -205,6 +206,7 @@ class Worker:
         self.lora_dir = lora_dir
         self.embeddings_dir = embeddings_dir
         self._load = loader or load
+        self.load_options = load_options or {}  # more `kiln.load` arguments: offload, prepack
         self.pipe = None
         self.entry: ModelEntry | None = None
         self._init_queue()
@@ -231,7 +233,7 @@ class Worker:
         if self.entry is not None and entry.path == self.entry.path:
             return
         log.info("loading %s", entry.path)
-        pipe = self._load(str(entry.path), device=self.device, precision=self.precision)
+        pipe = self._load(str(entry.path), device=self.device, precision=self.precision, **self.load_options)
         if self.safety_checker:
             pipe.load_safety_checker(self.safety_checker)
         pipe.lora_dir, pipe.embeddings_dir = self.lora_dir, self.embeddings_dir

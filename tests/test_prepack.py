@@ -1,0 +1,124 @@
+"""oneDNN weight pre-packing of `kiln.models.conv.Conv2d` (the CPU inference default)."""
+import copy
+import pickle
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kiln.models.conv import _MKLDNN, Conv2d, prepack, release_pages
+
+needs_mkldnn = pytest.mark.skipif(not _MKLDNN, reason="this torch build has no oneDNN")
+
+
+def make_conv(cin, cout, k, stride=1, padding=0, seed=0):
+    torch.manual_seed(seed)
+    conv = Conv2d(cin, cout, k, stride=stride, padding=padding).eval().requires_grad_(False)
+    with torch.no_grad():
+        conv.weight.normal_(0, 1 / (cin * k * k) ** 0.5)
+        conv.bias.normal_(0, 0.1)
+    return conv
+
+
+def close(a, b):
+    """Equal up to float summation order: max |Δ| ≤ 1e-5 relative to the output's scale."""
+    return a.shape == b.shape and (a - b).abs().max().item() <= 1e-5 * max(1.0, b.abs().max().item())
+
+
+def reference(conv, x):
+    return F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("cin,cout,k,stride,padding,hw", [
+    (64, 64, 3, 1, 1, 8), (32, 96, 3, 2, 1, 16), (48, 16, 1, 1, 0, 12), (16, 32, 3, 2, 0, 9), (4, 32, 3, 1, 1, 7)])
+def test_packed_convolution_equals_pytorch(cin, cout, k, stride, padding, hw):
+    conv = make_conv(cin, cout, k, stride, padding)
+    x = torch.randn(2, cin, hw, hw)
+    with torch.inference_mode():
+        out = conv(x)
+    assert conv._packed_key is not None and conv._packed.is_mkldnn  # the packed path ran
+    ref = reference(conv, x)
+    assert close(out, ref)
+
+
+@needs_mkldnn
+def test_repacks_for_a_new_shape_and_for_a_changed_weight():
+    conv = make_conv(32, 32, 3, padding=1)
+    with torch.no_grad():
+        a = torch.randn(2, 32, 8, 8)
+        conv(a)
+        first = conv._packed_key
+        b = torch.randn(1, 32, 12, 10)
+        assert close(conv(b), reference(conv, b))
+        assert conv._packed_key != first
+        conv.weight.add_(0.5)  # what a LoRA merge does
+        out = conv(b)
+    assert close(out, reference(conv, b))
+    assert (out - F.conv2d(b, conv.weight - 0.5, conv.bias, padding=1)).abs().max().item() > 0.1
+
+
+@needs_mkldnn
+def test_pytorch_path_for_training_circular_padding_other_dtypes_and_when_off():
+    conv = make_conv(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 8, 8)
+    conv.requires_grad_(True)
+    conv(x).sum().backward()  # gradients need PyTorch's convolution
+    assert getattr(conv, "_packed_key", None) is None and conv.weight.grad is not None
+    conv.requires_grad_(False)
+    conv.padding_mode = "circular"
+    with torch.no_grad():
+        out = conv(x)
+    assert getattr(conv, "_packed_key", None) is None
+    assert (out - F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), conv.weight, conv.bias)).abs().max() < 1e-5
+    conv.padding_mode = "zeros"
+    half = copy.deepcopy(conv).to(torch.bfloat16)
+    with torch.no_grad():
+        half(x.bfloat16())
+    assert getattr(half, "_packed_key", None) is None
+    prepack(conv, False)
+    with torch.no_grad():
+        conv(x)
+    assert getattr(conv, "_packed_key", None) is None
+    prepack(conv, True)
+    with torch.no_grad():
+        conv(x)
+    assert conv._packed_key is not None
+
+
+@needs_mkldnn
+def test_copies_and_pickles_leave_the_packed_weight_behind():
+    conv = make_conv(16, 16, 3, padding=1)
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        want = conv(x)
+        for other in (copy.deepcopy(conv), pickle.loads(pickle.dumps(conv))):
+            assert getattr(other, "_packed", None) is None
+            assert torch.equal(other.weight, conv.weight)
+            assert (other(x) - want).abs().max().item() < 1e-6
+
+
+def _rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MADV_PAGEOUT is Linux's")
+def test_release_pages_drops_file_pages_and_keeps_every_value(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(32 * 1024 * 1024, dtype=torch.float32).reshape(32, 1024, 1024)}, str(path))
+    f = safe_open(str(path), framework="pt")
+    t = f.get_tensor("w")  # memory-mapped, as kiln's loader keeps the weights
+    total = t.sum(dtype=torch.float64).item()  # touches all 128 MB
+    before = _rss_kb()
+    release_pages(t)
+    after = _rss_kb()
+    assert before - after > 100 * 1024, (before, after)  # ≥ 100 of the 128 MB left the resident set
+    assert t.sum(dtype=torch.float64).item() == total  # re-read from the file, unchanged
+    anon = torch.ones(16 * 1024 * 1024)  # ordinary memory: nothing to re-read it from, so it must stay
+    anon[::1024] = 2
+    release_pages(anon)
+    assert anon.sum().item() == 16 * 1024 * 1024 + 16 * 1024
