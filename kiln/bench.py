@@ -108,6 +108,8 @@ def run_kiln(opt, device, dtype) -> dict:
                 channels_last=True if opt.channels_last else None, prepack=not opt.no_prepack, offload=opt.offload)
     if opt.compile:
         pipe.compile()
+    if opt.deepcache:
+        pipe.set_deepcache(opt.deepcache)
     load_s = time.perf_counter() - t
     h = w = opt.size // 8
     with torch.no_grad():
@@ -241,6 +243,7 @@ def _worker_main(argv):
     p.add_argument("--channels-last", dest="channels_last", action="store_true")
     p.add_argument("--no-prepack", dest="no_prepack", action="store_true")
     p.add_argument("--offload", default=None)
+    p.add_argument("--deepcache", type=int, default=None)
     opt = p.parse_args(argv)
     if opt.threads:
         torch.set_num_threads(opt.threads)
@@ -289,6 +292,8 @@ def bench(opt) -> dict:
         variants.append(("kiln --channels-last", "kiln", ("--channels-last",)))
     if getattr(opt, "no_prepack", False):
         variants.append(("kiln --no-prepack", "kiln", ("--no-prepack",)))
+    if getattr(opt, "deepcache", None):
+        variants.append((f"kiln --deepcache {opt.deepcache}", "kiln", ("--deepcache", str(opt.deepcache))))
     for mode in ("medvram", "lowvram"):
         if getattr(opt, mode, False):
             if device.type == "cpu":

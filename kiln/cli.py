@@ -129,6 +129,11 @@ def txt2img_parser(sub, command="txt2img"):
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="NHWC convolution weights (the default on CUDA; on CPUs ~10%% faster UNet, +2.7 GB memory)")
     add_memory_flags(p)
+    p.add_argument("--deepcache", type=int, default=None, metavar="N",
+                   help="reuse the UNet's deep features: the whole UNet every N-th call, only its outer blocks between "
+                        "(faster, a different image; off by default; docs/performance.md)")
+    p.add_argument("--deepcache-depth", dest="deepcache_depth", type=int, default=3, metavar="D",
+                   help="how many outer input/output blocks run at the cached steps (default 3)")
     p.add_argument("--no-watermark", dest="no_watermark", action="store_true", help="do not add the invisible watermark")
     p.add_argument("--watermark", type=str, default=None,
                    help="invisible watermark text (default: the model's, \"StableDiffusionV1\" for SD v1)")
@@ -309,6 +314,8 @@ def run_txt2img(opt):
     if opt.compile:
         say("kiln: compiling the UNet and VAE decoder (the first image takes longer)")
         pipe.compile()
+    if opt.deepcache:
+        pipe.set_deepcache(opt.deepcache, opt.deepcache_depth)
     if getattr(opt, "refiner", None):
         say(f"kiln: loading the refiner {opt.refiner}")
         pipe.set_refiner(load(opt.refiner, device=opt.device, precision=opt.precision, prepack=opt.prepack,
@@ -430,6 +437,8 @@ def eval_parser(sub):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--deepcache", type=int, default=None, metavar="N", help="evaluate with DeepCache interval N")
+    p.add_argument("--deepcache-depth", dest="deepcache_depth", type=int, default=3, metavar="D")
     return p
 
 
@@ -453,6 +462,8 @@ def run_eval(opt):
     from .pipeline import load
 
     pipe = load(opt.ckpt or EMBEDDED, device=opt.device, precision="full")
+    if opt.deepcache:
+        pipe.set_deepcache(opt.deepcache, opt.deepcache_depth)
     try:
         scales = [float(s) for s in opt.scales.split(",")]
     except ValueError:
@@ -707,6 +718,8 @@ def bench_parser(sub):
                    help="also run kiln with channels-last weights (--channels-last)")
     p.add_argument("--no-prepack", dest="no_prepack", action="store_true",
                    help="also run kiln without oneDNN weight pre-packing (--no-prepack: PyTorch's plain eager path)")
+    p.add_argument("--deepcache", type=int, default=None, metavar="N",
+                   help="also run kiln with DeepCache interval N (compare the txt2img time; the image differs)")
     p.add_argument("--medvram", action="store_true", help="GPU: also run kiln with --medvram (peak device memory)")
     p.add_argument("--lowvram", action="store_true", help="GPU: also run kiln with --lowvram (peak device memory)")
     p.add_argument("--weights", default=None, help="a CompVis SD 1.x file instead of the random weights")

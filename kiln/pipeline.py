@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .checkpoints import LoadInfo, load_model
 from .errors import KilnError
 from .models.sd import LatentDiffusion, alphas_cumprod
+from .models.unet import FeatureCache
 from .prompts import CHUNK, chunk_tokens
 from .samplers import SAMPLERS, Discrete, ddim_timesteps, discrete_denoiser, get_sigmas, resolve
 from .samplers.compvis import Known
@@ -215,6 +216,7 @@ class Pipeline:
         self._ti_used = {}
         self.offloader = None  # see `offload`
         self.offload_mode = None
+        self.deepcache = None  # (interval, depth): see `set_deepcache`
 
     # ------------------------------------------------------------------ building blocks
     @torch.no_grad()
@@ -421,12 +423,14 @@ class Pipeline:
 
         ks = self.native_size // self.cfg.downscale
 
+        cache = FeatureCache(*self.deepcache) if self.deepcache else None
+
         def run(xin, tt):
             if unet_call is not None:
                 return unet_call(xin, tt, ctx_all)
             if self._tiled(xin.shape[-2:]):
                 return tiled_cover(lambda z: unet(z, tt, ctx_all, y_all), xin, ks, ks * 3 // 4)
-            return unet(xin, tt, ctx_all, y_all)
+            return unet(xin, tt, ctx_all, y_all, cache=cache)
 
         def predict(x, t):
             b = x.shape[0]
@@ -626,6 +630,9 @@ class Pipeline:
 
         if self.offloader is not None:
             raise KilnError("--compile and --medvram/--lowvram do not go together (compiled graphs keep the weights)")
+        from .models.conv import prepack
+
+        prepack(self.model, False)  # compiled code packs (or fuses) for itself; drop eager packed copies
         self._frozen = self.device.type == "cpu" if freeze is None else freeze
         inductor.freezing = self._frozen
         self.model.unet.compile(dynamic=False)
@@ -647,6 +654,21 @@ class Pipeline:
             self.model.to("cpu")
             self.offloader = offload(self.model, self.device, mode)
         self.offload_mode = mode
+
+    def set_deepcache(self, interval: int | None, depth: int = 3) -> None:
+        """DeepCache-style feature reuse (`kiln.models.unet.FeatureCache`): the whole UNet runs every `interval`-th
+        call, the calls between only its first `depth` input and last `depth` output blocks. None or 1: off.
+        Faster (the more so the larger `interval` and the smaller `depth`) and a different image: see
+        docs/performance.md for the measured cost in prompt adherence."""
+        if interval is None or interval == 1:
+            self.deepcache = None
+            return
+        n = len(self.model.unet.input_blocks)
+        if interval < 1:
+            raise KilnError(f"DeepCache interval must be at least 1, got {interval}")
+        if not 1 <= depth < n:
+            raise KilnError(f"DeepCache depth must be between 1 and {n - 1} for this UNet, got {depth}")
+        self.deepcache = (int(interval), int(depth))
 
     def attention_slicing(self, size: int | None) -> None:
         """UNet attention over at most `size` queries at a time (None: all). PyTorch's SDPA already runs in
@@ -696,6 +718,8 @@ class Pipeline:
             f["Seed resize from"] = "{}x{}".format(*params["seed_resize_from"])
         if params.get("seamless"):
             f["Tiling"] = "True"
+        if self.deepcache:
+            f["DeepCache interval"], f["DeepCache depth"] = self.deepcache
         if params.get("hires_scale"):
             f["Denoising strength"] = _fmt(params["hires_strength"])
             f["Hires upscale"] = _fmt(params["hires_scale"])

@@ -262,9 +262,9 @@ def test_seamless_makes_the_model_equivariant_to_circular_shifts(pipe):
         return (dec(roll(x, 3)) - roll(dec(x), 3 * pipe.cfg.downscale)).abs().max().item()
 
     with torch.no_grad():
-        with pipe.seamless(True):
-            assert unet_err() < 1e-4 and dec_err() < 1e-4
-        assert unet_err() > 1e-2 and dec_err() > 1e-2  # ordinary zero padding is not
+        with pipe.seamless(True):  # float order only (measured 7e-5 and 1e-3 on a decoder output of scale 6.6)
+            assert unet_err() < 5e-3 and dec_err() < 5e-3
+        assert unet_err() > 1e-1 and dec_err() > 1e-1  # ordinary zero padding is not (measured 0.66 and 0.52)
     r = pipe.txt2img(PROMPT, steps=4, seed=8, width=96, seamless=True)
     assert "Tiling: True" in r.infotexts[0]
     conv = next(m for m in pipe.model.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0))

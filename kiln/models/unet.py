@@ -260,19 +260,43 @@ class UNetModel(nn.Module):
     def dtype(self):
         return self.time_embed[0].weight.dtype
 
-    def forward(self, x, t, context, y=None):
+    def forward(self, x, t, context, y=None, cache: "FeatureCache | None" = None):
         """x: [B, C, h, w] latents; t: [B] timesteps (may be fractional); context: [B, n, context_dim];
-        y: [B, adm_in_channels] vector conditioning (SDXL only)."""
+        y: [B, adm_in_channels] vector conditioning (SDXL only); cache: DeepCache-style feature reuse."""
         emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.dtype))
         if self.cfg.adm_in_channels is not None:
             emb = emb + self.label_emb(y.to(self.dtype))
         h = like_weights(x.to(self.dtype), self.input_blocks[0][0])
         context = context.to(self.dtype)
+        reuse = cache is not None and cache.reuse(h)
+        shallow = len(self.output_blocks) - cache.depth if cache is not None else None
         hs = []
-        for block in self.input_blocks:
+        for block in self.input_blocks[:cache.depth] if reuse else self.input_blocks:
             h = block(h, emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        if reuse:
+            h = cache.h
+        else:
+            h = self.middle_block(h, emb, context)
+        for i, block in enumerate(self.output_blocks):
+            if reuse and i < shallow:
+                continue
+            if i == shallow:
+                cache.h = h  # what the deep part hands to the last `depth` output blocks
             h = block(torch.cat([h, hs.pop()], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
         return self.out(h).to(x.dtype)
+
+
+class FeatureCache:
+    """DeepCache-style feature reuse (Ma et al., 2023): the deep part of the UNet changes slowly from step to step.
+    Every `interval`-th call runs the whole UNet and keeps the feature that enters its last `depth` output blocks;
+    the calls between run only the first `depth` input blocks (for their skips) and those output blocks on the
+    kept feature. One cache per sampling run; off by default (it changes the image)."""
+
+    def __init__(self, interval: int, depth: int):
+        self.interval, self.depth, self.calls, self.h = interval, depth, 0, None
+
+    def reuse(self, x) -> bool:
+        ok = self.h is not None and self.calls % self.interval != 0 and self.h.shape[0] == x.shape[0]
+        self.calls += 1
+        return ok
