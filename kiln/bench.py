@@ -105,7 +105,8 @@ def run_kiln(opt, device, dtype) -> dict:
 
     t = time.perf_counter()
     pipe = load(opt.weights, device=str(device), precision="full" if dtype == torch.float32 else "autocast",
-                channels_last=True if opt.channels_last else None, prepack=not opt.no_prepack, offload=opt.offload)
+                channels_last=True if opt.channels_last else None, prepack=False if opt.no_prepack else "auto",
+                offload=opt.offload)
     if opt.compile:
         pipe.compile()
     if opt.deepcache:

@@ -309,7 +309,7 @@ def run_txt2img(opt):
     if getattr(opt, "refiner", None) and not Path(opt.refiner).exists():
         raise KilnError(f"--refiner {opt.refiner}: no such file or folder")
     pipe = load(ckpt, device=opt.device, precision=opt.precision, ema=opt.ema, vae=opt.vae, config=config,
-                prediction=opt.prediction, channels_last=opt.channels_last, prepack=opt.prepack,
+                prediction=opt.prediction, channels_last=opt.channels_last, prepack=PREPACK[opt.prepack],
                 offload=opt.offload)
     if opt.compile:
         say("kiln: compiling the UNet and VAE decoder (the first image takes longer)")
@@ -318,7 +318,7 @@ def run_txt2img(opt):
         pipe.set_deepcache(opt.deepcache, opt.deepcache_depth)
     if getattr(opt, "refiner", None):
         say(f"kiln: loading the refiner {opt.refiner}")
-        pipe.set_refiner(load(opt.refiner, device=opt.device, precision=opt.precision, prepack=opt.prepack,
+        pipe.set_refiner(load(opt.refiner, device=opt.device, precision=opt.precision, prepack=PREPACK[opt.prepack],
                              offload=opt.offload),
                         opt.refiner_switch)
     pipe.lora_dir = opt.lora_dir
@@ -610,7 +610,7 @@ def run_serve(opt):
             "machine can use the API")
     logging.basicConfig(level=opt.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = ServerConfig(ckpt=opt.ckpt, ckpt_dir=opt.ckpt_dir, outdir=opt.outdir, save=not opt.no_save,
-                          device=opt.device, precision=opt.precision, offload=opt.offload, prepack=opt.prepack,
+                          device=opt.device, precision=opt.precision, offload=opt.offload, prepack=PREPACK[opt.prepack],
                           limits=Limits(max_size=opt.max_size, max_batch_size=opt.max_batch_size,
                                         queue_size=opt.queue_size),
                           api_auth=auth, token=token, preview_every=opt.preview_every,
@@ -690,10 +690,15 @@ def run_batch_command(opt):
     return 1 if s.errors else 0
 
 
+PREPACK = {"auto": "auto", "on": True, "off": False}
+
+
 def add_memory_flags(p):
-    p.add_argument("--no-prepack", dest="prepack", action="store_false",
-                   help="CPU: do not pre-pack convolution weights for oneDNN (packing makes the UNet 1.2-1.7x faster "
-                        "at 256x256, about even at 512x512; see docs/performance.md)")
+    p.add_argument("--prepack", choices=["auto", "on", "off"], default="auto",
+                   help="CPU: pre-pack convolution weights for oneDNN (UNet 1.3-1.7x faster at 256x256, about even at "
+                        "512x512). auto: where memory stays flat (weights mapped from an fp32 file); on: also for "
+                        "weights converted at load (+ the conv weights' size); docs/performance.md")
+    p.add_argument("--no-prepack", dest="prepack", action="store_const", const="off", help="the same as --prepack off")
     vram = p.add_mutually_exclusive_group()
     vram.add_argument("--medvram", dest="offload", action="store_const", const="medvram", default=None,
                       help="GPU: keep the weights in CPU memory; text encoder, UNet and VAE visit the GPU one at a time")

@@ -1038,14 +1038,15 @@ def _join(parts: list[Result]) -> Result:
 
 def load(path: str | Path, *, device: str = "auto", precision: str = "full", ema: str = "auto",
          vae: str | None = None, config: str | None = None, prediction: str | None = None,
-         channels_last: bool | None = None, prepack: bool = True, offload: str | None = None) -> Pipeline:
+         channels_last: bool | None = None, prepack: bool | str = "auto", offload: str | None = None) -> Pipeline:
     """Load a checkpoint (CompVis file or diffusers folder) into a ready Pipeline. `prediction` ("eps" | "v")
     overrides the detected parameterization (SD 2.x files carry no such fact). `channels_last` (default: on
     CUDA) stores the UNet's and VAE's convolution weights NHWC, which cuDNN and oneDNN run faster; results differ
     from NCHW only by float summation order. Not the CPU default: there the weights stay in the file's memory map
     (no copy, fast load), and NHWC copies would add 2.7 GB of resident memory for a 10% faster UNet
     (docs/performance.md). `prepack` (CPU, fp32) packs the convolution weights for oneDNN at the first call at an
-    image size (`kiln.models.conv`); off, PyTorch's plain eager convolution runs. `offload` ("medvram" |
+    image size (`kiln.models.conv`): "auto" where memory stays flat (weights memory-mapped from an fp32 file), True
+    everywhere, False never (PyTorch's plain eager convolution). `offload` ("medvram" |
     "lowvram") keeps the weights in CPU memory and moves each part to the GPU while it runs (`Pipeline.offload`);
     on a CPU there is nothing to offload, and it is ignored with a notice."""
     dev = pick_device(device)
@@ -1057,10 +1058,10 @@ def load(path: str | Path, *, device: str = "auto", precision: str = "full", ema
         offload = None
     model, info = load_model(path, ema=ema, vae=vae, config_yaml=config, prediction=prediction, dtype=dtype,
                              device="cpu" if offload else dev, channels_last=nhwc)
-    if not prepack:
+    if prepack != "auto":
         from .models.conv import prepack as set_prepack
 
-        set_prepack(model, False)
+        set_prepack(model, prepack)
     pipe = Pipeline(model, info, dev, dtype, precision, notices=notices)
     if offload:
         pipe.offload(offload)

@@ -53,13 +53,20 @@ def test_compile_gives_the_same_latents_and_sees_lora_changes(tiny, tmp_path):
     assert (a2 - b2).abs().max() <= 1e-4 * a2.abs().max()
 
 
-def test_prepacked_convolutions_change_nothing(tiny):
-    packed = kiln.load(tiny, device="cpu")  # the CPU default
+def test_prepacked_convolutions_change_nothing(tiny, tmp_path):
+    packed = kiln.load(tiny, device="cpu")  # the CPU default, "auto": an fp32 file's weights are memory-mapped
     plain = kiln.load(tiny, device="cpu", prepack=False)
     a, b = run(packed), run(plain)
-    conv = packed.model.unet.input_blocks[1][0].in_layers[2]
-    assert conv._packed is not None and getattr(plain.model.unet.input_blocks[1][0].in_layers[2], "_packed", None) is None
+    conv = lambda p: p.model.unet.input_blocks[1][0].in_layers[2]
+    assert conv(packed)._packed is not None and getattr(conv(plain), "_packed", None) is None
     assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (a - b).abs().max()
+    # fp16 file computed in fp32: converted weights are ordinary memory; "auto" leaves them, True packs them
+    sdref.save_tiny(tmp_path / "half.safetensors", dtype=torch.float16)
+    auto = kiln.load(tmp_path / "half.safetensors", device="cpu")
+    forced = kiln.load(tmp_path / "half.safetensors", device="cpu", prepack=True)
+    c, d = run(auto), run(forced)
+    assert getattr(conv(auto), "_packed", None) is None and conv(forced)._packed is not None
+    assert (c - d).abs().max() <= 1e-4 * c.abs().max()
 
 
 # ---------------------------------------------------------------- --medvram / --lowvram

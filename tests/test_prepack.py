@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kiln.models.conv import _MKLDNN, Conv2d, prepack, release_pages
+from kiln.models.conv import _MKLDNN, Conv2d, file_backed, prepack, release_pages
 
 needs_mkldnn = pytest.mark.skipif(not _MKLDNN, reason="this torch build has no oneDNN")
 
@@ -17,6 +17,7 @@ needs_mkldnn = pytest.mark.skipif(not _MKLDNN, reason="this torch build has no o
 def make_conv(cin, cout, k, stride=1, padding=0, seed=0):
     torch.manual_seed(seed)
     conv = Conv2d(cin, cout, k, stride=stride, padding=padding).eval().requires_grad_(False)
+    conv.prepack = True  # "auto" would leave these freshly made (not file-backed) weights alone
     with torch.no_grad():
         conv.weight.normal_(0, 1 / (cin * k * k) ** 0.5)
         conv.bias.normal_(0, 0.1)
@@ -122,3 +123,23 @@ def test_release_pages_drops_file_pages_and_keeps_every_value(tmp_path):
     anon[::1024] = 2
     release_pages(anon)
     assert anon.sum().item() == 16 * 1024 * 1024 + 16 * 1024
+
+
+@needs_mkldnn
+@pytest.mark.skipif(sys.platform != "linux", reason="file-backed memory is told from /proc/self/maps")
+def test_auto_packs_only_weights_mapped_from_a_file(tmp_path):
+    conv = make_conv(16, 16, 3, padding=1)
+    conv.prepack = "auto"
+    path = tmp_path / "c.safetensors"
+    save_file({"w": conv.weight.detach().clone()}, str(path))
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        conv(x)
+        assert not file_backed(conv.weight) and getattr(conv, "_packed_key", None) is None  # ordinary memory
+        mapped = safe_open(str(path), framework="pt").get_tensor("w")
+        assert file_backed(mapped)
+        conv.weight = torch.nn.Parameter(mapped, requires_grad=False)
+        out = conv(x)
+    assert conv._packed_key is not None and close(out, reference(conv, x))
+    with pytest.raises(ValueError):
+        prepack(conv, "sometimes")

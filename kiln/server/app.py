@@ -37,7 +37,7 @@ class ServerConfig:
     device: str = "auto"
     precision: str = "full"
     offload: str | None = None  # "medvram" | "lowvram" (GPU)
-    prepack: bool = True  # CPU: oneDNN pre-packed convolution weights
+    prepack: bool | str = "auto"  # CPU: oneDNN pre-packed convolution weights (kiln.models.conv)
     limits: Limits = field(default_factory=Limits)
     api_auth: list = field(default_factory=list)  # [(user, password), ...]
     token: str | None = None
