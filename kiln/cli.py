@@ -125,7 +125,8 @@ def txt2img_parser(sub, command="txt2img"):
     p.add_argument("--vae", type=str, default=None, help="a separate VAE file (CompVis layout, e.g. the ft-MSE VAE)")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet and VAE decoder (slow first image; faster after; see docs/performance.md)")
+                   help="torch.compile the UNet and VAE decoder (slow first image; for GPUs: on CPUs the eager "
+                        "pre-packed path measured faster; docs/performance.md)")
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="NHWC convolution weights (the default on CUDA; on CPUs ~10%% faster UNet, +2.7 GB memory)")
     add_memory_flags(p)
