@@ -16,6 +16,8 @@ Sending back costs no copy: the CPU tensors are kept and re-attached, unless the
 import torch
 from torch import nn
 
+from .models.conv import tensor_version
+
 MODES = ("medvram", "lowvram")
 
 
@@ -36,18 +38,11 @@ def _moved(t, device):
     return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
 
 
-def _version(t):
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
 class Offloader:
     def __init__(self, parts: list[nn.Module], device: torch.device):
         self.parts, self.device = parts, torch.device(device)
         self.resident: nn.Module | None = None
-        self.loads = 0  # parts moved onto the device so far (tests and `kiln info` read it)
+        self.loads = 0  # parts moved onto the device so far
         self._cpu: dict[int, list] = {}
         self._handles = []
         for part in parts:
@@ -64,14 +59,14 @@ class Offloader:
             moved = _moved(cpu, self.device)
             if moved is not cpu:
                 table[name] = moved
-                kept.append((table, name, cpu, moved, _version(moved)))
+                kept.append((table, name, cpu, moved, tensor_version(moved)))
         self._cpu[id(part)] = kept
         self.resident, self.loads = part, self.loads + 1
 
     def send_back(self, part: nn.Module) -> None:
         for table, name, cpu, moved, version in self._cpu.pop(id(part), []):
             now = table[name]
-            unchanged = now is moved and _version(now) == version
+            unchanged = now is moved and tensor_version(now) == version
             table[name] = cpu if unchanged else _moved(now, "cpu")  # changed on the device: copy it back
         if self.resident is part:
             self.resident = None

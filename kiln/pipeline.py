@@ -215,7 +215,6 @@ class Pipeline:
         self._emb_cache = {}
         self._ti_used = {}
         self.offloader = None  # see `offload`
-        self.offload_mode = None
         self.deepcache = None  # (interval, depth): see `set_deepcache`
 
     # ------------------------------------------------------------------ building blocks
@@ -352,7 +351,7 @@ class Pipeline:
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Latents → images in [-1, 1], fp32; re-decodes in fp32 if half precision overflowed. Under --medvram and
         --lowvram one image at a time (the decoder's activations are then most of the device memory)."""
-        if self.offload_mode and z.shape[0] > 1:
+        if self.offloader is not None and z.shape[0] > 1:
             return torch.cat([self.decode_latents(one) for one in z.split(1)])
         vae = self.model.vae
         dec = vae.decode
@@ -653,7 +652,6 @@ class Pipeline:
         if mode:
             self.model.to("cpu")
             self.offloader = offload(self.model, self.device, mode)
-        self.offload_mode = mode
 
     def set_deepcache(self, interval: int | None, depth: int = 3) -> None:
         """DeepCache-style feature reuse (`kiln.models.unet.FeatureCache`): the whole UNet runs every `interval`-th

@@ -65,7 +65,8 @@ def file_backed(t: torch.Tensor) -> bool:
     return False
 
 
-def _version(t: torch.Tensor) -> int:
+def tensor_version(t: torch.Tensor) -> int:
+    """`t`'s in-place modification counter (-1 for inference tensors, which have none)."""
     try:
         return t._version
     except RuntimeError:  # inference tensors carry no version counter
@@ -91,7 +92,7 @@ class Conv2d(nn.Conv2d):
                 self._auto = (w.data_ptr(), sys.platform == "linux" and file_backed(w))
             if not self._auto[1]:
                 return super().forward(x)
-        key = (tuple(x.shape), w.data_ptr(), _version(w))
+        key = (tuple(x.shape), w.data_ptr(), tensor_version(w))
         if getattr(self, "_packed_key", None) != key:
             self._packed = None  # free the old copy before making the new one
             try:
