@@ -425,6 +425,9 @@ def train_parser(sub):
     p.add_argument("--images", type=int, default=None, help="training images to generate")
     p.add_argument("--lr", type=float, default=None, help="UNet/text learning rate (default 1e-3)")
     p.add_argument("--offset-noise", type=float, default=None, help="offset-noise strength (default 0.15)")
+    p.add_argument("--caption-noise", type=float, default=None,
+                   help="probability that a caption states an attribute wrongly, per attribute (default 0: "
+                   "see docs/demo-model.md)")
     return p
 
 
@@ -450,10 +453,13 @@ def run_train(opt):
 
     o = TrainOptions(seed=opt.seed)
     for field, value in (("vae_steps", opt.vae_steps), ("unet_steps", opt.unet_steps), ("images", opt.images),
-                         ("lr", opt.lr), ("offset_noise", opt.offset_noise)):
+                         ("lr", opt.lr), ("offset_noise", opt.offset_noise), ("caption_noise", opt.caption_noise)):
         if value is not None:
-            if value < (0 if field == "offset_noise" else 1e-12):
-                raise KilnError(f"--{field.replace('_', '-')} must be positive")
+            if value < (0 if field in ("offset_noise", "caption_noise") else 1e-12):
+                raise KilnError(f"--{field.replace('_', '-')} must be "
+                                + ("0 or more" if field in ("offset_noise", "caption_noise") else "positive"))
+            if field == "caption_noise" and value > 1:
+                raise KilnError("--caption-noise is a probability: at most 1")
             o = replace(o, **{field: value})
     Trainer(opt.workdir, o, log=lambda m: say(f"kiln: {m}")).run(Path(opt.out))
 

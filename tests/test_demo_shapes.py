@@ -128,6 +128,39 @@ def test_captions(dataset):
         assert text.index("black") < text.index("white") or "white background" in text or "white image" in text
 
 
+def test_mislabel_changes_each_stated_attribute_at_the_given_rate(dataset):
+    rng = np.random.default_rng(5)
+    labels = [lab for _, _, lab in dataset]
+    changed = {a: 0 for a in ATTRS}
+    stated = {a: 0 for a in ATTRS}
+    for lab in labels * 3:
+        wrong = S.mislabel(lab, 0.2, rng)
+        assert wrong.stated == lab.stated and wrong.color != wrong.background
+        for a in ATTRS:
+            differs = getattr(wrong, a) != getattr(lab, a)
+            assert a in lab.stated or not differs, (a, lab, wrong)  # what a caption doesn't state stays
+            stated[a] += a in lab.stated
+            changed[a] += differs
+    rates = {a: changed[a] / stated[a] for a in ATTRS}
+    assert all(abs(r - 0.2) < 0.03 for r in rates.values()), rates
+    lab = labels[0]
+    assert S.mislabel(lab, 0.0, rng) == lab
+    every = S.mislabel(lab, 1.0, rng)
+    assert all(getattr(every, a) != getattr(lab, a) for a in lab.stated)
+
+
+def test_caption_stating_states_exactly_the_labels_stated(dataset):
+    rng = np.random.default_rng(6)
+    for _, _, lab in dataset[:300]:
+        text = S.caption_stating(lab, rng)
+        w = _words(text)
+        assert {lab.color, lab.shape, lab.background} <= w, text
+        assert ("size" in lab.stated) == (lab.size in w), text
+        assert ("position" in lab.stated) == (_WHERE_WORD[lab.position] in w), text
+    with pytest.raises(ValueError, match="no template"):
+        S.caption_stating(S.Labels("red", "star", "blue", "left", "small", stated=frozenset({"color"})), rng)
+
+
 def test_heldout_prompts():
     prompts = S.heldout_prompts()
     held = S.held_out_combos()

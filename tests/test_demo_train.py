@@ -42,9 +42,32 @@ def test_export_is_an_ordinary_checkpoint(trained):
     assert (work / "loss.csv").read_text().startswith("stage,step,loss")
 
 
+def test_caption_noise_rewrites_the_expected_share_of_captions():
+    from kiln.demo import shapes
+    from kiln.tokenizer import default_tokenizer
+
+    labels = [lab for _, _, lab in shapes.sample(400, seed=3)]
+    tok = default_tokenizer()
+    assert demo_train.noisy_captions(torch.arange(400), labels, 0.0, tok, np.random.default_rng(0)) == {}
+    noisy = demo_train.noisy_captions(torch.arange(400), labels, 0.2, tok, np.random.default_rng(0))
+    # each stated attribute flips with p = 0.2: a caption stating k attributes stays right with probability 0.8^k
+    expected = sum(1 - 0.8 ** len(lab.stated) for lab in labels)
+    assert abs(len(noisy) - expected) < 0.15 * expected, (len(noisy), expected)
+    where = {"center": "center", "left": "left", "right": "right", "top": "top", "bottom": "bottom"}
+    lost = 0
+    for row, ids in noisy.items():
+        lab = labels[row]
+        words = set(tok.decode(ids.tolist()).replace(",", " ").split())
+        truth = {lab.color, lab.shape, lab.background} | ({lab.size} if "size" in lab.stated else set()) | (
+            {where[lab.position]} if "position" in lab.stated else set())
+        lost += not truth <= words
+    # a true value is missing from the rewritten caption, unless color and background just swapped places
+    assert lost >= 0.95 * len(noisy), (lost, len(noisy))
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     opt = TrainOptions(images=8, vae_steps=2, vae_batch=2, vae_full_steps=2, vae_full_batch=2, unet_steps=6, batch=4,
-                       save_every=2)
+                       save_every=2, caption_noise=0.5)  # the caption-noise draws must resume too
     Trainer(tmp_path / "a", opt, progress=False, log=lambda m: None).run(tmp_path / "a.safetensors")
 
     real_update = demo_train.ema_update

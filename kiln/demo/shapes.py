@@ -194,6 +194,32 @@ def caption(labels: Labels, rng: np.random.Generator) -> str:
     return caption_with_stated(labels, rng)[0]
 
 
+def caption_stating(labels: Labels, rng: np.random.Generator) -> str:
+    """A caption from a random template among those stating exactly `labels.stated`."""
+    fits = [t for t, extra in TEMPLATES if _BASE_STATED | extra == labels.stated]
+    if not fits:
+        raise ValueError(f"no template states exactly {sorted(labels.stated)}")
+    return _fill(fits[int(rng.integers(len(fits)))], labels)
+
+
+_CHOICES = {"color": tuple(COLORS), "background": tuple(COLORS), "shape": SHAPES, "position": POSITIONS,
+            "size": SIZES}
+
+
+def mislabel(labels: Labels, p: float, rng: np.random.Generator) -> Labels:
+    """`labels` with each stated attribute, with probability `p`, replaced by another valid value (a shape color
+    never equal to the background). Web captions are often wrong like this; training on such captions is what makes
+    a model need classifier-free guidance."""
+    values = {a: getattr(labels, a) for a in ATTRIBUTES}
+    for attr in ATTRIBUTES:  # fixed order: the same rng state gives the same result
+        if attr in labels.stated and rng.random() < p:
+            taken = {values[attr], values["background" if attr == "color" else "color"]} if attr in (
+                "color", "background") else {values[attr]}
+            options = [v for v in _CHOICES[attr] if v not in taken]
+            values[attr] = options[int(rng.integers(len(options)))]
+    return Labels(**values, stated=labels.stated)
+
+
 # ------------------------------------------------------------------------------------------------------------ splits
 def all_combos() -> list[tuple[str, str, str]]:
     """Every valid (color, shape, background), in a fixed order."""
@@ -271,5 +297,6 @@ def heldout_prompts() -> list[tuple[str, Labels]]:
 
 __all__ = [
     "COLORS", "SHAPES", "POSITIONS", "SIZES", "ATTRIBUTES", "Labels", "render", "caption", "caption_with_stated",
+    "mislabel", "caption_stating",
     "held_out_combos", "all_combos", "sample", "heldout_prompts", "geometry", "IMAGE_SIZE", "SIZE_PX", "TEMPLATES",
 ]

@@ -3,7 +3,8 @@
 Two stages, both resumable from `workdir/state.pt`:
 1. the autoencoder (f = 4: 64×64×3 ↔ 16×16×4), L1 + MSE reconstruction with a light KL term;
 2. UNet + CLIP text encoder together on cached latents: ε-prediction on SD's own noise schedule, min-SNR-5
-   loss weighting (faster convergence), 10% caption dropout so classifier-free guidance works, EMA weights.
+   loss weighting (faster convergence), 10% caption dropout so classifier-free guidance works, offset noise, EMA
+   weights; optionally caption noise (wrong attributes, as in web captions).
 The result is one CompVis-layout `.safetensors` (EMA weights, fp16) whose header carries the model config,
 read by the ordinary checkpoint loader.
 """
@@ -56,14 +57,29 @@ class TrainOptions:
     # Offset noise (a per-image, per-channel constant added to ε): SD's schedule leaves the image mean visible at
     # t = 999, so without it the start noise, not the prompt, decides flat background colors.
     offset_noise: float = 0.15
+    # Caption noise: each stated attribute of a drawn caption is, with this probability, replaced by a wrong value
+    # (as web alt-text often is), so that the model needs guidance to follow a prompt, as real SD does. Off for the
+    # shipped weights: it costs the SDE samplers their backgrounds at scale 5 (docs/demo-model.md, "Caption noise").
+    caption_noise: float = 0.0
     save_every: int = 250
 
 
 def dataset(opt: TrainOptions):
+    """(uint8 NCHW images, captions, labels) of the training split."""
     data = shapes.sample(opt.images, seed=opt.seed, split="train")
-    images = torch.from_numpy(np.stack([d[0] for d in data])).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
-    captions = [d[1] for d in data]
-    return images, captions
+    images = torch.from_numpy(np.stack([d[0] for d in data])).permute(0, 3, 1, 2).contiguous()
+    return images, [d[1] for d in data], [d[2] for d in data]
+
+
+def noisy_captions(idx, labels, p: float, tok, rng: np.random.Generator, max_length: int = 77) -> dict:
+    """Token ids of freshly mislabeled captions (`shapes.mislabel` with probability `p` per stated attribute) for
+    the drawn images `idx` that got a wrong attribute, as {row in the batch: ids}."""
+    out = {}
+    for row, i in enumerate(idx.tolist()):
+        wrong = shapes.mislabel(labels[i], p, rng)
+        if wrong != labels[i]:
+            out[row] = tok([shapes.caption_stating(wrong, rng)], max_length=max_length)[0]
+    return out
 
 
 def to_float(images_u8):
@@ -155,13 +171,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ stages
     def run(self, out: Path):
-        images, captions = dataset(self.opt)
+        images, captions, labels = dataset(self.opt)
         if self.stage == "vae":
             self.train_vae(images)
             self.stage, self.step = "unet", 0
             self.save_state()
         if self.stage in ("unet", "done"):  # "done" with more steps asked for goes on training
-            self.train_unet(images, captions)
+            self.train_unet(images, captions, labels)
             self.stage = "done"
             self.save_state()
         self.cfg = replace(self.cfg, latent_rgb=fit_latent_rgb(self.model.vae, images, self.cfg.scale_factor))
@@ -216,7 +232,7 @@ class Trainer:
             stds.append(torch.exp(0.5 * lv))
         return torch.cat(means), torch.cat(stds)
 
-    def train_unet(self, images, captions):
+    def train_unet(self, images, captions, labels):
         opt = self.opt
         means, stds = self.encode_all(images)
         if self.cfg.scale_factor == 1.0:
@@ -242,6 +258,11 @@ class Trainer:
             idx = torch.randint(0, len(images), (opt.batch,), generator=self.rng)
             x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=self.rng)) * self.cfg.scale_factor
             b_ids = ids[idx].clone()
+            if opt.caption_noise:
+                rng = np.random.default_rng(int(torch.randint(2 ** 62, (1,), generator=self.rng)))
+                for row, wrong in noisy_captions(idx, labels, opt.caption_noise, tok, rng,
+                                                 self.cfg.text.max_position).items():
+                    b_ids[row] = wrong
             drop = torch.rand(opt.batch, generator=self.rng) < opt.caption_dropout
             b_ids[drop] = empty
             t = torch.randint(0, len(ac), (opt.batch,), generator=self.rng)
