@@ -900,22 +900,21 @@ class Pipeline:
         if inpaint_area not in ("whole", "masked"):
             raise KilnError(f"inpaint area must be whole or masked, not {inpaint_area!r}")
         only_masked = inpaint_area == "masked" and (mask is not None or outpaint is not None)
+        region = None
         if only_masked:  # the picture keeps its own size; width/height are the crop's rendering size
+            from .images import mask_region
+
             init_im, m = self.prepare_init(init_image, None, None, resize_mode, mask, outpaint)
             width, height = width or self.native_size, height or self.native_size
             self.check_size(width, height)
-        else:
-            init_im, m = self.prepare_init(init_image, width, height, resize_mode, mask, outpaint)
-            width, height = init_im.size
-        region = None
-        if only_masked:
-            from .images import mask_region
-
             region = mask_region(m, masked_padding, width, height)
             full_px, full_paste = np.asarray(init_im), blur_mask(m, mask_blur)
             m_crop = Image.fromarray((m * 255).astype(np.uint8)).crop(region).resize((width, height), Image.BILINEAR)
             init_im = init_im.crop(region).resize((width, height), Image.LANCZOS)
             m = np.asarray(m_crop, dtype=np.float32) / 255.0
+        else:
+            init_im, m = self.prepare_init(init_image, width, height, resize_mode, mask, outpaint)
+            width, height = init_im.size
         nine = self.cfg.unet.in_channels != self.cfg.latent_channels
         if nine and m is None:
             raise KilnError(f"{self.info.path} is an inpainting model: it needs a mask (--mask) or --outpaint")
