@@ -455,9 +455,9 @@ def run_train(opt):
     for field, value in (("vae_steps", opt.vae_steps), ("unet_steps", opt.unet_steps), ("images", opt.images),
                          ("lr", opt.lr), ("offset_noise", opt.offset_noise), ("caption_noise", opt.caption_noise)):
         if value is not None:
-            if value < (0 if field in ("offset_noise", "caption_noise") else 1e-12):
-                raise KilnError(f"--{field.replace('_', '-')} must be "
-                                + ("0 or more" if field in ("offset_noise", "caption_noise") else "positive"))
+            zero_ok = field in ("offset_noise", "caption_noise")
+            if value < (0 if zero_ok else 1e-12):
+                raise KilnError(f"--{field.replace('_', '-')} must be {'0 or more' if zero_ok else 'positive'}")
             if field == "caption_noise" and value > 1:
                 raise KilnError("--caption-noise is a probability: at most 1")
             o = replace(o, **{field: value})

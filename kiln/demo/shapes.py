@@ -213,8 +213,9 @@ def mislabel(labels: Labels, p: float, rng: np.random.Generator) -> Labels:
     values = {a: getattr(labels, a) for a in ATTRIBUTES}
     for attr in ATTRIBUTES:  # fixed order: the same rng state gives the same result
         if attr in labels.stated and rng.random() < p:
-            taken = {values[attr], values["background" if attr == "color" else "color"]} if attr in (
-                "color", "background") else {values[attr]}
+            taken = {values[attr]}
+            if attr in ("color", "background"):  # the shape must stay visible on its background
+                taken.add(values["background" if attr == "color" else "color"])
             options = [v for v in _CHOICES[attr] if v not in taken]
             values[attr] = options[int(rng.integers(len(options)))]
     return Labels(**values, stated=labels.stated)

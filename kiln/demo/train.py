@@ -74,12 +74,13 @@ def dataset(opt: TrainOptions):
 def noisy_captions(idx, labels, p: float, tok, rng: np.random.Generator, max_length: int = 77) -> dict:
     """Token ids of freshly mislabeled captions (`shapes.mislabel` with probability `p` per stated attribute) for
     the drawn images `idx` that got a wrong attribute, as {row in the batch: ids}."""
-    out = {}
+    rows, texts = [], []
     for row, i in enumerate(idx.tolist()):
         wrong = shapes.mislabel(labels[i], p, rng)
         if wrong != labels[i]:
-            out[row] = tok([shapes.caption_stating(wrong, rng)], max_length=max_length)[0]
-    return out
+            rows.append(row)
+            texts.append(shapes.caption_stating(wrong, rng))
+    return dict(zip(rows, tok(texts, max_length=max_length))) if texts else {}
 
 
 def to_float(images_u8):
