@@ -45,7 +45,8 @@ def model_from_state(state: dict, cfg: ModelConfig = ModelConfig()) -> LatentDif
     """Our model sharing the tensors of `state` (no copy)."""
     with torch.device("meta"):
         model = LatentDiffusion(cfg)
-    model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=True, assign=True)
+    keys = model.state_dict().keys()  # once: state_dict() walks every module (quadratic inside the comprehension)
+    model.load_state_dict({k: v for k, v in state.items() if k in keys}, strict=True, assign=True)
     return model.eval().requires_grad_(False)
 
 
