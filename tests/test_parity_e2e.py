@@ -77,14 +77,18 @@ def test_e2e_diffusers_folder(sd15, tmp_path, fp16_run):
     assert_pixels_match(ours, fp16_run[2])
 
 
-@pytest.mark.parametrize("ema", ["on", "off"])
-def test_e2e_ckpt_ema(sd15, tmp_path, ema, capsys):
-    ours, _ = run_kiln(tmp_path, sd15["ckpt"], "--ema", ema)
+@pytest.fixture(scope="module")
+def ckpt_refs(sd15):
+    """diffusers on the .ckpt, converted with and without `extract_ema` (each test needs both)."""
     from kiln.checkpoints.safe_pickle import load_pickle_checkpoint
 
     state = {k: v.float() for k, v in load_pickle_checkpoint(sd15["ckpt"])["state_dict"].items()}
-    ref = run_diffusers(sd15, state, extract_ema=(ema == "on"))
-    assert_pixels_match(ours, ref)
-    other = run_diffusers(sd15, state, extract_ema=(ema != "on"))
-    assert np.abs(ours / 255.0 - other).mean() > 0.01  # EMA and raw weights give different pictures
+    return {ema: run_diffusers(sd15, state, extract_ema=ema) for ema in (True, False)}
+
+
+@pytest.mark.parametrize("ema", ["on", "off"])
+def test_e2e_ckpt_ema(sd15, tmp_path, ema, ckpt_refs):
+    ours, _ = run_kiln(tmp_path, sd15["ckpt"], "--ema", ema)
+    assert_pixels_match(ours, ckpt_refs[ema == "on"])
+    assert np.abs(ours / 255.0 - ckpt_refs[ema != "on"]).mean() > 0.01  # EMA and raw weights give different pictures
 
