@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 import sdref
 from kiln.cli import main
@@ -47,7 +46,7 @@ def assert_pixels_match(ours_u8, ref_float):
 
 
 def fp32_state(path):
-    return {k: v.float() for k, v in load_file(path).items()}
+    return sdref.load_float(path)
 
 
 @pytest.fixture(scope="module")

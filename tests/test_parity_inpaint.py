@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import sdref
 from kiln.models import ModelConfig, UNetConfig
@@ -52,7 +52,7 @@ def test_inpainting_model_matches_diffusers(inpaint_ckpt, sd15):
 
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
-    state = {k: v.float() for k, v in load_file(inpaint_ckpt).items()}
+    state = sdref.load_float(inpaint_ckpt)
     ref = StableDiffusionInpaintPipeline(
         vae=sdref.ref_vae(state), text_encoder=sdref.ref_clip(state), tokenizer=sdref.hf_tokenizer(sd15["tokenizer"]),
         unet=sdref.ref_unet(state, in_channels=9),

@@ -7,7 +7,6 @@ import gc
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import sdref
 from kiln.checkpoints import load_model
@@ -19,7 +18,7 @@ PROMPT = "a red cube on a blue table"
 
 
 def fp32_state(path):
-    return {k: v.float() for k, v in load_file(path).items()}
+    return sdref.load_float(path)
 
 
 def test_sd2_detection_and_text_encoder_parity(sd2):

@@ -91,7 +91,7 @@ def ours(sdxl, xl_lora):
 
 @pytest.fixture(scope="module")
 def reference(sdxl, ours, xl_lora):
-    state = {k: v.float() for k, v in load_file(sdxl["fp16"]).items()}
+    state = sdref.load_float(sdxl["fp16"])
     pipe = sdref.ref_sdxl_pipeline(state, sdxl["tokenizer"])
     del state
     out = {}
