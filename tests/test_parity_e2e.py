@@ -45,16 +45,12 @@ def assert_pixels_match(ours_u8, ref_float):
     assert ref_float.std() > 0.05  # a real picture, not a flat one
 
 
-def fp32_state(path):
-    return sdref.load_float(path)
-
-
 @pytest.fixture(scope="module")
 def fp16_run(sd15, tmp_path_factory):
     """kiln on the fp16 .safetensors file and diffusers on the same weights: shared by the tests below (each run
     loads 4.3 GB of weights; CI time matters)."""
     ours, out = run_kiln(tmp_path_factory.mktemp("fp16"), sd15["fp16"])
-    return ours, out, run_diffusers(sd15, fp32_state(sd15["fp16"]))
+    return ours, out, run_diffusers(sd15, sdref.load_float(sd15["fp16"]))
 
 
 def test_e2e_safetensors_fp16(fp16_run):
@@ -65,7 +61,7 @@ def test_e2e_safetensors_fp16(fp16_run):
 
 def test_e2e_negative_prompt(sd15, tmp_path, fp16_run):
     ours, _ = run_kiln(tmp_path, sd15["fp16"], "--negative-prompt", "green, blurry")
-    ref = run_diffusers(sd15, fp32_state(sd15["fp16"]), negative="green, blurry")
+    ref = run_diffusers(sd15, sdref.load_float(sd15["fp16"]), negative="green, blurry")
     assert_pixels_match(ours, ref)
     plain = fp16_run[0]
     assert (plain != ours).mean() > 0.5  # the negative prompt really changed the image

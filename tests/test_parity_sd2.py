@@ -17,14 +17,10 @@ pytestmark = pytest.mark.slow
 PROMPT = "a red cube on a blue table"
 
 
-def fp32_state(path):
-    return sdref.load_float(path)
-
-
 def test_sd2_detection_and_text_encoder_parity(sd2):
     ours, info = load_model(sd2["fp16"], prediction="v")
     assert info.config == sd2["config"]
-    state = fp32_state(sd2["fp16"])
+    state = sdref.load_float(sd2["fp16"])
     ref = sdref.ref_openclip(state)
     del state
     from kiln.pipeline import Pipeline
@@ -43,7 +39,7 @@ def test_sd2_detection_and_text_encoder_parity(sd2):
 
 
 def run_diffusers_sd2(sd2, prompt, n=2):
-    pipe = sdref.ref_sd2_pipeline(fp32_state(sd2["fp16"]), sd2["tokenizer"], prediction="v")
+    pipe = sdref.ref_sd2_pipeline(sdref.load_float(sd2["fp16"]), sd2["tokenizer"], prediction="v")
     latents = randn((4, 8, 8), generators([42 + i for i in range(n)]), "cpu")  # kiln's documented seed rule
     with torch.no_grad():
         images = pipe(prompt=[prompt] * n, height=64, width=64, num_inference_steps=STEPS, guidance_scale=7.5,

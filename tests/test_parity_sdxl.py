@@ -91,10 +91,10 @@ def ours(sdxl, xl_lora):
     out["weight0_unchanged"] = fingerprints(params, patched) == before
     pipe.set_loras([(lora, 1.0, 1.0)])
     out["lora_context"], out["lora_pooled"], out["lora_eps"] = our_probes(pipe)
-    out["merged"] = fingerprints(params, patched)
+    merged = fingerprints(params, patched)
+    out["changed_by_merge"] = sum(merged[k] != before[k] for k in patched) / len(patched)
     pipe.set_loras([])
     out["restored"] = fingerprints(params, patched) == before
-    out["changed_by_merge"] = sum(out["merged"][k] != before[k] for k in patched) / len(patched)
     del pipe, params, before
     gc.collect()
     return out
