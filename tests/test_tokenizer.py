@@ -35,7 +35,6 @@ import unicodedata
 from pathlib import Path
 
 import pytest
-import regex
 import torch
 import transformers
 from hypothesis import HealthCheck, given, settings
