@@ -20,6 +20,8 @@ import kiln
 from kiln.demo import shapes
 from kiln.demo.evaluate import score
 from kiln.demo.report import EMBEDDED
+from kiln.demo.train import to_float
+from kiln.pipeline import to_uint8
 from kiln.samplers.compvis import sample_ddim, sample_plms
 
 
@@ -39,14 +41,11 @@ def main():
     args = ap.parse_args()
 
     pipe = kiln.load(EMBEDDED, device="cpu", precision="full")
-    vae, sf, ac = pipe.model.vae, pipe.cfg.scale_factor, pipe.alphas_cumprod
+    ac = pipe.alphas_cumprod
 
-    def encode(images):
-        out = []
-        for i in range(0, len(images), 256):
-            x = torch.from_numpy(np.stack(images[i:i + 256])).permute(0, 3, 1, 2).float() / 127.5 - 1
-            out.append(vae.encode(x)[0] * sf)
-        return torch.cat(out).flatten(1)
+    def encode(images):  # uint8 HWC images → flattened latent means, in chunks (20,000 at once is several GB)
+        chunks = (torch.from_numpy(np.stack(images[i:i + 256])).permute(0, 3, 1, 2) for i in range(0, len(images), 256))
+        return torch.cat([pipe.encode_images(to_float(c)) for c in chunks]).flatten(1)
 
     prompts = shapes.heldout_prompts()
     uncond = encode([image for image, _, _ in shapes.sample(args.images, seed=0, split="train")])
@@ -67,8 +66,9 @@ def main():
     for scale in (float(s) for s in args.scales.split(",")):
         for name, sample in (("ddim", sample_ddim), ("plms", sample_plms)):
             stds = []
-            z = sample(guided_eps(scale), start.clone(), ac, 20, callback=lambda i, n, x, x0: stds.append(float(x0.std())))
-            pixels = ((vae.decode(z / sf).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            z = sample(guided_eps(scale), start.clone(), ac, 20,
+                       callback=lambda i, n, x, x0: stds.append(float(x0.std())))
+            pixels = to_uint8(pipe.decode_latents(z))
             r = score([(p, labels) for p, (_, labels) in zip(pixels, prompts)])
             print(f"| {name} | {scale:g} | " + " | ".join(f"{100 * r[k]:.1f}%" for k in
                   ("color", "background", "shape", "position", "size")) + " | "
