@@ -428,6 +428,14 @@ def train_parser(sub):
     p.add_argument("--caption-noise", type=float, default=None,
                    help="probability that a caption states an attribute wrongly, per attribute (default 0: "
                    "see docs/demo-model.md)")
+    p.add_argument("--caption-noise-colors", type=float, default=None,
+                   help="the same probability for the shape color and the background only (default: --caption-noise)")
+    p.add_argument("--color-jitter", type=float, default=None,
+                   help="spread of each named color in the training images, as a fraction (under 0.5) of its distance "
+                   "to the nearest other palette color (default 0)")
+    p.add_argument("--init", default=None, metavar="MODEL",
+                   help="fine-tune: start the UNet stage from this model written by `kiln train demo` "
+                   "(fresh optimizer; steps count on from the model's own)")
     return p
 
 
@@ -453,15 +461,27 @@ def run_train(opt):
 
     o = TrainOptions(seed=opt.seed)
     for field, value in (("vae_steps", opt.vae_steps), ("unet_steps", opt.unet_steps), ("images", opt.images),
-                         ("lr", opt.lr), ("offset_noise", opt.offset_noise), ("caption_noise", opt.caption_noise)):
+                         ("lr", opt.lr), ("offset_noise", opt.offset_noise), ("caption_noise", opt.caption_noise),
+                         ("caption_noise_colors", opt.caption_noise_colors), ("color_jitter", opt.color_jitter)):
         if value is not None:
-            zero_ok = field in ("offset_noise", "caption_noise")
+            flag = "--" + field.replace("_", "-")
+            zero_ok = field in ("offset_noise", "caption_noise", "caption_noise_colors", "color_jitter")
             if value < (0 if zero_ok else 1e-12):
-                raise KilnError(f"--{field.replace('_', '-')} must be {'0 or more' if zero_ok else 'positive'}")
-            if field == "caption_noise" and value > 1:
-                raise KilnError("--caption-noise is a probability: at most 1")
+                raise KilnError(f"{flag} must be {'0 or more' if zero_ok else 'positive'}")
+            if field.startswith("caption_noise") and value > 1:
+                raise KilnError(f"{flag} is a probability: at most 1")
+            if field == "color_jitter" and value >= 0.5:
+                raise KilnError("--color-jitter must be under 0.5, or jittered colors could cross to another name")
             o = replace(o, **{field: value})
-    Trainer(opt.workdir, o, log=lambda m: say(f"kiln: {m}")).run(Path(opt.out))
+    if opt.init:
+        if not Path(opt.init).is_file():
+            raise KilnError(f"--init: no such file: {opt.init}")
+        o = replace(o, init=opt.init)
+    try:
+        trainer = Trainer(opt.workdir, o, log=lambda m: say(f"kiln: {m}"))
+    except (ValueError, OSError) as e:  # an --init file that is not a kiln demo model
+        raise KilnError(f"--init: {e}") from None
+    trainer.run(Path(opt.out))
 
 
 def run_eval(opt):

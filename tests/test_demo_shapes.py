@@ -149,6 +149,42 @@ def test_mislabel_changes_each_stated_attribute_at_the_given_rate(dataset):
     assert all(getattr(every, a) != getattr(lab, a) for a in lab.stated)
 
 
+def test_mislabel_takes_a_probability_per_attribute(dataset):
+    rng = np.random.default_rng(6)
+    p = {"color": 0.5, "background": 0.5, "shape": 0.0, "position": 0.0, "size": 0.0}
+    changed = {a: 0 for a in ATTRS}
+    for _, _, lab in dataset:
+        wrong = S.mislabel(lab, p, rng)
+        for a in ATTRS:
+            changed[a] += getattr(wrong, a) != getattr(lab, a)
+    assert changed["shape"] == changed["position"] == changed["size"] == 0
+    assert abs(changed["color"] / len(dataset) - 0.5) < 0.06 and abs(changed["background"] / len(dataset) - 0.5) < 0.06
+
+
+def test_color_jitter_spreads_colors_but_keeps_them_nearest_their_name():
+    rng = np.random.default_rng(0)
+    for name, rgb in S.COLORS.items():
+        got = np.array([S.jittered_color(name, 0.45, rng) for _ in range(300)], dtype=float)
+        assert {E.nearest_color(c) for c in got} == {name}
+        d = np.linalg.norm(got - np.array(rgb, dtype=float), axis=1)
+        assert d.max() <= 0.45 * S.PALETTE_GAP[name] + 1  # +1: rounding to integers
+        assert np.median(d) > 0.25 * S.PALETTE_GAP[name] * (0.5 if name in ("white", "black") else 1)  # clipped ones
+    assert min(S.PALETTE_GAP.values()) == pytest.approx(76.3, abs=0.1)  # yellow and orange
+
+
+def test_color_jittered_samples_keep_their_labels_and_geometry():
+    plain, jittered = S.sample(300, seed=9), S.sample(300, seed=9, color_jitter=0.4)
+    assert [c for _, c, _ in plain] != [c for _, c, _ in jittered]  # the jitter draws shift the caption stream
+    assert E.score([(img, lab) for img, _, lab in jittered])["all"] == 1.0
+    corners = {}  # the top-left pixel is always background
+    for img, _, lab in jittered:
+        corners.setdefault(lab.background, []).append(tuple(img[0, 0]))
+    assert all(len(set(v)) >= 0.9 * len(v) for v in corners.values()), corners  # nearly every one its own shade
+    assert {tuple(img[0, 0]) for img, _, lab in plain if lab.background == "red"} == {S.COLORS["red"]}
+    again = S.sample(300, seed=9, color_jitter=0.4)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(jittered, again))
+
+
 def test_caption_stating_states_exactly_the_labels_stated(dataset):
     rng = np.random.default_rng(6)
     for _, _, lab in dataset[:300]:

@@ -87,3 +87,47 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     resumed.run(tmp_path / "b.safetensors")
     a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_fine_tunes_an_exported_model(trained, tmp_path):
+    import json
+    from dataclasses import replace
+
+    from safetensors import safe_open
+
+    _, work = trained
+    start = work / "model.safetensors"
+    opt = replace(FAST, init=str(start), unet_steps=46, color_jitter=0.3, caption_noise_colors=0.5)
+    messages = []
+    t = Trainer(tmp_path / "ft", opt, progress=False, log=messages.append)
+    assert (t.stage, t.step) == ("unet", 40) and "fine-tuning" in messages[0]
+    exported = load_file(start)
+    assert all(torch.equal(v, exported["model.diffusion_model." + k].float())
+               for k, v in t.ema.unet.state_dict().items())
+    t.run(tmp_path / "ft.safetensors")
+    assert [s for s, step, _ in t.loss_log] == ["unet"] * 6 and t.loss_log[0][1] == 41
+    with safe_open(str(tmp_path / "ft.safetensors"), "pt") as f:
+        done = json.loads(f.metadata()["kiln_training"])
+    with safe_open(str(start), "pt") as f:
+        before = json.loads(f.metadata()["kiln_training"])
+    assert done["options"]["init"] == str(start) and done["options"]["color_jitter"] == 0.3
+    assert done["train_seconds"] > before["train_seconds"]  # the clock goes on from the model's own
+    tuned = load_file(tmp_path / "ft.safetensors")
+    assert not torch.equal(tuned["model.diffusion_model.out.2.weight"], exported["model.diffusion_model.out.2.weight"])
+    assert torch.equal(tuned["first_stage_model.decoder.conv_out.weight"],
+                       exported["first_stage_model.decoder.conv_out.weight"])  # the autoencoder is kept
+
+
+def test_train_cli_refuses_bad_options_cleanly(tmp_path, capsys):
+    from kiln.cli import main
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    for args, words in ((["--color-jitter", "0.5"], "under 0.5"), (["--caption-noise-colors", "1.5"], "at most 1"),
+                        (["--init", str(tmp_path / "missing.safetensors")], "no such file"),
+                        (["--init", str(junk)], "--init")):
+        assert main(["train", "demo", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o.safetensors")]
+                    + args) == 1
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
+        assert not (tmp_path / "o.safetensors").exists()

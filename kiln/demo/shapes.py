@@ -12,6 +12,7 @@ Geometry (all in 64-px image units; the shape's *bounding box* is what is placed
   * size "small" = 18 px across, "large" = 30 px across (the bounding box's larger side), jitter +-2 px;
   * position = bounding-box center at (32, 32) for "center", or 12 px from it towards the named side, jitter +-2 px
     per axis; the largest shape at the most extreme jitter still keeps a 2 px margin to the image edge.
+  * colors are the palette's exactly, unless `color_jitter` asks for a spread around each (training data does).
 Shapes are upright (square axis-aligned, triangle and star pointing up) and drawn at 4x then box-downsampled.
 
 numpy + PIL only; deterministic for a given seed (numpy's PCG64 streams) and independent of global random state.
@@ -133,13 +134,35 @@ def geometry(labels: Labels, rng: np.random.Generator | None = None) -> tuple[fl
     return cx, cy, s
 
 
-def render(labels: Labels, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The [64, 64, 3] uint8 image of `labels`; `rng` adds position/size jitter, None renders the canonical image."""
+def _nearest_palette_distance() -> dict[str, float]:
+    rgb = {name: np.array(c, dtype=np.float64) for name, c in COLORS.items()}
+    return {n: min(float(np.linalg.norm(rgb[n] - rgb[o])) for o in rgb if o != n) for n in rgb}
+
+
+# RGB distance from each palette color to its nearest other one (yellow-orange 76.3 is the closest pair).
+PALETTE_GAP: dict[str, float] = _nearest_palette_distance()
+
+
+def jittered_color(name: str, amount: float, rng: np.random.Generator) -> tuple[int, int, int]:
+    """COLORS[name] moved to a uniform point of the RGB ball of radius `amount` × PALETTE_GAP[name], clipped to
+    [0, 255]. Below 0.5 every jittered color stays nearest its own palette entry, so the labels stay true."""
+    v = rng.normal(size=3)
+    v *= amount * PALETTE_GAP[name] * rng.uniform() ** (1 / 3) / np.linalg.norm(v)
+    return tuple(int(x) for x in np.clip(np.round(np.array(COLORS[name], dtype=np.float64) + v), 0, 255))
+
+
+def render(labels: Labels, rng: np.random.Generator | None = None, color_jitter: float = 0.0) -> np.ndarray:
+    """The [64, 64, 3] uint8 image of `labels`; `rng` adds position/size jitter, None renders the canonical image.
+    With `rng` and `color_jitter` > 0 the two colors are also jittered (`jittered_color`): named colors then cover a
+    range, as real ones do, which keeps a guided sampler's ODE from being steep (docs/demo-model.md)."""
+    fill, back = COLORS[labels.color], COLORS[labels.background]
+    if rng is not None and color_jitter > 0:
+        fill = jittered_color(labels.color, color_jitter, rng)
+        back = jittered_color(labels.background, color_jitter, rng)
     cx, cy, s = geometry(labels, rng)
     k = SUPERSAMPLE
-    big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), COLORS[labels.background])
+    big = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), back)
     draw = ImageDraw.Draw(big)
-    fill = COLORS[labels.color]
     # PIL pixel (i, j) covers [i, i+1) x [j, j+1); continuous coordinate u maps to u*k - 0.5 in PIL's center convention.
     if labels.shape == "circle":
         r = s / 2 * k
@@ -206,13 +229,13 @@ _CHOICES = {"color": tuple(COLORS), "background": tuple(COLORS), "shape": SHAPES
             "size": SIZES}
 
 
-def mislabel(labels: Labels, p: float, rng: np.random.Generator) -> Labels:
-    """`labels` with each stated attribute, with probability `p`, replaced by another valid value (a shape color
-    never equal to the background). Web captions are often wrong like this; training on such captions is what makes
-    a model need classifier-free guidance."""
+def mislabel(labels: Labels, p: float | dict[str, float], rng: np.random.Generator) -> Labels:
+    """`labels` with each stated attribute, with probability `p` (one for all, or per attribute name), replaced by
+    another valid value (a shape color never equal to the background). Web captions are often wrong like this;
+    training on such captions is what makes a model need classifier-free guidance."""
     values = {a: getattr(labels, a) for a in ATTRIBUTES}
     for attr in ATTRIBUTES:  # fixed order: the same rng state gives the same result
-        if attr in labels.stated and rng.random() < p:
+        if attr in labels.stated and rng.random() < (p[attr] if isinstance(p, dict) else p):
             taken = {values[attr]}
             if attr in ("color", "background"):  # the shape must stay visible on its background
                 taken.add(values["background" if attr == "color" else "color"])
@@ -265,10 +288,11 @@ def held_out_combos() -> frozenset[tuple[str, str, str]]:
     return _HELD_OUT
 
 
-def sample(n: int, seed: int, split: str = "train") -> list[tuple[np.ndarray, str, Labels]]:
-    """`n` (image, caption, labels) triples, deterministic in (n, seed, split); a prefix of a longer draw with the same
-    seed. "train" never uses a held-out combination, "heldout" uses only them. Combination, position and size are
-    uniform; `labels.stated` says which attributes the caption states."""
+def sample(n: int, seed: int, split: str = "train", color_jitter: float = 0.0) -> list[tuple[np.ndarray, str, Labels]]:
+    """`n` (image, caption, labels) triples, deterministic in (n, seed, split, color_jitter); a prefix of a longer draw
+    with the same arguments. "train" never uses a held-out combination, "heldout" uses only them. Combination,
+    position and size are uniform; `labels.stated` says which attributes the caption states; `color_jitter` as in
+    `render`."""
     if split not in _SPLIT_COMBOS:
         raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
     combos = _SPLIT_COMBOS[split]
@@ -279,7 +303,7 @@ def sample(n: int, seed: int, split: str = "train") -> list[tuple[np.ndarray, st
         pos = POSITIONS[int(rng.integers(len(POSITIONS)))]
         size = SIZES[int(rng.integers(len(SIZES)))]
         labels = Labels(c, s, b, pos, size)
-        img = render(labels, rng)
+        img = render(labels, rng, color_jitter)
         text, stated = caption_with_stated(labels, rng)
         out.append((img, text, Labels(c, s, b, pos, size, stated=stated)))
     return out
@@ -298,6 +322,6 @@ def heldout_prompts() -> list[tuple[str, Labels]]:
 
 __all__ = [
     "COLORS", "SHAPES", "POSITIONS", "SIZES", "ATTRIBUTES", "Labels", "render", "caption", "caption_with_stated",
-    "mislabel", "caption_stating",
+    "mislabel", "caption_stating", "jittered_color", "PALETTE_GAP",
     "held_out_combos", "all_combos", "sample", "heldout_prompts", "geometry", "IMAGE_SIZE", "SIZE_PX", "TEMPLATES",
 ]
