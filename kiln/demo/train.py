@@ -69,7 +69,7 @@ class TrainOptions:
     # steep for multistep samplers such as PLMS (docs/demo-model.md).
     color_jitter: float = 0.0
     # Start the UNet stage from this exported model (its EMA weights, VAE and config) with a fresh optimizer,
-    # counting steps on from the number it was trained for: a fine-tune, as the shipped weights' last stage is.
+    # counting steps on from the number it was trained for: a fine-tune (docs/demo-model.md, "Color jitter").
     init: str | None = None
     save_every: int = 250
 
