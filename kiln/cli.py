@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import KilnError
+from .errors import CheckpointError, KilnError
 
 COMPVIS_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 COMPVIS_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -474,12 +474,10 @@ def run_train(opt):
                 raise KilnError("--color-jitter must be under 0.5, or jittered colors could cross to another name")
             o = replace(o, **{field: value})
     if opt.init:
-        if not Path(opt.init).is_file():
-            raise KilnError(f"--init: no such file: {opt.init}")
         o = replace(o, init=opt.init)
     try:
         trainer = Trainer(opt.workdir, o, log=lambda m: say(f"kiln: {m}"))
-    except (ValueError, OSError) as e:  # an --init file that is not a kiln demo model
+    except CheckpointError as e:  # only --init reads a model here: missing, unreadable, or not a kiln demo model
         raise KilnError(f"--init: {e}") from None
     trainer.run(Path(opt.out))
 

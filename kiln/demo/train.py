@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checkpoints.sources import open_file
+from ..errors import CheckpointError
 from ..models import CLIPTextConfig, LatentDiffusion, ModelConfig, UNetConfig, VAEConfig, alphas_cumprod
 from ..tokenizer import default_tokenizer
 from . import shapes
@@ -149,8 +151,7 @@ class Trainer:
             self.model.vae.encoder.conv_out.bias[self.cfg.vae.z_channels:] = -6.0
         self.stage, self.step, self.elapsed = "vae", 0, 0.0
         self.vae_opt = torch.optim.AdamW(self.model.vae.parameters(), lr=opt.vae_lr, weight_decay=0.0)
-        self.diff_params = list(self.model.unet.parameters()) + list(self.model.text_model.parameters())
-        self.diff_opt = torch.optim.AdamW(self.diff_params, lr=opt.lr, weight_decay=0.01)
+        self.new_diffusion_optimizer()
         self.ema = None
         self.rng = torch.Generator().manual_seed(opt.seed)
         self.loss_log = []  # (stage, step, loss)
@@ -163,27 +164,24 @@ class Trainer:
     def start_from(self, path):
         """Fine-tune: the UNet stage begins from an exported model, with a fresh optimizer and EMA; the step count,
         the learning-rate schedule and the clock go on from what the file's header records."""
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k).float() for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
-            raise ValueError(f"{path} cannot be read as a .safetensors model ({e})") from None
-        if "kiln_config" not in meta or "kiln_training" not in meta:
-            raise ValueError(f"{path} is not a model written by `kiln train demo` (no kiln_config/kiln_training)")
-        done = json.loads(meta["kiln_training"])
-        self.cfg = ModelConfig.from_dict(json.loads(meta["kiln_config"]))
+        src = open_file(path)  # the checkpoint reader's own checks: missing, truncated, not safetensors
+        if "kiln_config" not in src.metadata or "kiln_training" not in src.metadata:
+            raise CheckpointError(f"{path}: not a model written by `kiln train demo` (no kiln_config/kiln_training)")
+        done = json.loads(src.metadata["kiln_training"])
+        self.cfg = ModelConfig.from_dict(json.loads(src.metadata["kiln_config"]))
         self.model = LatentDiffusion(self.cfg)
-        self.model.load_state_dict(state)
-        self.diff_params = list(self.model.unet.parameters()) + list(self.model.text_model.parameters())
-        self.diff_opt = torch.optim.AdamW(self.diff_params, lr=self.opt.lr, weight_decay=0.01)
+        self.model.load_state_dict({k: src.get(k).float() for k in src.keys()})
+        self.new_diffusion_optimizer()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.stage, self.step = "unet", int(done["options"]["unet_steps"])
         self.elapsed = float(done.get("train_seconds") or 0.0)
         self.rng = torch.Generator().manual_seed(self.opt.seed + self.step)
         self.log(f"fine-tuning {path} from step {self.step}")
+
+    def new_diffusion_optimizer(self):
+        """A fresh AdamW over the UNet's and the text encoder's parameters (trained together)."""
+        self.diff_params = list(self.model.unet.parameters()) + list(self.model.text_model.parameters())
+        self.diff_opt = torch.optim.AdamW(self.diff_params, lr=self.opt.lr, weight_decay=0.01)
 
     # ------------------------------------------------------------------ checkpoints of the training run
     def save_state(self):
@@ -203,8 +201,7 @@ class Trainer:
         self.model.load_state_dict(s["model"])
         self.vae_opt = torch.optim.AdamW(self.model.vae.parameters(), lr=self.opt.vae_lr, weight_decay=0.0)
         self.vae_opt.load_state_dict(s["vae_opt"])
-        self.diff_params = list(self.model.unet.parameters()) + list(self.model.text_model.parameters())
-        self.diff_opt = torch.optim.AdamW(self.diff_params, lr=self.opt.lr, weight_decay=0.01)
+        self.new_diffusion_optimizer()
         self.diff_opt.load_state_dict(s["diff_opt"])
         if s["ema"] is not None:
             self.ema = copy.deepcopy(self.model)
