@@ -130,4 +130,4 @@ def test_train_cli_refuses_bad_options_cleanly(tmp_path, capsys):
                     + args) == 1
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
-        assert not (tmp_path / "o.safetensors").exists()
+        assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "w").exists()

@@ -141,8 +141,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 class Trainer:
     def __init__(self, workdir, opt: TrainOptions = TrainOptions(), progress=True, log=print, config=DEMO_CONFIG):
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(workdir)  # created on the first save, so a run that fails at once leaves nothing
         self.opt, self.progress, self.log = opt, progress, log
         torch.manual_seed(opt.seed)
         self.cfg = config
@@ -190,6 +189,7 @@ class Trainer:
                      diff_opt=self.diff_opt.state_dict(), ema=self.ema.state_dict() if self.ema else None,
                      rng=self.rng.get_state(), torch_rng=torch.get_rng_state(), loss_log=self.loss_log,
                      opt=asdict(self.opt))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(self.state_path)
