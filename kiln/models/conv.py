@@ -23,7 +23,6 @@ import mmap
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
