@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..checkpoints import load_model
 from ..checkpoints.sources import open_file
 from ..errors import CheckpointError
 from ..models import CLIPTextConfig, LatentDiffusion, ModelConfig, UNetConfig, VAEConfig, alphas_cumprod
@@ -167,9 +168,10 @@ class Trainer:
         if "kiln_config" not in src.metadata or "kiln_training" not in src.metadata:
             raise CheckpointError(f"{path}: not a model written by `kiln train demo` (no kiln_config/kiln_training)")
         done = json.loads(src.metadata["kiln_training"])
-        self.cfg = ModelConfig.from_dict(json.loads(src.metadata["kiln_config"]))
-        self.model = LatentDiffusion(self.cfg)
-        self.model.load_state_dict({k: src.get(k).float() for k in src.keys()})
+        # the ordinary loader: config from the header, every tensor checked for name and shape before loading
+        self.model, info = load_model(path)
+        self.model.requires_grad_(True).train()  # the loader hands out a frozen inference model
+        self.cfg = info.config
         self.new_diffusion_optimizer()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.stage, self.step = "unet", int(done["options"]["unet_steps"])
