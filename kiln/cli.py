@@ -436,6 +436,9 @@ def train_parser(sub):
     p.add_argument("--init", default=None, metavar="MODEL",
                    help="fine-tune: start the UNet stage from this model written by `kiln train demo` "
                    "(fresh optimizer; steps count on from the model's own)")
+    p.add_argument("--wise-ft", type=float, default=None, metavar="W",
+                   help="with --init: write (1 - W) x the starting model + W x the fine-tune (a weight-space "
+                   "ensemble, 0 < W <= 1; default 1: the fine-tune alone)")
     return p
 
 
@@ -475,6 +478,10 @@ def run_train(opt):
             o = replace(o, **{field: value})
     if opt.init:
         o = replace(o, init=opt.init)
+    if opt.wise_ft is not None:
+        if not 0 < opt.wise_ft <= 1:
+            raise KilnError("--wise-ft must be above 0 and at most 1")
+        o = replace(o, wise_ft=opt.wise_ft)
     try:
         trainer = Trainer(opt.workdir, o, log=lambda m: say(f"kiln: {m}"))
     except CheckpointError as e:  # only --init reads a model here: missing, unreadable, or not a kiln demo model

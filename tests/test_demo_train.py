@@ -118,6 +118,29 @@ def test_init_fine_tunes_an_exported_model(trained, tmp_path):
                        exported["first_stage_model.decoder.conv_out.weight"])  # the autoencoder is kept
 
 
+def test_wise_ft_exports_the_weighted_mean_of_start_and_fine_tune(trained, tmp_path):
+    from dataclasses import replace
+
+    _, work = trained
+    start = work / "model.safetensors"
+    opt = replace(FAST, init=str(start), unet_steps=46, lr=2e-2, ema_decay=0.0)  # big moves
+    Trainer(tmp_path / "full", opt, progress=False, log=lambda m: None).run(tmp_path / "full.safetensors")
+    mixed_opt = replace(opt, wise_ft=0.25)
+    Trainer(tmp_path / "mix", mixed_opt, progress=False, log=lambda m: None).run(tmp_path / "mix.safetensors")
+    a, b, m = load_file(start), load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "mix.safetensors")
+    for k in ("model.diffusion_model.out.2.weight", "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+              "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"):
+        expect = 0.75 * a[k].float() + 0.25 * b[k].float()
+        assert not torch.equal(a[k], b[k])  # the fine-tune moved it, so the mean is not trivially either end
+        assert torch.allclose(m[k].float(), expect, rtol=2e-3, atol=1e-4), k  # fp16 rounding of the stored files
+        assert (m[k].float() - expect).abs().max() < 0.1 * (b[k].float() - a[k].float()).abs().max()
+    assert torch.equal(m["first_stage_model.decoder.conv_out.weight"], a["first_stage_model.decoder.conv_out.weight"])
+    # the starting weights live in the training state: a rerun of the finished run exports the same file
+    Trainer(tmp_path / "mix", mixed_opt, progress=False, log=lambda m: None).run(tmp_path / "again.safetensors")
+    again = load_file(tmp_path / "again.safetensors")
+    assert all(torch.equal(again[k], m[k]) for k in m)
+
+
 def test_train_cli_refuses_bad_options_cleanly(tmp_path, capsys):
     from kiln.cli import main
 
@@ -125,7 +148,8 @@ def test_train_cli_refuses_bad_options_cleanly(tmp_path, capsys):
     junk.write_bytes(b"not a model")
     for args, words in ((["--color-jitter", "0.5"], "under 0.5"), (["--caption-noise-colors", "1.5"], "at most 1"),
                         (["--init", str(tmp_path / "missing.safetensors")], "no such file"),
-                        (["--init", str(junk)], "--init")):
+                        (["--init", str(junk)], "--init"), (["--wise-ft", "0.5"], "needs --init"),
+                        (["--wise-ft", "0"], "above 0")):
         assert main(["train", "demo", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "o.safetensors")]
                     + args) == 1
         err = capsys.readouterr().err

@@ -4,7 +4,8 @@ Two stages, both resumable from `workdir/state.pt`:
 1. the autoencoder (f = 4: 64×64×3 ↔ 16×16×4), L1 + MSE reconstruction with a light KL term;
 2. UNet + CLIP text encoder together on cached latents: ε-prediction on SD's own noise schedule, min-SNR-5
    loss weighting (faster convergence), 10% caption dropout so classifier-free guidance works, offset noise, EMA
-   weights; optionally caption noise (wrong attributes, as in web captions).
+   weights; optionally caption noise (wrong attributes, as in web captions) and color jitter, and a fine-tune from
+   an exported model, exported as a weight-space ensemble with it.
 The result is one CompVis-layout `.safetensors` (EMA weights, fp16) whose header carries the model config,
 read by the ordinary checkpoint loader.
 """
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import load_model
 from ..checkpoints.sources import open_file
-from ..errors import CheckpointError
+from ..errors import CheckpointError, KilnError
 from ..models import CLIPTextConfig, LatentDiffusion, ModelConfig, UNetConfig, VAEConfig, alphas_cumprod
 from ..tokenizer import default_tokenizer
 from . import shapes
@@ -61,8 +62,9 @@ class TrainOptions:
     # t = 999, so without it the start noise, not the prompt, decides flat background colors.
     offset_noise: float = 0.15
     # Caption noise: each stated attribute of a drawn caption is, with this probability, replaced by a wrong value
-    # (as web alt-text often is), so that the model needs guidance to follow a prompt, as real SD does. Off for the
-    # shipped weights: it costs the SDE samplers their backgrounds at scale 5 (docs/demo-model.md, "Caption noise").
+    # (as web alt-text often is), so that the model needs guidance to follow a prompt, as real SD does. Alone it costs
+    # the SDE samplers their backgrounds at scale 5 (docs/demo-model.md, "Caption noise"); the shipped weights use it
+    # only in the color-jitter fine-tune, mixed with the model it started from (`wise_ft`).
     caption_noise: float = 0.0
     # Caption noise for the two color attributes only (None: `caption_noise`), since colors are what guidance must
     # fix in this data, while wrong shape words mostly cost shape accuracy.
@@ -74,6 +76,11 @@ class TrainOptions:
     # Start the UNet stage from this exported model (its EMA weights, VAE and config) with a fresh optimizer,
     # counting steps on from the number it was trained for: a fine-tune (docs/demo-model.md, "Color jitter").
     init: str | None = None
+    # With `init`: export (1 − w)·start + w·fine-tuned EMA for the UNet and text encoder, a weight-space ensemble of
+    # the fine-tune and the model it began from (WiSE-FT, Wortsman et al. 2022). The color-jitter fine-tune alone
+    # makes the model trust a picture's colors over the prompt's and breaks img2img; a partial step keeps img2img
+    # and still gains most of what the fine-tune is for (docs/demo-model.md, "Weight-space ensemble").
+    wise_ft: float = 1.0
     save_every: int = 250
 
     def caption_noise_p(self) -> float | dict[str, float]:
@@ -153,6 +160,7 @@ class Trainer:
         self.vae_opt = torch.optim.AdamW(self.model.vae.parameters(), lr=opt.vae_lr, weight_decay=0.0)
         self.new_diffusion_optimizer()
         self.ema = None
+        self.base = None  # the fine-tune's starting UNet and text-encoder weights, kept for `wise_ft`
         self.rng = torch.Generator().manual_seed(opt.seed)
         self.loss_log = []  # (stage, step, loss)
         self.state_path = self.workdir / "state.pt"
@@ -160,6 +168,8 @@ class Trainer:
             self.load_state()
         elif opt.init:
             self.start_from(opt.init)
+        if opt.wise_ft != 1.0 and self.base is None:
+            raise KilnError("--wise-ft needs --init: the ensemble mixes a fine-tune with the model it starts from")
 
     def start_from(self, path):
         """Fine-tune: the UNet stage begins from an exported model, with a fresh optimizer and EMA; the step count,
@@ -174,10 +184,17 @@ class Trainer:
         self.cfg = info.config
         self.new_diffusion_optimizer()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.base = {k: v.clone() for k, v in self.diffusion_weights(self.model).items()}
         self.stage, self.step = "unet", int(done["options"]["unet_steps"])
         self.elapsed = float(done.get("train_seconds") or 0.0)
         self.rng = torch.Generator().manual_seed(self.opt.seed + self.step)
         self.log(f"fine-tuning {path} from step {self.step}")
+
+    @staticmethod
+    def diffusion_weights(model) -> dict:
+        """The UNet's and text encoder's floating-point weights by checkpoint key: what the UNet stage trains."""
+        prefixes = ("model.diffusion_model.", "cond_stage_model.")
+        return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes) and v.is_floating_point()}
 
     def new_diffusion_optimizer(self):
         """A fresh AdamW over the UNet's and the text encoder's parameters (trained together)."""
@@ -190,7 +207,7 @@ class Trainer:
                      model=self.model.state_dict(), vae_opt=self.vae_opt.state_dict(),
                      diff_opt=self.diff_opt.state_dict(), ema=self.ema.state_dict() if self.ema else None,
                      rng=self.rng.get_state(), torch_rng=torch.get_rng_state(), loss_log=self.loss_log,
-                     opt=asdict(self.opt))
+                     opt=asdict(self.opt), base=self.base)
         self.workdir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -212,6 +229,7 @@ class Trainer:
         self.rng.set_state(s["rng"])
         torch.set_rng_state(s["torch_rng"])
         self.loss_log = [tuple(x) for x in s["loss_log"]]
+        self.base = s.get("base")
         self.log(f"resumed from {self.state_path}: stage {self.stage}, step {self.step}")
 
     # ------------------------------------------------------------------ stages
@@ -334,6 +352,10 @@ class Trainer:
 
         final = copy.deepcopy(self.ema if self.ema is not None else self.model)
         final.first_stage_model.load_state_dict(self.model.first_stage_model.state_dict())
+        if self.opt.wise_ft != 1.0:
+            with torch.no_grad():
+                for k, v in self.diffusion_weights(final).items():
+                    v.lerp_(self.base[k].to(v.dtype), 1.0 - self.opt.wise_ft)  # v + (1 − w)(base − v)
         final.cfg = self.cfg
         state = {k: v.detach().to(torch.float16).contiguous() for k, v in final.state_dict().items()}
         info = dict(kiln_config=json.dumps(self.cfg.to_dict()), kiln_training=json.dumps(
