@@ -33,12 +33,14 @@ def test_heldout_adherence_at_scale_5(scores):
 
 
 def test_guidance_makes_it_more_faithful(scores):
-    # Measured: scale 1 color 95.5%, background 100%, shape 93.2%, position 100%, all 88.6%; scale 5 as above,
-    # all 90.9%. The fully trained model follows prompts well even unguided: guidance adds color and the joint
-    # score, not background (both 100%). The "clearly lower at scale 1" holds only for color.
+    # Measured: scale 1 color 70.5%, background 90.9%, shape 86.4%, position 95.5%, all 50.0%; scale 5 as above,
+    # all 90.9%. The shipped weights mix in a fine-tune that saw wrong color words in a quarter of its captions (as
+    # web captions are), so the unguided model is unsure of colors, as real SD is without guidance. Before that
+    # (the 5,400-step model) scale 1 got 95.5 / 100 / 93.2 / 100 and only color was lower.
     guided, plain = scores[5.0], scores[1.0]
     print("scale 1:", {k: round(v, 3) for k, v in plain.items()})
-    assert plain["color"] < guided["color"] and plain["all"] < guided["all"]
+    assert all(plain[k] < guided[k] for k in ("color", "background", "shape", "position"))
+    assert plain["color"] < guided["color"] - 0.2 and plain["all"] < guided["all"] - 0.25
 
 
 def test_txt2img_without_ckpt_uses_the_embedded_model(tmp_path, monkeypatch, capsys):
