@@ -5,10 +5,11 @@ and the guided prediction, at points along a DDIM path of the held-out prompts.
     python benchmarks/guided_jacobian.py [--ckpt kiln/assets/demo.safetensors] [--scale 5] [--prompts 8]
 
 Measured on the 5,400-step demo model (docs/samplers.md): 4.7 unguided against 14.2 guided at t = 851, 2.1 against
-4.2 at t = 651 (the shipped weight-space ensemble: 4.8 against 12.9, and 2.0 against 2.8). Within the per-channel means alone, at t = 851: unconditional 3.5, conditional 1.0, guided 11.0: the
-unconditional prediction reads the flat background's color from the latent's mean, the conditional one takes it from
-the prompt, and guidance (5·cond − 4·uncond) turns that difference into a steep slope. Multi-step methods such as
-PLMS extrapolate ε over the last steps and lose stability where this gain is large; DDIM does not extrapolate.
+4.2 at t = 651 (the shipped weight-space ensemble: 4.8 against 12.9, and 2.0 against 2.8). Within the per-channel
+means alone, at t = 851: unconditional 3.5, conditional 1.0, guided 11.0: the unconditional prediction reads the
+flat background's color from the latent's mean, the conditional one takes it from the prompt, and guidance
+(5·cond − 4·uncond) turns that difference into a steep slope. Multi-step methods such as PLMS extrapolate ε over
+the last steps and lose stability where this gain is large; DDIM does not extrapolate.
 """
 import argparse
 

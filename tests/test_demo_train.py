@@ -128,7 +128,8 @@ def test_wise_ft_exports_the_weighted_mean_of_start_and_fine_tune(trained, tmp_p
     mixed_opt = replace(opt, wise_ft=0.25)
     Trainer(tmp_path / "mix", mixed_opt, progress=False, log=lambda m: None).run(tmp_path / "mix.safetensors")
     a, b, m = load_file(start), load_file(tmp_path / "full.safetensors"), load_file(tmp_path / "mix.safetensors")
-    for k in ("model.diffusion_model.out.2.weight", "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
+    for k in ("model.diffusion_model.out.2.weight",
+              "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight",
               "model.diffusion_model.input_blocks.3.1.transformer_blocks.0.attn2.to_k.weight"):
         expect = 0.75 * a[k].float() + 0.25 * b[k].float()
         assert not torch.equal(a[k], b[k])  # the fine-tune moved it, so the mean is not trivially either end

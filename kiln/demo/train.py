@@ -192,9 +192,9 @@ class Trainer:
 
     @staticmethod
     def diffusion_weights(model) -> dict:
-        """The UNet's and text encoder's floating-point weights by checkpoint key: what the UNet stage trains."""
-        prefixes = ("model.diffusion_model.", "cond_stage_model.")
-        return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes) and v.is_floating_point()}
+        """The floating-point weights of the modules the UNet stage trains (those `new_diffusion_optimizer` takes)."""
+        return {f"{part}.{k}": v for part in ("unet", "text_model")
+                for k, v in getattr(model, part).state_dict().items() if v.is_floating_point()}
 
     def new_diffusion_optimizer(self):
         """A fresh AdamW over the UNet's and the text encoder's parameters (trained together)."""
