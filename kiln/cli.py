@@ -63,8 +63,9 @@ def txt2img_parser(sub, command="txt2img"):
                    help="sampler, our name or A1111's (e.g. dpmpp_2m or \"DPM++ 2M Karras\"); default ddim. "
                         "See `kiln info --samplers`")
     p.add_argument("--schedule", type=str, default=None,
-                   help="noise schedule for the k-diffusion samplers: normal, karras, exponential, sgm_uniform, "
-                        "simple (default: the sampler's own)")
+                   help="noise schedule: normal, karras, exponential, sgm_uniform, simple for the k-diffusion "
+                        "samplers; normal (CompVis' uniform) or quad (CompVis' quadratic) for ddim and plms "
+                        "(default: the sampler's own)")
     p.add_argument("--fixed_code", action="store_true", help="reuse the first iteration's start codes for every iteration")
     p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=None,
                    help="noise of stochastic samplers (DDIM: 0 = deterministic, the default; ancestral/SDE: 1)")
@@ -556,12 +557,12 @@ def print_samplers():
 
     rows = [("name", "A1111 name", "default schedule", "eta", "UNet calls/step")]
     for s in SAMPLER_LIST:
-        rows.append((s.name, s.label, s.schedule if s.kind == "denoise" else "(own: CompVis)",
+        rows.append((s.name, s.label, s.schedule if s.kind == "denoise" else "normal (CompVis uniform)",
                      "-" if s.eta is None else f"{s.eta:g}", str(s.evals_per_step)))
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print("\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows))
     print("\nschedules: " + ", ".join(f"{k} ({SCHEDULE_LABELS[k]})" for k in SCHEDULES)
-          + "; automatic = the sampler's default")
+          + "; automatic = the sampler's default.\nDDIM and PLMS step on CompVis' timesteps: normal (uniform) or quad")
 
 
 def serve_parser(sub):

@@ -190,13 +190,15 @@ class _CompVisSampler:
         self.model = model
         self.ddpm_num_timesteps = model.num_timesteps
         self.schedule = schedule
-        self.steps = None
+        self.steps, self.discretize = None, "uniform"
 
     def make_schedule(self, ddim_num_steps, ddim_discretize="uniform", ddim_eta=0., verbose=True):
-        if ddim_discretize != "uniform":
-            raise NotImplementedError(f"ddim_discretize={ddim_discretize!r}: only 'uniform' (CompVis' default)")
-        ts, a, a_prev, sigma = ddim_schedule(self.model.pipe.alphas_cumprod, ddim_num_steps, ddim_eta)
-        self.steps, self.eta = ddim_num_steps, ddim_eta
+        """CompVis' `make_schedule`; `sample` calls it with the default "uniform", as CompVis does, so "quad" reaches
+        img2img's `stochastic_encode`/`decode` after an explicit call."""
+        if ddim_discretize not in ("uniform", "quad"):
+            raise NotImplementedError(f'There is no ddim discretization method called "{ddim_discretize}"')
+        ts, a, a_prev, sigma = ddim_schedule(self.model.pipe.alphas_cumprod, ddim_num_steps, ddim_eta, ddim_discretize)
+        self.steps, self.eta, self.discretize = ddim_num_steps, ddim_eta, ddim_discretize
         self.ddim_timesteps = ts
         self.ddim_alphas, self.ddim_alphas_prev, self.ddim_sigmas = a, a_prev.numpy().astype(np.float64), sigma
         self.ddim_sqrt_one_minus_alphas = (1 - a).sqrt()
@@ -250,7 +252,7 @@ class _CompVisSampler:
                            score_corrector, corrector_kwargs)
         out = type(self).fn(eps, x, self.model.pipe.alphas_cumprod.to(device), S, eta=eta, noise=noise,
                             callback=step_cb, temperature=temperature, noise_dropout=noise_dropout, known=known,
-                            intermediates=inter)
+                            intermediates=inter, discretize=self.discretize)
         return out, dict(inter)
 
 
@@ -278,7 +280,7 @@ class DDIMSampler(_CompVisSampler):
         eps = self._eps_fn(cond, unconditional_conditioning, unconditional_guidance_scale, None, None)
         noise = lambda like: torch.randn(like.shape, device=like.device, dtype=like.dtype)
         return sample_ddim(eps, x_latent.float(), self.model.pipe.alphas_cumprod.to(x_latent.device), self.steps,
-                           eta=self.eta, noise=noise, start=t_start)
+                           eta=self.eta, noise=noise, start=t_start, discretize=self.discretize)
 
 
 class PLMSSampler(_CompVisSampler):

@@ -20,7 +20,7 @@ from .errors import KilnError
 from .models.sd import LatentDiffusion, alphas_cumprod
 from .models.unet import FeatureCache
 from .prompts import CHUNK, chunk_tokens
-from .samplers import SAMPLERS, Discrete, ddim_timesteps, discrete_denoiser, get_sigmas, resolve
+from .samplers import COMPVIS_DISCRETIZE, SAMPLERS, Discrete, ddim_timesteps, discrete_denoiser, get_sigmas, resolve
 from .samplers.compvis import Known
 from .tiling import tiled_cover
 from .tokenizer import EOS, default_tokenizer
@@ -135,6 +135,11 @@ class Result:
         pick = lambda xs: xs[i:i + 1] if xs is not None and len(xs) else xs
         return Result(pick(self.images), pick(self.seeds), pick(self.prompts), self.params, pick(self.latents),
                       pick(self.pixels), pick(self.infotexts), pick(self.flagged))
+
+
+def recorded_schedule(spec, schedule: str) -> str | None:
+    """The schedule a generation records: DDIM and PLMS record only a non-default discretization (quad)."""
+    return schedule if spec.kind == "denoise" or schedule != "normal" else None
 
 
 @dataclass
@@ -474,18 +479,19 @@ class Pipeline:
         if sampler.kind == "eps":
             ac = self.alphas_cumprod
             known = Known(known_mask, init, ac.to(x.device), noise) if known_mask is not None else None
+            discretize = COMPVIS_DISCRETIZE[schedule]
             start = None
             if init is not None and strength < 1.0:
-                ts = ddim_timesteps(steps, len(ac))
+                ts = ddim_timesteps(steps, len(ac), discretize)
                 start = int(strength * len(ts))
                 if start == 0:
                     return init
                 a = ac[int(ts[start - 1])].item()  # noised to the level of the first step that runs (CompVis
                 x = a ** 0.5 * init + (1 - a) ** 0.5 * x  # noised one sub-step higher: an off-by-one kiln fixes)
-            kw = dict(eta=eta, noise=noise, known=known)
+            kw = dict(eta=eta, noise=noise, known=known, discretize=discretize)
             if refiner is None:
                 return sampler.fn(eps_fn, x, ac, steps, callback=callback, start=start, **kw)
-            n = len(ddim_timesteps(steps, len(ac)))
+            n = len(ddim_timesteps(steps, len(ac), discretize))
             stop = n - split
             if split:
                 x = sampler.fn(eps_fn, x, ac, steps, callback=staged(callback, 0), start=start, stop=stop, **kw)
@@ -785,7 +791,7 @@ class Pipeline:
             unit = max(8, self.cfg.downscale)
             hires = (int(width * hires_scale) // unit * unit, int(height * hires_scale) // unit * unit)
             self.check_size(*hires)
-        params = dict(steps=steps, sampler=spec.name, schedule=sched if spec.kind == "denoise" else None,
+        params = dict(steps=steps, sampler=spec.name, schedule=recorded_schedule(spec, sched),
                       cfg_scale=cfg_scale, width=width, height=height, negative_prompt=negative_prompt, eta=eta,
                       s_noise=s_noise, clip_skip=clip_skip, batch_size=batch_size, n_iter=n_iter,
                       fixed_code=fixed_code, precision=self.precision, ema=self.info.ema_used,
@@ -944,7 +950,7 @@ class Pipeline:
         if not prompts:
             raise KilnError("no prompts given")
         batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-        params = dict(steps=steps, sampler=spec.name, schedule=sched if spec.kind == "denoise" else None,
+        params = dict(steps=steps, sampler=spec.name, schedule=recorded_schedule(spec, sched),
                       cfg_scale=cfg_scale, width=width, height=height, negative_prompt=negative_prompt, eta=eta,
                       s_noise=s_noise, clip_skip=clip_skip, batch_size=batch_size, n_iter=n_iter,
                       fixed_code=fixed_code, precision=self.precision, ema=self.info.ema_used, strength=strength,

@@ -227,3 +227,25 @@ def test_split_input_params_tiled_decode_and_apply_model(model):
             model.decode_first_stage(z)
     finally:
         model.split_input_params = None
+
+
+def test_make_schedule_quad_discretization(model, monkeypatch):
+    """CompVis' `ddim_discretize="quad"`: `sample` resets to uniform (it calls make_schedule itself, as CompVis'
+    does), so quad reaches img2img's stochastic_encode/decode, which use the schedule made before them."""
+    sampler = DDIMSampler(model)
+    sampler.make_schedule(ddim_num_steps=20, ddim_discretize="quad", ddim_eta=0.0, verbose=False)
+    ts = sampler.ddim_timesteps
+    assert ts[:3].tolist() == [1, 3, 9] and ts[-1] == 801
+    assert torch.allclose(sampler.ddim_alphas, model.pipe.alphas_cumprod[ts].float())
+    seen, eps_fn = [], model.pipe.eps_fn
+
+    def recording(*args, **kwargs):
+        f = eps_fn(*args, **kwargs)
+        return lambda x, t: (seen.append(t), f(x, t))[1]
+
+    monkeypatch.setattr(model.pipe, "eps_fn", recording)
+    sampler.decode(torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0)),
+                   model.get_learned_conditioning([PROMPT]), 5)
+    assert seen == ts[:5][::-1].tolist()  # from DDIM index 4 down: 36, 20, 9, 3, 1
+    with pytest.raises(NotImplementedError, match="cubic"):
+        sampler.make_schedule(ddim_num_steps=20, ddim_discretize="cubic", verbose=False)

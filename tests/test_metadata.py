@@ -45,6 +45,15 @@ def test_quoting_and_parsing_round_trip():
                       schedule="normal", cfg_scale=7.0, seed=7, width=512, height=512, clip_skip=2, eta=0.5)
 
 
+def test_ddim_and_plms_write_a_schedule_type_only_for_quad():
+    plain = format_infotext("a", "", generation_fields(dict(PARAMS, sampler="ddim", schedule=None), 1, None, None))
+    assert "Schedule type" not in plain and txt2img_kwargs(parse_infotext(plain))["schedule"] == "normal"
+    quad = format_infotext("a", "", generation_fields(dict(PARAMS, sampler="plms", schedule="quad"), 1, None, None))
+    assert "Sampler: PLMS, Schedule type: Quad," in quad
+    kw = txt2img_kwargs(parse_infotext(quad))
+    assert (kw["sampler"], kw["schedule"]) == ("plms", "quad")
+
+
 def test_parses_an_a1111_written_infotext():
     text = ("masterpiece, (best quality:1.2), a castle\nNegative prompt: lowres, bad anatomy\n"
             "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 3917371052, Size: 512x768, "

@@ -30,6 +30,28 @@ def test_ddim_timesteps_uniform(steps, n, first, last):
     assert np.all(np.diff(ts)[:-1] == 1000 // steps) and 1 <= np.diff(ts)[-1] <= 1000 // steps
 
 
+def test_ddim_timesteps_quad_are_compvis_values():
+    """CompVis' `make_ddim_timesteps("quad", n, 1000)`: (linspace(0, √800, n)²).astype(int) + 1, repeats kept."""
+    assert ddim_timesteps(20, discretize="quad").tolist() == [1, 3, 9, 20, 36, 56, 80, 109, 142, 180, 222, 269, 320,
+                                                             375, 435, 499, 568, 641, 719, 801]
+    ts = ddim_timesteps(50, discretize="quad")
+    assert len(ts) == 50 and ts[:6].tolist() == [1, 1, 2, 3, 6, 9] and ts[-1] == 801
+    with pytest.raises(ValueError, match="uniform.*quad"):
+        ddim_timesteps(20, discretize="karras")
+
+
+def test_ddim_quad_steps_on_the_quad_timesteps():
+    ts = ddim_timesteps(20, discretize="quad")
+    calls, x = [], torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    out = sample_ddim(lambda z, t: (calls.append(t), toy_eps(z, t))[1], x.clone(), AC, 20, discretize="quad")
+    assert calls == ts[::-1].tolist()
+    prev = [0] + ts[:-1].tolist()  # ᾱ_prev of the first timestep is ᾱ[0]
+    for t, tp in zip(ts[::-1].tolist(), prev[::-1]):
+        e = toy_eps(x, t)
+        x = AC[tp].sqrt() * (x - (1 - AC[t]).sqrt() * e) / AC[t].sqrt() + (1 - AC[tp]).sqrt() * e
+    assert (out - x).abs().max() <= 1e-5
+
+
 def test_ddim_first_alpha_prev_is_alpha0_and_eta_sigma():
     ts, a, a_prev, sigma = ddim_schedule(AC, 10, eta=0.0)
     assert a_prev[0] == AC[0] and torch.equal(a_prev[1:], AC[ts[:-1]])
@@ -53,9 +75,9 @@ def test_ddim_matches_diffusers_scheduler():
     assert (ours - x).abs().max() <= 1e-4
 
 
-def compvis_plms_reference(eps_fn, x, steps):
+def compvis_plms_reference(eps_fn, x, steps, discretize="uniform"):
     """A line-by-line transcription of CompVis' `PLMSSampler.plms_sampling` / `p_sample_plms` (eta = 0)."""
-    ts = ddim_timesteps(steps)
+    ts = ddim_timesteps(steps, discretize=discretize)
     alphas = AC[ts]
     alphas_prev = torch.cat([AC[:1], AC[ts[:-1]]])
     time_range = np.flip(ts)
@@ -92,13 +114,16 @@ def compvis_plms_reference(eps_fn, x, steps):
     return x, calls
 
 
-@pytest.mark.parametrize("steps", [1, 2, 3, 5, 20, 50])
-def test_plms_matches_compvis_transcription(steps):
+@pytest.mark.parametrize("steps,discretize", [(1, "uniform"), (2, "uniform"), (3, "uniform"), (5, "uniform"),
+                                              (20, "uniform"), (50, "uniform"), (20, "quad"), (50, "quad")])
+def test_plms_matches_compvis_transcription(steps, discretize):
     x0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(steps))
-    ref, ref_calls = compvis_plms_reference(toy_eps, x0.clone(), steps)
+    ref, ref_calls = compvis_plms_reference(toy_eps, x0.clone(), steps, discretize)
     calls = []
-    ours = sample_plms(lambda x, t: (calls.append(t), toy_eps(x, t))[1], x0.clone(), AC, steps)
-    assert calls == ref_calls and len(calls) == len(ddim_timesteps(steps)) + 1  # the first step evaluates twice
+    ours = sample_plms(lambda x, t: (calls.append(t), toy_eps(x, t))[1], x0.clone(), AC, steps,
+                       discretize=discretize)
+    # the first step evaluates twice
+    assert calls == ref_calls and len(calls) == len(ddim_timesteps(steps, discretize=discretize)) + 1
     assert (ours - ref).abs().max() <= 1e-6
 
 

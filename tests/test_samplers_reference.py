@@ -287,6 +287,17 @@ def test_explicit_schedule_wins_and_bad_names_are_refused():
         resolve("euler", "wobbly")
 
 
+def test_ddim_and_plms_take_compvis_discretizations_only():
+    assert resolve("PLMS", "Quad") == (SAMPLERS["plms"], "quad")
+    assert resolve("ddim", "uniform") == (SAMPLERS["ddim"], "normal")
+    with pytest.raises(ValueError, match="normal .* or quad, not karras"):
+        resolve("ddim", "Karras")
+    # A1111's API and infotexts: A1111 ignores a schedule type for DDIM/PLMS, and so does kiln there
+    assert resolve("DDIM", "Karras", lenient=True) == (SAMPLERS["ddim"], "normal")
+    with pytest.raises(ValueError, match="quad is CompVis' DDIM/PLMS"):
+        resolve("euler", "quad", lenient=True)
+
+
 def test_registry_labels_and_names_are_unique():
     labels = [s.label for s in SAMPLERS.values()]
     assert len(set(labels)) == len(labels) == len(SAMPLERS) == 16

@@ -9,11 +9,13 @@ from .shapes import heldout_prompts
 EMBEDDED = Path(__file__).resolve().parent.parent / "assets" / "demo.safetensors"
 
 
-def adherence(pipe, *, sampler="ddim", cfg_scale=5.0, steps=20, seed=0, batch_size=16, prompts=None) -> dict:
+def adherence(pipe, *, sampler="ddim", cfg_scale=5.0, steps=20, seed=0, batch_size=16, prompts=None,
+              schedule=None) -> dict:
     """Per-attribute accuracy over the held-out prompts (one image each, seed + prompt index)."""
     prompts = prompts or heldout_prompts()
     texts = [p for p, _ in prompts]
-    result = pipe.txt2img(texts, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size)
+    result = pipe.txt2img(texts, steps=steps, sampler=sampler, schedule=schedule, cfg_scale=cfg_scale, seed=seed,
+                          batch_size=batch_size)
     return {**score([(pixels, labels) for pixels, (_, labels) in zip(result.pixels, prompts)]), "n": len(prompts)}
 
 

@@ -56,7 +56,7 @@ def generation_fields(params: dict, seed: int, model_name: str | None = None, mo
     fields = {
         "Steps": params["steps"],
         "Sampler": spec.label,
-        "Schedule type": SCHEDULE_LABELS[params["schedule"]] if spec.kind == "denoise" else None,
+        "Schedule type": SCHEDULE_LABELS[params["schedule"]] if params.get("schedule") else None,  # DDIM: quad only
         "CFG scale": _num(float(params["cfg_scale"])),
         "Seed": seed,
         "Size": f"{params['width']}x{params['height']}",
@@ -106,7 +106,7 @@ def txt2img_kwargs(info: dict) -> dict:
         if "Steps" in info:
             out["steps"] = int(info["Steps"])
         if "Sampler" in info:
-            spec, sched = resolve(info["Sampler"], info.get("Schedule type"))
+            spec, sched = resolve(info["Sampler"], info.get("Schedule type"), lenient=True)
             out["sampler"], out["schedule"] = spec.name, sched
         if "CFG scale" in info:
             out["cfg_scale"] = float(info["CFG scale"])

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import kdiffusion as k
 from .compvis import ddim_schedule, ddim_timesteps, sample_ddim, sample_plms
-from .schedules import SCHEDULE_LABELS, SCHEDULES, Discrete, get_sigmas, resolve_schedule
+from .schedules import COMPVIS_DISCRETIZE, SCHEDULE_LABELS, SCHEDULES, Discrete, get_sigmas, resolve_schedule
 from .unipc import sample_unipc
 
 
@@ -69,15 +69,16 @@ for _s in SAMPLER_LIST:
         _LOOKUP[_key(_n)] = _s.name
 
 
-def resolve(name: str, schedule: str | None = None) -> tuple[Sampler, str]:
+def resolve(name: str, schedule: str | None = None, lenient: bool = False) -> tuple[Sampler, str]:
     """(sampler, schedule) from our names or A1111's, including old-style labels such as "DPM++ 2M Karras".
 
     `schedule` None / "" / "Automatic" means the sampler's default; a schedule inside the label counts only
-    when no explicit one is given."""
+    when no explicit one is given. DDIM and PLMS take CompVis' discretizations only ("normal", "quad"); any other
+    schedule is an error, or, with `lenient` (A1111's API and infotexts, where A1111 ignores it), their default."""
     key = _key(name)
     embedded = None
     if key not in _LOOKUP:
-        for sched in sorted(SCHEDULES, key=len, reverse=True):
+        for sched in sorted(SCHEDULE_LABELS, key=len, reverse=True):
             for spelled in {sched, _key(SCHEDULE_LABELS[sched])}:
                 if key.endswith("_" + spelled) and key[: -len(spelled) - 1] in _LOOKUP:
                     key, embedded = key[: -len(spelled) - 1], sched
@@ -88,6 +89,14 @@ def resolve(name: str, schedule: str | None = None) -> tuple[Sampler, str]:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     sampler = SAMPLERS[_LOOKUP[key]]
     chosen = resolve_schedule(schedule) or embedded or sampler.schedule
+    if sampler.kind == "eps" and chosen not in COMPVIS_DISCRETIZE:
+        if not lenient:
+            raise ValueError(f"{sampler.name} steps on CompVis' discrete timesteps: schedule normal (CompVis' "
+                             f"uniform, the default) or quad, not {chosen}")
+        chosen = sampler.schedule
+    if sampler.kind == "denoise" and chosen not in SCHEDULES:
+        raise ValueError(f"schedule {chosen} is CompVis' DDIM/PLMS discretization; {sampler.name} takes one of: "
+                         f"{', '.join(SCHEDULES)}")
     return sampler, chosen
 
 
@@ -104,5 +113,6 @@ def discrete_denoiser(eps_fn, disc: Discrete):
     return denoise
 
 
-__all__ = ["SAMPLERS", "SAMPLER_LIST", "SCHEDULES", "Sampler", "resolve", "get_sampler", "discrete_denoiser",
-           "Discrete", "get_sigmas", "sample_ddim", "sample_plms", "ddim_schedule", "ddim_timesteps"]
+__all__ = ["SAMPLERS", "SAMPLER_LIST", "SCHEDULES", "COMPVIS_DISCRETIZE", "Sampler", "resolve", "get_sampler",
+           "discrete_denoiser", "Discrete", "get_sigmas", "sample_ddim", "sample_plms", "ddim_schedule",
+           "ddim_timesteps"]

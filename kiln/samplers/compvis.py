@@ -9,20 +9,28 @@ import torch
 import torch.nn.functional as F
 
 
-def ddim_timesteps(steps: int, num_train: int = 1000) -> np.ndarray:
-    """CompVis 'uniform' discretisation: every c-th step, shifted by one; more than `steps` when c does not divide.
+def ddim_timesteps(steps: int, num_train: int = 1000, discretize: str = "uniform") -> np.ndarray:
+    """CompVis' `make_ddim_timesteps`, ascending.
 
-    Where the shift would reach index `num_train` (CompVis crashes there, e.g. for 3 or 1000 steps) the last
-    timestep is clamped to `num_train - 1` and duplicates dropped."""
+    "uniform" (CompVis' default): every c-th step (c = num_train // steps), shifted by one; more than `steps` when c
+    does not divide. Where the shift would reach index `num_train` (CompVis crashes there, e.g. for 3 or 1000 steps)
+    the last timestep is clamped to `num_train - 1` and duplicates dropped.
+    "quad": squares of `steps` evenly spaced values from 0 to √(0.8·num_train), shifted by one: denser at low noise,
+    the first step at t = 0.8·num_train + 1. Beyond about 29 steps of 1000 low timesteps repeat, as in CompVis
+    (a repeated step is a zero-length DDIM step, and PLMS keeps it in its history); kept, for CompVis' numbers."""
     if not 1 <= steps <= num_train:
         raise ValueError(f"steps must be between 1 and {num_train}, got {steps}")
+    if discretize == "quad":
+        return (np.linspace(0, np.sqrt(num_train * 0.8), steps) ** 2).astype(int) + 1
+    if discretize != "uniform":
+        raise ValueError(f"unknown discretization {discretize!r}: CompVis has 'uniform' and 'quad'")
     c = num_train // steps
     return np.unique(np.minimum(np.arange(0, num_train, c) + 1, num_train - 1))
 
 
-def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float = 0.0):
+def ddim_schedule(alphas_cumprod: torch.Tensor, steps: int, eta: float = 0.0, discretize: str = "uniform"):
     """(timesteps, ᾱ_t, ᾱ_prev, σ_t) for the DDIM sub-schedule; the first ᾱ_prev is ᾱ[0], not 1."""
-    ts = ddim_timesteps(steps, len(alphas_cumprod))
+    ts = ddim_timesteps(steps, len(alphas_cumprod), discretize)
     ac = alphas_cumprod.double().cpu()
     a = ac[ts]
     a_prev = torch.cat([ac[:1], ac[ts[:-1]]])
@@ -76,11 +84,11 @@ class Intermediates(dict):
 @torch.no_grad()
 def sample_ddim(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None,
                 temperature=1.0, noise_dropout=0.0, known: Known | None = None,
-                intermediates: Intermediates | None = None, stop: int = 0):
+                intermediates: Intermediates | None = None, stop: int = 0, discretize: str = "uniform"):
     """Run DDIM from pure noise `x` (or, with `start` = k, from a latent noised to the k-th sub-step: img2img).
     `stop` = k ends after sub-step k, leaving the latent at that sub-step's noise level (a refiner goes on from
-    there with `start` = k)."""
-    ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, eta)
+    there with `start` = k). `discretize`: CompVis' "uniform" or "quad" timesteps (`ddim_timesteps`)."""
+    ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, eta, discretize)
     if eta > 0 and noise is None:
         raise ValueError("eta > 0 needs a noise source")
     n = len(ts) if start is None else start
@@ -109,12 +117,12 @@ def plms_eps(e_t, old_eps):
 @torch.no_grad()
 def sample_plms(eps_fn, x, alphas_cumprod, steps, eta=0.0, noise=None, callback=None, start=None,
                 temperature=1.0, noise_dropout=0.0, known: Known | None = None,
-                intermediates: Intermediates | None = None, stop: int = 0):
+                intermediates: Intermediates | None = None, stop: int = 0, discretize: str = "uniform"):
     """PLMS: a pseudo improved-Euler first step (two evaluations), then 2-, 3-, 4-step Adams–Bashforth.
     (σ is 0 throughout, so temperature and noise dropout have nothing to act on; accepted as CompVis does.)"""
     if eta != 0:
         raise ValueError("PLMS is deterministic: eta must be 0")
-    ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, 0.0)
+    ts, a, a_prev, sigma = ddim_schedule(alphas_cumprod, steps, 0.0, discretize)
     n = len(ts) if start is None else start
     order = list(reversed(range(stop, n)))
     old_eps = []

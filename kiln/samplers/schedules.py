@@ -89,9 +89,13 @@ def simple(d: Discrete, n: int) -> torch.Tensor:
 SCHEDULES = {"normal": normal, "karras": karras, "exponential": exponential,
              "sgm_uniform": sgm_uniform, "simple": simple}
 
-# A1111's "Schedule type" labels; "Automatic" means the sampler's own default.
+# DDIM and PLMS step on CompVis' trained timesteps (`compvis.ddim_timesteps`): "normal" is CompVis' uniform
+# discretization (their default), "quad" CompVis' quadratic one. The k-diffusion samplers take SCHEDULES.
+COMPVIS_DISCRETIZE = {"normal": "uniform", "quad": "quad"}
+
+# A1111's "Schedule type" labels ("Quad" is kiln's, for CompVis' quad); "Automatic" means the sampler's default.
 SCHEDULE_LABELS = {"normal": "Uniform", "karras": "Karras", "exponential": "Exponential",
-                   "sgm_uniform": "SGM Uniform", "simple": "Simple"}
+                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "quad": "Quad"}
 SCHEDULE_ALIASES = {"uniform": "normal", "automatic": None, "auto": None, "sgm uniform": "sgm_uniform",
                     "sgm-uniform": "sgm_uniform", "default": None}
 
@@ -101,11 +105,12 @@ def resolve_schedule(name: str | None) -> str | None:
     if name is None or name == "":
         return None
     key = name.strip().lower()
-    if key in SCHEDULES:
+    if key in SCHEDULES or key in COMPVIS_DISCRETIZE:
         return key
     if key in SCHEDULE_ALIASES:
         return SCHEDULE_ALIASES[key]
-    raise ValueError(f"unknown schedule {name!r}; choose one of: automatic, {', '.join(SCHEDULES)}")
+    raise ValueError(f"unknown schedule {name!r}; choose one of: automatic, {', '.join(SCHEDULES)}, "
+                     "quad (DDIM and PLMS only)")
 
 
 def get_sigmas(d: Discrete, name: str, n: int) -> torch.Tensor:

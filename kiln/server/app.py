@@ -240,8 +240,9 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
     def schedulers():
         out = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
                 "need_inner_model": False}]
-        out += [{"name": k, "label": SCHEDULE_LABELS[k], "aliases": None,
-                 "default_rho": 7.0 if k == "karras" else -1, "need_inner_model": False} for k in SCHEDULES]
+        out += [{"name": k, "label": label, "aliases": None,  # quad: DDIM and PLMS only
+                 "default_rho": 7.0 if k == "karras" else -1, "need_inner_model": False}
+                for k, label in SCHEDULE_LABELS.items()]
         return out
 
     @a.get("/upscalers")
@@ -405,9 +406,9 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
                     "max_size": limits.max_size, "max_steps": limits.max_steps,
                     "max_batch_size": limits.max_batch_size, "max_n_iter": limits.max_n_iter,
                     "max_prompt_chars": limits.max_prompt_chars, "queue_size": limits.queue_size},
-                "samplers": [{"name": s.name, "label": s.label, "schedule": s.schedule if s.kind == "denoise"
-                              else None} for s in SAMPLER_LIST],
-                "schedules": [{"name": k, "label": SCHEDULE_LABELS[k]} for k in SCHEDULES],
+                "samplers": [{"name": s.name, "label": s.label, "schedule": s.schedule} for s in SAMPLER_LIST],
+                "schedules": [{"name": k, "label": label + (" (DDIM, PLMS)" if k not in SCHEDULES else "")}
+                              for k, label in SCHEDULE_LABELS.items()],
                 "models": model_list(), "inpainting": pipe.cfg.unet.in_channels != pipe.cfg.latent_channels}
 
     app.include_router(n)

@@ -163,7 +163,7 @@ def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, pipe, options: dict, 
         size[name] = int(v)
     sampler_name = req.sampler_name or req.sampler_index or "Euler"
     try:
-        spec, schedule = resolve(sampler_name, req.scheduler)
+        spec, schedule = resolve(sampler_name, req.scheduler, lenient=True)  # A1111 ignores Karras etc. for DDIM
     except ValueError as e:
         status = 404 if "sampler" in str(e) else 422
         raise RequestError(("Sampler not found: " if status == 404 else "") + str(e), status) from None
