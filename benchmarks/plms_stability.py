@@ -21,6 +21,8 @@ from kiln.demo.report import EMBEDDED
 from kiln.demo.shapes import heldout_prompts
 from kiln.samplers.compvis import ddim_schedule, ddim_step, ddim_timesteps, plms_eps
 
+from guided_jacobian import top_gain  # the same power iteration (run as a script, benchmarks/ is on sys.path)
+
 
 def plms_capped(eps_fn, x, ac, steps, cap, discretize="uniform"):
     """CompVis' PLMS (kiln.samplers.compvis.sample_plms) with the multistep order at step i limited to cap(i)."""
@@ -67,20 +69,13 @@ def stiffness(pipe, prompts, scale, steps, iters=15, h=1e-2):
     ts = ddim_timesteps(steps, len(ac))[::-1]
     sig = ((1 - ac) / ac).sqrt()
     fns = [pipe.eps_fn(cond, uncond, s) for s in (0.0, 1.0, scale)]
-    norm = lambda v: v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     rows = []
     for i in range(1, len(ts)):
         x, t = path[i - 1], int(ts[i])  # the latent after step i − 1 is the input of step i
         t_next = int(ts[i + 1]) if i + 1 < len(ts) else 0
         z = float((sig[t_next] - sig[t]) / sig[t])
-        mus = []
-        for f in fns:
-            base, v = f(x, t), torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
-            for _ in range(iters):
-                v = v / norm(v)
-                v = (1 - float(ac[t])) ** 0.5 * (f(x + h * v, t) - base) / h
-            mus.append(float(norm(v).mean()))
-        rows.append((t, z, *mus))
+        c = (1 - float(ac[t])) ** 0.5  # μ's operator is √(1 − ᾱ)·∂ε/∂x_t
+        rows.append((t, z, *(top_gain(lambda v, f=f: c * f(v, t), x, iters=iters, h=h) for f in fns)))
     return rows
 
 
