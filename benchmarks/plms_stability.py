@@ -2,6 +2,7 @@
 window of steps), on CompVis' uniform and quad timesteps, and the guided denoiser's stiffness μ along a DDIM path.
 
     python benchmarks/plms_stability.py [--ckpt kiln/assets/demo.safetensors] [--scale 5] [--steps 20]
+    python benchmarks/plms_stability.py --texture 0.1,0.2,0.3   (PLMS on the model as if its data had texture)
 
 PLMS's step from t to t' is a DDIM step taken with a combination of the current and up to three earlier ε. In
 (x/√ᾱ, σ) a DDIM step is an Euler step of relative size z = (σ_t' − σ_t)/σ_t; linearised, the error grows by the
@@ -41,7 +42,18 @@ def plms_capped(eps_fn, x, ac, steps, cap, discretize="uniform"):
     return x
 
 
-def adherence_with(pipe, prompts, scale, steps, cap, discretize, batch=22):
+def textured(eps_fn, disc, tau):
+    """The noise predictor of the same model trained on latents plus white texture of std τ, exactly: the texture
+    and the noise add up to noise of std s = √(σ² + τ²), of which the part that is noise is σ/s."""
+    def eps(x, t):
+        a = disc.alpha_cumprod_at(t)
+        sigma = ((1 - a) / a) ** 0.5
+        s = (sigma ** 2 + tau ** 2) ** 0.5
+        return sigma / s * eps_fn(x * ((1 / (1 + s * s)) / a) ** 0.5, disc.sigma_to_t(s))
+    return eps
+
+
+def adherence_with(pipe, prompts, scale, steps, cap, discretize, batch=22, texture=0.0):
     """Per-attribute accuracy of capped PLMS over `prompts` (seed = prompt index, as kiln.demo.report does)."""
     from kiln.pipeline import generators, randn, to_uint8
 
@@ -51,6 +63,7 @@ def adherence_with(pipe, prompts, scale, steps, cap, discretize, batch=22):
         texts = [p for p, _ in prompts[i:i + batch]]
         cond, uncond = pipe.conditioning(texts, [""] * len(texts))
         eps = pipe.eps_fn(cond, uncond, scale)
+        eps = textured(eps, pipe.discrete, texture) if texture else eps
         side = pipe.native_size // pipe.cfg.downscale
         x = randn((pipe.cfg.latent_channels, side, side), generators(range(i, i + len(texts))), pipe.device)
         z = plms_capped(eps, x, ac, steps, cap, discretize)
@@ -85,9 +98,18 @@ def main():
     ap.add_argument("--ckpt", default=str(EMBEDDED))
     ap.add_argument("--scale", type=float, default=5.0)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--texture", default=None, metavar="TAUS",
+                    help="only PLMS on uniform timesteps on the model as if trained with white latent texture of "
+                         "these stds (comma-separated), e.g. 0.1,0.2,0.3")
     args = ap.parse_args()
     pipe = kiln.load(args.ckpt, device="cpu", precision="full")
     prompts = heldout_prompts() * 2
+    if args.texture:
+        for tau in (float(v) for v in args.texture.split(",")):
+            r = adherence_with(pipe, prompts, args.scale, args.steps, lambda i: 4, "uniform", texture=tau)
+            print(f"texture τ = {tau:g}: " + " / ".join(f"{100 * r[k]:.1f}" for k in
+                                                    ("color", "background", "shape", "position")), flush=True)
+        return
     n = len(ddim_timesteps(args.steps))
     cases = [("PLMS (order 4)", lambda i: 4, "uniform"), ("order ≤ 3", lambda i: 3, "uniform"),
              ("order ≤ 2", lambda i: 2, "uniform"), ("order ≤ 3 on the last 7 steps", lambda i: 3 if i >= n - 7 else 4,
