@@ -137,9 +137,13 @@ class Result:
                       pick(self.pixels), pick(self.infotexts), pick(self.flagged))
 
 
-def recorded_schedule(spec, schedule: str) -> str | None:
-    """The schedule a generation records: DDIM and PLMS record only a non-default discretization (quad)."""
-    return schedule if spec.kind == "denoise" or schedule != "normal" else None
+def recorded_schedule(spec, schedule: str, model_default: str | None = None) -> str | None:
+    """The schedule a generation records. DDIM and PLMS record it only when it or the model's default for them is
+    not CompVis' uniform one, so infotexts of real checkpoints stay CompVis'/A1111's and an image made on a model
+    whose default is quad (the embedded demo model's PLMS) regenerates with the discretization it was made with."""
+    if spec.kind == "denoise" or schedule != "normal" or (model_default or "normal") != "normal":
+        return schedule
+    return None
 
 
 @dataclass
@@ -588,13 +592,16 @@ class Pipeline:
             if v < unit or v % unit:
                 raise KilnError(f"{name} must be a positive multiple of {unit}, got {v}")
 
+    def _recorded_schedule(self, spec, sched):
+        return recorded_schedule(spec, sched, self.cfg.sampler_schedules.get(spec.name))
+
     def _check_common(self, steps, batch_size, n_iter, sampler, schedule, eta):
         if batch_size < 1 or n_iter < 1:
             raise KilnError(f"n_samples and n_iter must be at least 1 (got {batch_size} and {n_iter})")
         if steps < 1 or steps > 1000:
             raise KilnError(f"steps must be between 1 and 1000, got {steps}")
         try:
-            spec, sched = resolve(sampler, schedule)
+            spec, sched = resolve(sampler, schedule, defaults=self.cfg.sampler_schedules)
         except ValueError as e:
             raise KilnError(str(e)) from None
         if eta is None:
@@ -791,7 +798,7 @@ class Pipeline:
             unit = max(8, self.cfg.downscale)
             hires = (int(width * hires_scale) // unit * unit, int(height * hires_scale) // unit * unit)
             self.check_size(*hires)
-        params = dict(steps=steps, sampler=spec.name, schedule=recorded_schedule(spec, sched),
+        params = dict(steps=steps, sampler=spec.name, schedule=self._recorded_schedule(spec, sched),
                       cfg_scale=cfg_scale, width=width, height=height, negative_prompt=negative_prompt, eta=eta,
                       s_noise=s_noise, clip_skip=clip_skip, batch_size=batch_size, n_iter=n_iter,
                       fixed_code=fixed_code, precision=self.precision, ema=self.info.ema_used,
@@ -950,7 +957,7 @@ class Pipeline:
         if not prompts:
             raise KilnError("no prompts given")
         batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-        params = dict(steps=steps, sampler=spec.name, schedule=recorded_schedule(spec, sched),
+        params = dict(steps=steps, sampler=spec.name, schedule=self._recorded_schedule(spec, sched),
                       cfg_scale=cfg_scale, width=width, height=height, negative_prompt=negative_prompt, eta=eta,
                       s_noise=s_noise, clip_skip=clip_skip, batch_size=batch_size, n_iter=n_iter,
                       fixed_code=fixed_code, precision=self.precision, ema=self.info.ema_used, strength=strength,

@@ -1,4 +1,5 @@
 """Our modules against the key/shape manifests generated from CompVis' own modules, and architecture detection."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -144,6 +145,10 @@ def test_config_round_trips_through_dict():
 
     cfg = sdref.tiny_config()
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    own = dataclasses.replace(cfg, sampler_schedules={"plms": "quad"})
+    assert ModelConfig.from_dict(json.loads(json.dumps(own.to_dict()))) == own
+    older = {k: v for k, v in cfg.to_dict().items() if k != "sampler_schedules"}  # files written before the field
+    assert ModelConfig.from_dict(older).sampler_schedules == {}
 
 
 def test_yaml_config_gives_the_same_model():

@@ -54,6 +54,21 @@ def test_ddim_and_plms_write_a_schedule_type_only_for_quad():
     assert (kw["sampler"], kw["schedule"]) == ("plms", "quad")
 
 
+def test_ddim_and_plms_record_uniform_where_the_model_defaults_to_quad():
+    from kiln.pipeline import recorded_schedule
+    from kiln.samplers import SAMPLERS
+
+    plms, ddim, euler = SAMPLERS["plms"], SAMPLERS["ddim"], SAMPLERS["euler"]
+    assert recorded_schedule(plms, "normal") is None  # real checkpoints: CompVis'/A1111's infotext
+    assert recorded_schedule(plms, "quad") == "quad"
+    assert recorded_schedule(plms, "normal", model_default="quad") == "normal"  # the demo model
+    assert recorded_schedule(ddim, "normal", model_default=None) is None
+    assert recorded_schedule(euler, "normal") == "normal"
+    text = format_infotext("a", "", generation_fields(dict(PARAMS, sampler="plms", schedule="normal"), 1, None, None))
+    assert "Sampler: PLMS, Schedule type: Uniform," in text
+    assert txt2img_kwargs(parse_infotext(text))["schedule"] == "normal"
+
+
 def test_parses_an_a1111_written_infotext():
     text = ("masterpiece, (best quality:1.2), a castle\nNegative prompt: lowres, bad anatomy\n"
             "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 3917371052, Size: 512x768, "

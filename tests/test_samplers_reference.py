@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from kiln.models import ModelConfig, alphas_cumprod
-from kiln.samplers import SAMPLERS, Discrete, discrete_denoiser, get_sigmas, resolve
+from kiln.samplers import SAMPLERS, Discrete, discrete_denoiser, get_sigmas, parse, resolve
 from kiln.samplers.schedules import SCHEDULES
 
 AC = alphas_cumprod(ModelConfig()).double()
@@ -296,6 +296,18 @@ def test_ddim_and_plms_take_compvis_discretizations_only():
     assert resolve("DDIM", "Karras", lenient=True) == (SAMPLERS["ddim"], "normal")
     with pytest.raises(ValueError, match="quad is CompVis' DDIM/PLMS"):
         resolve("euler", "quad", lenient=True)
+
+
+def test_a_models_default_schedule_applies_only_when_none_is_asked_for():
+    own = {"plms": "quad"}  # the embedded demo model's config
+    assert resolve("plms", defaults=own)[1] == resolve("PLMS", "Automatic", defaults=own)[1] == "quad"
+    assert resolve("plms", "normal", defaults=own)[1] == "normal"  # asked for: CompVis' uniform grid
+    assert resolve("ddim", defaults=own)[1] == "normal" and resolve("plms")[1] == "normal"
+    assert resolve("DDIM", "Karras", lenient=True, defaults={"ddim": "quad"})[1] == "quad"  # ignored → default
+    assert parse("PLMS") == (SAMPLERS["plms"], None) and parse("DPM++ 2M Karras")[1] == "karras"
+    assert parse("DDIM", "Karras", lenient=True) == (SAMPLERS["ddim"], None)
+    with pytest.raises(ValueError, match="not karras"):  # a model's default is checked like a request's
+        resolve("plms", defaults={"plms": "karras"})
 
 
 def test_registry_labels_and_names_are_unique():

@@ -98,6 +98,19 @@ def test_webuiapi_txt2img_matches_the_pipeline(server, api):
         assert np.array_equal(np.asarray(got.convert("RGB")), exp)
 
 
+def test_plms_without_a_scheduler_takes_the_models_default(server, api):
+    """The demo model's config makes PLMS default to CompVis' quad timesteps: A1111 clients that name no
+    scheduler get it (and an infotext that says so); /api/v1/info tells the web UI."""
+    app, url = server[0], server[1]
+    r = api.txt2img(prompt=PROMPT, seed=5, width=64, height=64, steps=8, cfg_scale=5, sampler_name="PLMS")
+    assert "Sampler: PLMS, Schedule type: Quad," in r.images[0].info["parameters"]
+    want = direct(app, prompt=PROMPT, seed=5, width=64, height=64, steps=8, cfg_scale=5, sampler="plms",
+                  schedule="quad")
+    assert np.array_equal(np.asarray(r.images[0].convert("RGB")), want[0])
+    info = requests.get(url + "/api/v1/info", timeout=10).json()
+    assert {s["name"]: s["schedule"] for s in info["samplers"]}["plms"] == "quad"
+
+
 def test_webuiapi_img2img_inpaint_keeps_the_unmasked_area(api):
     init = Image.new("RGB", (64, 64), (20, 200, 40))
     mask = Image.new("L", (64, 64), 0)

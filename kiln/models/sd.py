@@ -37,6 +37,9 @@ class ModelConfig:
     # Cheap previews: scaled latent channels → RGB in [-1, 1], one row per channel then a bias row.
     # None: SD v1's published approximation (for 4-channel latents) or a grey of the channel mean.
     latent_rgb: tuple | None = None
+    # Schedules this model's samplers take when a request names none, where they differ from the registry's
+    # (kiln.samplers), e.g. {"plms": "quad"}. Real checkpoints carry none: they sample exactly as CompVis/A1111.
+    sampler_schedules: dict = field(default_factory=dict)
 
     def latent_rgb_matrix(self) -> torch.Tensor:
         if self.latent_rgb is not None:

@@ -56,7 +56,8 @@ def generation_fields(params: dict, seed: int, model_name: str | None = None, mo
     fields = {
         "Steps": params["steps"],
         "Sampler": spec.label,
-        "Schedule type": SCHEDULE_LABELS[params["schedule"]] if params.get("schedule") else None,  # DDIM: quad only
+        # DDIM/PLMS: absent for CompVis' uniform timesteps (kiln.pipeline.recorded_schedule)
+        "Schedule type": SCHEDULE_LABELS[params["schedule"]] if params.get("schedule") else None,
         "CFG scale": _num(float(params["cfg_scale"])),
         "Seed": seed,
         "Size": f"{params['width']}x{params['height']}",

@@ -69,12 +69,13 @@ for _s in SAMPLER_LIST:
         _LOOKUP[_key(_n)] = _s.name
 
 
-def resolve(name: str, schedule: str | None = None, lenient: bool = False) -> tuple[Sampler, str]:
-    """(sampler, schedule) from our names or A1111's, including old-style labels such as "DPM++ 2M Karras".
+def parse(name: str, schedule: str | None = None, lenient: bool = False) -> tuple[Sampler, str | None]:
+    """(sampler, the schedule asked for) from our names or A1111's, including old-style labels such as
+    "DPM++ 2M Karras"; the schedule is None when none is asked for ("", "Automatic"), i.e. the default.
 
-    `schedule` None / "" / "Automatic" means the sampler's default; a schedule inside the label counts only
-    when no explicit one is given. DDIM and PLMS take CompVis' discretizations only ("normal", "quad"); any other
-    schedule is an error, or, with `lenient` (A1111's API and infotexts, where A1111 ignores it), their default."""
+    A schedule inside the label counts only when no explicit one is given. DDIM and PLMS take CompVis'
+    discretizations only ("normal", "quad"); any other schedule is an error, or, with `lenient` (A1111's API
+    and infotexts, where A1111 ignores it), the default."""
     key = _key(name)
     embedded = None
     if key not in _LOOKUP:
@@ -88,15 +89,26 @@ def resolve(name: str, schedule: str | None = None, lenient: bool = False) -> tu
     if key not in _LOOKUP:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     sampler = SAMPLERS[_LOOKUP[key]]
-    chosen = resolve_schedule(schedule) or embedded or sampler.schedule
-    if sampler.kind == "eps" and chosen not in COMPVIS_DISCRETIZE:
+    chosen = resolve_schedule(schedule) or embedded
+    if chosen is not None and sampler.kind == "eps" and chosen not in COMPVIS_DISCRETIZE:
         if not lenient:
             raise ValueError(f"{sampler.name} steps on CompVis' discrete timesteps: schedule normal (CompVis' "
                              f"uniform, the default) or quad, not {chosen}")
-        chosen = sampler.schedule
-    if sampler.kind == "denoise" and chosen not in SCHEDULES:
+        chosen = None
+    if chosen is not None and sampler.kind == "denoise" and chosen not in SCHEDULES:
         raise ValueError(f"schedule {chosen} is CompVis' DDIM/PLMS discretization; {sampler.name} takes one of: "
                          f"{', '.join(SCHEDULES)}")
+    return sampler, chosen
+
+
+def resolve(name: str, schedule: str | None = None, lenient: bool = False,
+            defaults: dict | None = None) -> tuple[Sampler, str]:
+    """(sampler, schedule) as `parse`, with no schedule asked for meaning the sampler's default: the model's
+    (`defaults`, its config's `sampler_schedules`) where it sets one, else the registry's."""
+    sampler, chosen = parse(name, schedule, lenient)
+    if chosen is None:
+        default = (defaults or {}).get(sampler.name)
+        chosen = parse(sampler.name, default)[1] if default else sampler.schedule  # a model's default is checked
     return sampler, chosen
 
 
@@ -113,6 +125,6 @@ def discrete_denoiser(eps_fn, disc: Discrete):
     return denoise
 
 
-__all__ = ["SAMPLERS", "SAMPLER_LIST", "SCHEDULES", "COMPVIS_DISCRETIZE", "Sampler", "resolve", "get_sampler",
-           "discrete_denoiser", "Discrete", "get_sigmas", "sample_ddim", "sample_plms", "ddim_schedule",
+__all__ = ["SAMPLERS", "SAMPLER_LIST", "SCHEDULES", "COMPVIS_DISCRETIZE", "Sampler", "parse", "resolve",
+           "get_sampler", "discrete_denoiser", "Discrete", "get_sigmas", "sample_ddim", "sample_plms", "ddim_schedule",
            "ddim_timesteps"]

@@ -406,7 +406,8 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
                     "max_size": limits.max_size, "max_steps": limits.max_steps,
                     "max_batch_size": limits.max_batch_size, "max_n_iter": limits.max_n_iter,
                     "max_prompt_chars": limits.max_prompt_chars, "queue_size": limits.queue_size},
-                "samplers": [{"name": s.name, "label": s.label, "schedule": s.schedule} for s in SAMPLER_LIST],
+                "samplers": [{"name": s.name, "label": s.label,  # default schedules: the model's where it sets one
+                              "schedule": pipe.cfg.sampler_schedules.get(s.name, s.schedule)} for s in SAMPLER_LIST],
                 "schedules": [{"name": k, "label": label + (" (DDIM, PLMS)" if k not in SCHEDULES else "")}
                               for k, label in SCHEDULE_LABELS.items()],
                 "models": model_list(), "inpainting": pipe.cfg.unet.in_channels != pipe.cfg.latent_channels}

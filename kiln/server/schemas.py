@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KilnError
-from ..samplers import SAMPLERS, resolve
+from ..samplers import SAMPLERS, parse
 from .worker import Job, Limits
 
 
@@ -163,7 +163,8 @@ def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, pipe, options: dict, 
         size[name] = int(v)
     sampler_name = req.sampler_name or req.sampler_index or "Euler"
     try:
-        spec, schedule = resolve(sampler_name, req.scheduler, lenient=True)  # A1111 ignores Karras etc. for DDIM
+        # A1111 ignores Karras etc. for DDIM. None (no scheduler): the default of the model that runs the job
+        spec, schedule = parse(sampler_name, req.scheduler, lenient=True)
     except ValueError as e:
         status = 404 if "sampler" in str(e) else 422
         raise RequestError(("Sampler not found: " if status == 404 else "") + str(e), status) from None
