@@ -56,7 +56,7 @@ def generation_fields(params: dict, seed: int, model_name: str | None = None, mo
     fields = {
         "Steps": params["steps"],
         "Sampler": spec.label,
-        # DDIM/PLMS: absent for CompVis' uniform timesteps (kiln.pipeline.recorded_schedule)
+        # DDIM/PLMS: absent for CompVis' uniform timesteps, unless a model default says otherwise (recorded_schedule)
         "Schedule type": SCHEDULE_LABELS[params["schedule"]] if params.get("schedule") else None,
         "CFG scale": _num(float(params["cfg_scale"])),
         "Seed": seed,
