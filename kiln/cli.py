@@ -288,7 +288,7 @@ def run_txt2img(opt):
     sampler = opt.sampler or ("plms" if opt.plms else "ddim")
     if opt.plms and opt.sampler and opt.sampler.lower() != "plms":
         raise KilnError(f"--plms contradicts --sampler {opt.sampler}")
-    from .samplers import parse
+    from .samplers import model_default, parse
     try:
         parse(sampler, opt.schedule)
     except ValueError as e:
@@ -328,9 +328,9 @@ def run_txt2img(opt):
     for note in pipe.info.notes:
         say(f"kiln: {note}")
     spec, asked = parse(sampler, opt.schedule)
-    if asked is None and spec.name in pipe.cfg.sampler_schedules:
-        say(f"kiln: {spec.name} takes this model's default schedule, {pipe.cfg.sampler_schedules[spec.name]} "
-            f"(--schedule chooses another)")
+    own = model_default(spec, pipe.cfg.sampler_schedules) if asked is None else None
+    if own:
+        say(f"kiln: {spec.name} takes this model's default schedule, {own} (--schedule chooses another)")
     if opt.safety is not False and opt.safety_checker:
         pipe.load_safety_checker(opt.safety_checker)
     elif opt.safety:
@@ -567,12 +567,11 @@ def print_samplers():
     print("\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows))
     print("\nschedules: " + ", ".join(f"{k} ({SCHEDULE_LABELS[k]})" for k in SCHEDULES)
           + "; automatic = the sampler's default.\nDDIM and PLMS step on CompVis' timesteps: normal (uniform) or quad")
-    import json
-
+    from .checkpoints.detect import detect
     from .checkpoints.sources import open_file
     from .demo.report import EMBEDDED
 
-    own = json.loads(open_file(EMBEDDED).metadata["kiln_config"]).get("sampler_schedules") or {}
+    own = detect(open_file(EMBEDDED)).sampler_schedules  # the header only, as the loader reads it
     print("a model may set its own defaults; the embedded demo model's: "
           + (", ".join(f"{k} {v}" for k, v in own.items()) or "none"))
 

@@ -20,7 +20,8 @@ from .errors import KilnError
 from .models.sd import LatentDiffusion, alphas_cumprod
 from .models.unet import FeatureCache
 from .prompts import CHUNK, chunk_tokens
-from .samplers import COMPVIS_DISCRETIZE, SAMPLERS, Discrete, ddim_timesteps, discrete_denoiser, get_sigmas, resolve
+from .samplers import (COMPVIS_DISCRETIZE, SAMPLERS, Discrete, ddim_timesteps, discrete_denoiser, get_sigmas,
+                       model_default, resolve)
 from .samplers.compvis import Known
 from .tiling import tiled_cover
 from .tokenizer import EOS, default_tokenizer
@@ -593,7 +594,7 @@ class Pipeline:
                 raise KilnError(f"{name} must be a positive multiple of {unit}, got {v}")
 
     def _recorded_schedule(self, spec, sched):
-        return recorded_schedule(spec, sched, self.cfg.sampler_schedules.get(spec.name))
+        return recorded_schedule(spec, sched, model_default(spec, self.cfg.sampler_schedules))
 
     def _check_common(self, steps, batch_size, n_iter, sampler, schedule, eta):
         if batch_size < 1 or n_iter < 1:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..samplers import parse
+from ..samplers import model_default, parse
 from .evaluate import score
 from .shapes import heldout_prompts
 
@@ -30,7 +30,7 @@ def table(pipe, samplers=("ddim",), scales=(1.0, 5.0), steps=20, seed=0) -> tupl
     lines = ["| sampler | steps | scale | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
     for r in rows:
         spec, asked = parse(r["sampler"])
-        own = pipe.cfg.sampler_schedules.get(spec.name) if asked is None else None
+        own = model_default(spec, pipe.cfg.sampler_schedules) if asked is None else None
         label = r["sampler"] + (f" ({own}: the model's default)" if own else "")
         lines.append(f"| {label} | {r['steps']} | {r['scale']:g} | "
                      + " | ".join(f"{100 * r[c]:.1f}%" for c in cols) + " |")

@@ -101,15 +101,19 @@ def parse(name: str, schedule: str | None = None, lenient: bool = False) -> tupl
     return sampler, chosen
 
 
+def model_default(sampler: Sampler, defaults: dict | None) -> str | None:
+    """The schedule a model's config (`defaults`, its `sampler_schedules`) sets for `sampler`, checked like a
+    request's; None where it sets none."""
+    own = (defaults or {}).get(sampler.name)
+    return parse(sampler.name, own)[1] if own else None
+
+
 def resolve(name: str, schedule: str | None = None, lenient: bool = False,
             defaults: dict | None = None) -> tuple[Sampler, str]:
     """(sampler, schedule) as `parse`, with no schedule asked for meaning the sampler's default: the model's
-    (`defaults`, its config's `sampler_schedules`) where it sets one, else the registry's."""
+    (`model_default`) where it sets one, else the registry's."""
     sampler, chosen = parse(name, schedule, lenient)
-    if chosen is None:
-        default = (defaults or {}).get(sampler.name)
-        chosen = parse(sampler.name, default)[1] if default else sampler.schedule  # a model's default is checked
-    return sampler, chosen
+    return sampler, chosen or model_default(sampler, defaults) or sampler.schedule
 
 
 def get_sampler(name: str) -> Sampler:
@@ -126,5 +130,5 @@ def discrete_denoiser(eps_fn, disc: Discrete):
 
 
 __all__ = ["SAMPLERS", "SAMPLER_LIST", "SCHEDULES", "COMPVIS_DISCRETIZE", "Sampler", "parse", "resolve",
-           "get_sampler", "discrete_denoiser", "Discrete", "get_sigmas", "sample_ddim", "sample_plms", "ddim_schedule",
-           "ddim_timesteps"]
+           "model_default", "get_sampler", "discrete_denoiser", "Discrete", "get_sigmas", "sample_ddim", "sample_plms",
+           "ddim_schedule", "ddim_timesteps"]

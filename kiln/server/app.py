@@ -18,7 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
-from ..samplers import SAMPLER_LIST, SCHEDULES
+from ..samplers import SAMPLER_LIST, SCHEDULES, resolve
 from ..samplers.schedules import SCHEDULE_LABELS
 from .schemas import (Img2ImgRequest, PngInfoRequest, RequestError, Txt2ImgRequest, decode_image, echo_parameters,
                       info_json, to_job)
@@ -407,7 +407,8 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
                     "max_batch_size": limits.max_batch_size, "max_n_iter": limits.max_n_iter,
                     "max_prompt_chars": limits.max_prompt_chars, "queue_size": limits.queue_size},
                 "samplers": [{"name": s.name, "label": s.label,  # default schedules: the model's where it sets one
-                              "schedule": pipe.cfg.sampler_schedules.get(s.name, s.schedule)} for s in SAMPLER_LIST],
+                              "schedule": resolve(s.name, defaults=pipe.cfg.sampler_schedules)[1]}
+                             for s in SAMPLER_LIST],
                 "schedules": [{"name": k, "label": label + (" (DDIM, PLMS)" if k not in SCHEDULES else "")}
                               for k, label in SCHEDULE_LABELS.items()],
                 "models": model_list(), "inpainting": pipe.cfg.unet.in_channels != pipe.cfg.latent_channels}
