@@ -69,7 +69,7 @@ def main():
     for i in range(2, args.steps - 4, 2):
         x, t = path[i - 1], int(ts[i])  # the latent after step i-1 is the input of step i
         a = float(ac[t])
-        x0_fns = [lambda z, f=f: (z - (1 - a) ** 0.5 * f(z, t)) / a ** 0.5 for f in eps.values()]
+        x0_fns = [lambda z, f=f, a=a, t=t: (z - (1 - a) ** 0.5 * f(z, t)) / a ** 0.5 for f in eps.values()]
         gains, dc = [top_gain(g, x) for g in x0_fns], [mean_gain(g, x) for g in x0_fns]
         print(f"{i:>4} {t:>4} " + " ".join(f"{g:>14.2f}" for g in gains) + "  | " + " ".join(f"{g:.2f}" for g in dc),
               flush=True)

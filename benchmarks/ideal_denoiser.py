@@ -67,7 +67,7 @@ def main():
         for name, sample in (("ddim", sample_ddim), ("plms", sample_plms)):
             stds = []
             z = sample(guided_eps(scale), start.clone(), ac, 20,
-                       callback=lambda i, n, x, x0: stds.append(float(x0.std())))
+                       callback=lambda i, n, x, x0, stds=stds: stds.append(float(x0.std())))
             pixels = to_uint8(pipe.decode_latents(z))
             r = score([(p, labels) for p, (_, labels) in zip(pixels, prompts)])
             print(f"| {name} | {scale:g} | " + " | ".join(f"{100 * r[k]:.1f}%" for k in

@@ -88,7 +88,7 @@ def stiffness(pipe, prompts, scale, steps, iters=15, h=1e-2):
         t_next = int(ts[i + 1]) if i + 1 < len(ts) else 0
         z = float((sig[t_next] - sig[t]) / sig[t])
         c = (1 - float(ac[t])) ** 0.5  # μ's operator is √(1 − ᾱ)·∂ε/∂x_t
-        rows.append((t, z, *(top_gain(lambda v, f=f: c * f(v, t), x, iters=iters, h=h) for f in fns)))
+        rows.append((t, z, *(top_gain(lambda v, f=f, c=c, t=t: c * f(v, t), x, iters=iters, h=h) for f in fns)))
     return rows
 
 

@@ -13,7 +13,8 @@ import time
 
 CHILD = r"""
 import resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[4]) << 30, int(sys.argv[4]) << 30))  # fail cleanly instead of swapping or being killed
+# fail cleanly instead of swapping or being killed
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[4]) << 30, int(sys.argv[4]) << 30))
 import json, sys, time, torch, kiln
 from kiln.demo.report import EMBEDDED
 ckpt, size, mode = sys.argv[1] or str(EMBEDDED), int(sys.argv[2]), sys.argv[3]
@@ -48,7 +49,8 @@ def main():
     rows = []
     for mode in ("off", "on"):
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", CHILD, opt.ckpt, str(opt.size), mode, str(opt.limit_gib)], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", CHILD, opt.ckpt, str(opt.size), mode, str(opt.limit_gib)],
+                           capture_output=True, text=True)
         if p.returncode != 0:
             last = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
             rows.append(dict(mode=mode, size=opt.size, error=last[:200]))

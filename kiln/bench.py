@@ -259,7 +259,7 @@ def run_side(side, weights, opt, device, image_out, flags=()) -> dict:
            "--dtype", opt.dtype, "--size", str(opt.size), "--steps", str(opt.steps), "--repeat", str(opt.repeat),
            "--threads", str(opt.threads or 0), "--image-out", str(image_out), *flags]
     r = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("KILN_BENCH ")]
+    lines = [line for line in r.stdout.splitlines() if line.startswith("KILN_BENCH ")]
     if r.returncode != 0 or not lines:
         raise KilnError(f"bench: the {side} run failed:\n{r.stderr[-3000:]}")
     return json.loads(lines[-1][len("KILN_BENCH "):])
@@ -338,11 +338,13 @@ def format_report(rep) -> str:
     for label, key, unit in rows:
         vals = [rep["runs"][n][key] / (1e9 if unit == "GB" else 1) for n in names]
         out.append(f"{label:28}" + "".join(f"{v:>20.3f}{unit:>2}" for v in vals))
-    out.append(f"{'UNet it/s (CFG steps/s)':28}" + "".join(f"{1 / rep['runs'][n]['unet_step_s']:>22.2f}" for n in names))
+    out.append(f"{'UNet it/s (CFG steps/s)':28}"
+               + "".join(f"{1 / rep['runs'][n]['unet_step_s']:>22.2f}" for n in names))
     out.append("")
     for name, r in rep["ratios"].items():
-        out.append(f"{name} vs diffusers: UNet step {r['unet_step_speedup']:.2f}x, txt2img {r['txt2img_speedup']:.2f}x, "
-                   f"VAE decode {r['vae_decode_speedup']:.2f}x, load {r['load_speedup']:.2f}x faster; peak memory "
+        out.append(f"{name} vs diffusers: UNet step {r['unet_step_speedup']:.2f}x, "
+                   f"txt2img {r['txt2img_speedup']:.2f}x, VAE decode {r['vae_decode_speedup']:.2f}x, "
+                   f"load {r['load_speedup']:.2f}x faster; peak memory "
                    f"{r['peak_memory_ratio']:.2f}x; image max |diff| {rep['max_abs_diff'][name]:.2e}")
     return "\n".join(out)
 

@@ -55,7 +55,7 @@ class Offloader:
         if self.resident is not None:
             self.send_back(self.resident)
         kept = []
-        for m, table, name, cpu in _tensors(part):
+        for _m, table, name, cpu in _tensors(part):
             moved = _moved(cpu, self.device)
             if moved is not cpu:
                 table[name] = moved
@@ -95,7 +95,7 @@ def offload(model, device, mode: str) -> Offloader:
     parts += unet_blocks(model.unet) if mode == "lowvram" else [model.unet]
     parts += [model.vae.encoder, model.vae.decoder]
     inside = {id(t) for part in parts for *_, t in _tensors(part)}
-    for m, table, name, t in _tensors(model):  # the rest (quant convs) is small: it stays on the device
+    for _m, table, name, t in _tensors(model):  # the rest (quant convs) is small: it stays on the device
         if id(t) not in inside:
             table[name] = _moved(t, device)
     return Offloader(parts, device)

@@ -56,8 +56,8 @@ from __future__ import annotations
 import functools
 import gzip
 import unicodedata
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import regex
 import torch

@@ -37,7 +37,8 @@ def random_state(cfg: ModelConfig = ModelConfig(), seed: int = 0, prefix_filter=
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LatentDiffusion(cfg).state_dict().items()}
     gen = torch.Generator().manual_seed(seed)
-    return {k: random_tensor(k, s, gen) for k, s in shapes.items() if prefix_filter is None or k.startswith(prefix_filter)}
+    return {k: random_tensor(k, s, gen) for k, s in shapes.items()
+            if prefix_filter is None or k.startswith(prefix_filter)}
 
 
 def model_from_state(state: dict, cfg: ModelConfig = ModelConfig()) -> LatentDiffusion:
@@ -261,7 +262,8 @@ def ref_big_g(checkpoint: dict):
                          bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
     with torch.device("meta"):
         model = CLIPTextModelWithProjection(cfg)
-    return _assign_text_model(model, convert_open_clip_checkpoint(model, checkpoint, prefix="conditioner.embedders.1.model."))
+    converted = convert_open_clip_checkpoint(model, checkpoint, prefix="conditioner.embedders.1.model.")
+    return _assign_text_model(model, converted)
 
 
 def ref_sdxl_pipeline(checkpoint: dict, tok_dir: Path):
@@ -275,14 +277,16 @@ def ref_sdxl_pipeline(checkpoint: dict, tok_dir: Path):
         vae = AutoencoderKL(**vcfg)
     vae = _assign(vae, convert_ldm_vae_checkpoint(checkpoint, vcfg))
     hf_tokenizer_files(tok_dir)
-    tok_kw = dict(model_max_length=77, unk_token="<|endoftext|>", bos_token="<|startoftext|>", eos_token="<|endoftext|>")
+    tok_kw = dict(model_max_length=77, unk_token="<|endoftext|>", bos_token="<|startoftext|>",
+                  eos_token="<|endoftext|>")
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=ref_clip(checkpoint), text_encoder_2=ref_big_g(checkpoint),
         tokenizer=CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="<|endoftext|>", **tok_kw),
         tokenizer_2=CLIPTokenizer.from_pretrained(str(tok_dir), pad_token="!", **tok_kw),
-        unet=ref_unet(checkpoint, yaml_name="sd_xl_base.yaml"), scheduler=sched, force_zeros_for_empty_prompt=False, add_watermarker=False)
+        unet=ref_unet(checkpoint, yaml_name="sd_xl_base.yaml"), scheduler=sched, force_zeros_for_empty_prompt=False,
+        add_watermarker=False)
 
 
 # ------------------------------------------------------------------ a tiny model of the same architecture

@@ -63,7 +63,8 @@ def test_ddim_and_plms_at_50_steps_agree_on_a_trained_model(demo):
     ddim = demo.txt2img(prompts, steps=50, sampler="ddim", cfg_scale=5, seed=11, batch_size=4).pixels.astype(float)
     plms = demo.txt2img(prompts, steps=50, sampler="plms", schedule="normal", cfg_scale=5, seed=11,  # CompVis' grid
                         batch_size=4).pixels.astype(float)
-    other_seed = demo.txt2img(prompts, steps=50, sampler="ddim", cfg_scale=5, seed=99, batch_size=4).pixels.astype(float)
+    other_seed = demo.txt2img(prompts, steps=50, sampler="ddim", cfg_scale=5, seed=99,
+                              batch_size=4).pixels.astype(float)
     same, different = np.abs(ddim - plms).mean(), np.abs(ddim - other_seed).mean()
     print(f"mean |DDIM50 - PLMS50| = {same:.2f}/255, another seed: {different:.2f}/255")
     assert same < 6.0 and same < different / 3

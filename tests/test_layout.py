@@ -28,7 +28,8 @@ def our_shapes(cfg):
         return {k: tuple(v.shape) for k, v in LatentDiffusion(cfg).state_dict().items()}
 
 
-@pytest.mark.parametrize("name,family,in_ch", [("sd_v1_keys.json", "sd1", 4), ("sd_v1_inpainting_keys.json", "sd1-inpaint", 9)])
+@pytest.mark.parametrize("name,family,in_ch",
+                         [("sd_v1_keys.json", "sd1", 4), ("sd_v1_inpainting_keys.json", "sd1-inpaint", 9)])
 def test_manifest_maps_exactly_onto_our_modules(name, family, in_ch):
     ref = manifest(name)
     cfg = detect(shapes_source(ref))
@@ -60,7 +61,8 @@ def test_ema_manifest_names_follow_litema():
     assert all(ema_key(k) in ref and ref[ema_key(k)] == ref[k] for k in unet)
 
 
-@pytest.mark.parametrize("name,family,in_ch", [("sd_v2_keys.json", "sd2", 4), ("sd_v2_inpainting_keys.json", "sd2-inpaint", 9)])
+@pytest.mark.parametrize("name,family,in_ch",
+                         [("sd_v2_keys.json", "sd2", 4), ("sd_v2_inpainting_keys.json", "sd2-inpaint", 9)])
 def test_sd2_manifest_maps_exactly_onto_our_modules(name, family, in_ch):
     ref = manifest(name)
     cfg = detect(shapes_source(ref))
@@ -77,7 +79,8 @@ def test_sd2_manifest_maps_exactly_onto_our_modules(name, family, in_ch):
     assert count("cond_stage_model.") == 354_032_641
 
 
-@pytest.mark.parametrize("yaml_name,pred,native", [("v2-inference-v.yaml", "v", 768), ("v2-inference.yaml", "eps", 512)])
+@pytest.mark.parametrize("yaml_name,pred,native",
+                         [("v2-inference-v.yaml", "v", 768), ("v2-inference.yaml", "eps", 512)])
 def test_sd2_yaml_gives_the_detected_model(yaml_name, pred, native):
     from kiln.checkpoints import config_from_yaml
 
@@ -94,7 +97,8 @@ def test_sdxl_manifest_maps_exactly_onto_our_modules(name, family, unet_params):
     cfg = detect(shapes_source(ref))
     assert cfg.family == family and cfg.scale_factor == 0.13025 and cfg.native_size == 1024
     ours = our_shapes(cfg)
-    file_model = {k: v for k, v in ref.items() if k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner."))}
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "conditioner.")
+    file_model = {k: v for k, v in ref.items() if k.startswith(prefixes)}
     assert set(file_model) - set(ours) <= {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}
     assert set(ours) <= set(file_model)
     assert all(ours[k] == file_model[k] for k in ours)

@@ -123,7 +123,8 @@ def test_kohya_lora_matches_diffusers_load_lora_weights(fp32_pair, sd15, tmp_pat
 
     ref = sdref.ref_pipeline(state, sd15["tokenizer"])
     ref.load_lora_weights(lora_sd)
-    theirs = probe(lambda i: ref.text_encoder(i).last_hidden_state, lambda *a: ref.unet(*a).sample)
+    # The lambdas run before `del ref` below; ruff's F821 misreads that as a use after the del (astral-sh/ruff#9858).
+    theirs = probe(lambda i: ref.text_encoder(i).last_hidden_state, lambda *a: ref.unet(*a).sample)  # noqa: F821
     for a, b, p0 in zip(mine, theirs, plain):
         assert (a - p0).abs().max() > 0.05  # the LoRA really changed the output
         assert (a - b).abs().max() <= 1e-4

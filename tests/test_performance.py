@@ -103,7 +103,8 @@ def test_offload_moves_one_part_at_a_time_and_back_without_copies(tmp_path, mode
     model.text_models[1].hidden_and_pooled(ids, 1, False)  # not `forward`: the submodules' hooks bring it
     unet = model.unet
     unet(torch.zeros(2, 4, 8, 8, device="meta"), torch.zeros(2, device="meta"),
-         torch.zeros(2, 77, unet.cfg.context_dim, device="meta"), torch.zeros(2, unet.cfg.adm_in_channels, device="meta"))
+         torch.zeros(2, 77, unet.cfg.context_dim, device="meta"),
+         torch.zeros(2, unet.cfg.adm_in_channels, device="meta"))
     model.vae.decode(torch.zeros(1, 4, 8, 8, device="meta"))
     unet_parts = unet_blocks(unet) if mode == "lowvram" else [unet]
     assert off.loads == 2 + len(unet_parts) + 1
@@ -143,7 +144,8 @@ def test_attention_slicing_changes_nothing(tiny, monkeypatch):
 
     calls = []
     attend = CrossAttention.attend
-    monkeypatch.setattr(CrossAttention, "attend", lambda self, q, k, v: calls.append(q.shape[2]) or attend(self, q, k, v))
+    monkeypatch.setattr(CrossAttention, "attend",
+                        lambda self, q, k, v: calls.append(q.shape[2]) or attend(self, q, k, v))
     pipe = kiln.load(tiny, device="cpu")
     a = run(pipe)
     whole = list(calls)

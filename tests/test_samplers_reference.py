@@ -122,7 +122,8 @@ def test_sigma_t_round_trip_and_denoiser_matches_compvis_denoiser(kdiff):
     den = kdiff.external.CompVisDenoiser(FakeCompVisModel())
     for t in (0.0, 0.5, 13.25, 500.0, 998.9, 999.0):
         assert DISC.sigma_to_t(DISC.t_to_sigma(t)) == pytest.approx(t, abs=1e-9)
-        assert float(den.sigma_to_t(torch.tensor(DISC.t_to_sigma(t), dtype=torch.float64))) == pytest.approx(t, abs=1e-6)
+        sigma = torch.tensor(DISC.t_to_sigma(t), dtype=torch.float64)
+        assert float(den.sigma_to_t(sigma)) == pytest.approx(t, abs=1e-6)
     x = start_noise() * 3
     ours = discrete_denoiser(toy_eps, DISC)
     for sigma in (0.05, 1.0, 7.3):

@@ -155,12 +155,16 @@ def test_kohya_sdxl_lora_reaches_both_text_encoders_and_the_fused_qkv(tiny_xl, t
     delta = lambda name: 0.5 * sd[f"{name}.lora_up.weight"] @ sd[f"{name}.lora_down.weight"]  # alpha/rank = 0.5
     g = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
     w = pipe.cfg.text2.width
-    assert torch.allclose(params[g][w:2 * w], before[g][w:2 * w] + delta("lora_te2_text_model_encoder_layers_1_self_attn_k_proj"), atol=1e-6)
-    assert torch.allclose(params[g][:w], before[g][:w] + delta("lora_te2_text_model_encoder_layers_1_self_attn_q_proj"), atol=1e-6)
+    assert torch.allclose(params[g][w:2 * w], before[g][w:2 * w]
+                          + delta("lora_te2_text_model_encoder_layers_1_self_attn_k_proj"), atol=1e-6)
+    assert torch.allclose(params[g][:w],
+                          before[g][:w] + delta("lora_te2_text_model_encoder_layers_1_self_attn_q_proj"), atol=1e-6)
     l1 = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
-    assert torch.allclose(params[l1], before[l1] + delta("lora_te1_text_model_encoder_layers_0_self_attn_q_proj"), atol=1e-6)
+    assert torch.allclose(params[l1], before[l1] + delta("lora_te1_text_model_encoder_layers_0_self_attn_q_proj"),
+                          atol=1e-6)
     u = "model.diffusion_model.input_blocks.3.1.transformer_blocks.1.attn1.to_q.weight"
-    assert torch.allclose(params[u], before[u] + delta("lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q"), atol=1e-6)
+    assert torch.allclose(params[u], before[u] + delta("lora_unet_input_blocks_3_1_transformer_blocks_1_attn1_to_q"),
+                          atol=1e-6)
     pipe.set_loras([])
     assert all(torch.equal(params[k], before[k]) for k in params)  # removal is exact
 

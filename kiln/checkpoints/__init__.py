@@ -51,8 +51,11 @@ def _component_file(folder: Path, stem: str) -> Path | None:
 def open_diffusers_folder(root: Path) -> TensorSource:
     """A diffusers folder seen under CompVis names (config from the tensors, checked against ours)."""
     parts = {}
-    for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model")):
-        f = _component_file(root / sub, stem) or (_component_file(root / sub, "pytorch_model") if sub == "text_encoder" else None)
+    components = (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"))
+    for sub, stem in components:
+        f = _component_file(root / sub, stem)
+        if f is None and sub == "text_encoder":
+            f = _component_file(root / sub, "pytorch_model")
         if f is None:
             raise CheckpointError(f"{root}: a diffusers folder needs {sub}/{stem}.safetensors (or .bin); not found")
         parts[sub] = open_file(f)
@@ -93,7 +96,8 @@ def open_diffusers_folder(root: Path) -> TensorSource:
 
 
 def _diffusers_config(ucfg, te_src, root) -> ModelConfig:
-    if ucfg.get("cross_attention_dim", 768) != 768 or ucfg.get("use_linear_projection") or ucfg.get("addition_embed_type"):
+    if (ucfg.get("cross_attention_dim", 768) != 768 or ucfg.get("use_linear_projection")
+            or ucfg.get("addition_embed_type")):
         raise CheckpointError(f"{root}: an SD 2.x/SDXL diffusers folder; only SD 1.x is supported yet")
     from ..models.unet import UNetConfig
     from ..models.vae import VAEConfig
@@ -125,7 +129,8 @@ def open_vae(path) -> TensorSource:
     if any(k.startswith(VAE + "encoder.") for k in src.keys()):
         mapping = {k: k for k in src.keys() if k.startswith(VAE)}
     elif "encoder.conv_in.weight" in src:
-        mapping = {VAE + k: k for k in src.keys() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
+        prefixes = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+        mapping = {VAE + k: k for k in src.keys() if k.startswith(prefixes)}
     else:
         raise CheckpointError(f"{path}: not a VAE file (no 'encoder.conv_in.weight' or 'first_stage_model.encoder.*')")
     return src.renamed(mapping, str(path))
@@ -203,7 +208,8 @@ def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: 
             wrong.append(f"{k}: file {list(s.shape(k))}, model {list(want.shape)}")
     if missing or wrong:
         detail = (f"{len(missing)} tensors missing, e.g. {missing[:3]}" if missing else "") + \
-                 ("; " if missing and wrong else "") + (f"{len(wrong)} of the wrong shape, e.g. {wrong[:2]}" if wrong else "")
+                 ("; " if missing and wrong else "") + \
+                 (f"{len(wrong)} of the wrong shape, e.g. {wrong[:2]}" if wrong else "")
         raise CheckpointError(f"{path}: does not match the detected {cfg.family} architecture: {detail}")
 
     state = {}
@@ -246,5 +252,6 @@ def load_ema_weights(path, dtype: torch.dtype = torch.float32, device="cpu") -> 
     return out
 
 
-__all__ = ["load_model", "load_ema_weights", "LoadInfo", "open_source", "open_file", "open_vae", "detect", "unet_config", "vae_config",
-           "clip_config", "config_from_yaml", "ema_key", "has_ema", "sidecar_yaml", "EMA_CHOICES", "PREDICTIONS"]
+__all__ = ["load_model", "load_ema_weights", "LoadInfo", "open_source", "open_file", "open_vae", "detect",
+           "unet_config", "vae_config", "clip_config", "config_from_yaml", "ema_key", "has_ema", "sidecar_yaml",
+           "EMA_CHOICES", "PREDICTIONS"]

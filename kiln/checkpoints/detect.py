@@ -67,7 +67,8 @@ def vae_config(src, prefix=VAE) -> VAEConfig:
     keys = [k[len(prefix):] for k in src.keys() if k.startswith(prefix)]
     shape = lambda k: src.shape(prefix + k)
     if "encoder.conv_in.weight" not in keys or "decoder.conv_out.weight" not in keys:
-        raise CheckpointError(f"{src.name}: no autoencoder found (expected tensors named '{prefix}encoder.*', '{prefix}decoder.*')")
+        raise CheckpointError(
+            f"{src.name}: no autoencoder found (expected tensors named '{prefix}encoder.*', '{prefix}decoder.*')")
     ch, in_ch = shape("encoder.conv_in.weight")[:2]
     levels = _indices(keys, r"encoder\.down\.(\d+)\.")
     mults = tuple(shape(f"encoder.down.{i}.block.0.conv1.weight")[0] // ch for i in levels)
@@ -84,8 +85,9 @@ def clip_config(src, prefix=CLIP) -> CLIPTextConfig:
     if prefix + "embeddings.token_embedding.weight" not in src:
         raise CheckpointError(f"{src.name}: no CLIP text encoder found (expected '{prefix}*')")
     vocab, width = shape("embeddings.token_embedding.weight")
+    layers = len(_indices(src.keys(), re.escape(prefix) + r"encoder\.layers\.(\d+)\."))
     return CLIPTextConfig(vocab_size=vocab, max_position=shape("embeddings.position_embedding.weight")[0],
-                          width=width, layers=len(_indices(src.keys(), re.escape(prefix) + r"encoder\.layers\.(\d+)\.")),
+                          width=width, layers=layers,
                           heads=max(1, width // 64), mlp_width=shape("encoder.layers.0.mlp.fc1.weight")[0])
 
 
@@ -167,8 +169,8 @@ def detect(src) -> ModelConfig:
     if any(k.startswith(OPENCLIP) for k in keys):
         return sd2_config(src)
     if not any(k.startswith(UNET) for k in keys):
-        raise CheckpointError(
-            f"{src.name}: not a Stable Diffusion checkpoint (no 'model.diffusion_model.*' tensors among {len(keys)} keys)")
+        raise CheckpointError(f"{src.name}: not a Stable Diffusion checkpoint "
+                              f"(no 'model.diffusion_model.*' tensors among {len(keys)} keys)")
     unet = unet_config(src)
     if unet.context_dim != 768 or unet.use_linear_in_transformer or unet.adm_in_channels:
         raise CheckpointError(f"{src.name}: unknown UNet variant (context {unet.context_dim}, linear proj "
@@ -209,4 +211,5 @@ def config_from_yaml(path) -> dict:
                 linear_start=params.get("linear_start", 0.00085), linear_end=params.get("linear_end", 0.012),
                 timesteps=params.get("timesteps", 1000),
                 # SD 2 v-models are 768² models, though their yaml says image_size 64 (unused upstream)
-                native_size=768 if openclip and parameterization == "v" else params.get("image_size", 64) * 2 ** (len(dd["ch_mult"]) - 1))
+                native_size=768 if openclip and parameterization == "v"
+                else params.get("image_size", 64) * 2 ** (len(dd["ch_mult"]) - 1))

@@ -71,7 +71,7 @@ def full_sha256(path: str | Path) -> str:
     beside = path.with_name(path.name + ".kiln-hash.json")
     user = _user_cache()
     key = str(path)
-    for cache, entry in ((beside, _read(beside)), (user, _read(user).get(key, {}))):
+    for entry in (_read(beside), _read(user).get(key, {})):  # the cache beside the file, then the user's
         if entry.get("size") == stamp["size"] and entry.get("mtime") == stamp["mtime"] and entry.get("sha256"):
             return entry["sha256"]
     if path.is_dir():

@@ -23,7 +23,8 @@ TE_PREFIXES = ("cond_stage_model.", "conditioner.")
 # Text encoders in the order LoRA files number them (te / te1 = the first, te2 = SDXL's bigG); CLIP (Hugging Face
 # names) or open_clip (fused q/k/v) layouts.
 _ENCODERS = [("cond_stage_model.transformer.text_model.", "clip"), ("cond_stage_model.model.", "openclip"),
-             ("conditioner.embedders.0.transformer.text_model.", "clip"), ("conditioner.embedders.0.model.", "openclip"),
+             ("conditioner.embedders.0.transformer.text_model.", "clip"),
+             ("conditioner.embedders.0.model.", "openclip"),
              ("conditioner.embedders.1.model.", "openclip")]
 
 
@@ -96,8 +97,8 @@ def module_names(state_keys, num_res_blocks: int) -> dict[str, tuple[str, tuple[
                 add(names_for, (block + "attn.in_proj_weight", ("qkv", j)))
             for theirs, ours in (("self_attn.out_proj", "attn.out_proj"), ("mlp.fc1", "mlp.c_fc"),
                                  ("mlp.fc2", "mlp.c_proj")):
-                add({f"{part}:{hf}{theirs}", f"{part}:text_model.{hf}{theirs}", f"{part}:transformer.resblocks.{i}.{ours}"},
-                    (block + ours + ".weight", None))
+                add({f"{part}:{hf}{theirs}", f"{part}:text_model.{hf}{theirs}",
+                     f"{part}:transformer.resblocks.{i}.{ours}"}, (block + ours + ".weight", None))
     return names
 
 

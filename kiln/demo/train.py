@@ -151,7 +151,8 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 class Trainer:
-    def __init__(self, workdir, opt: TrainOptions = TrainOptions(), progress=True, log=print, config=DEMO_CONFIG):
+    def __init__(self, workdir, opt: TrainOptions | None = None, progress=True, log=print, config=DEMO_CONFIG):
+        opt = TrainOptions() if opt is None else opt  # a fresh default each time: TrainOptions is mutable
         self.workdir = Path(workdir)  # created on the first save, so a run that fails at once leaves nothing
         self.opt, self.progress, self.log = opt, progress, log
         torch.manual_seed(opt.seed)
@@ -274,7 +275,8 @@ class Trainer:
                 idx = torch.randint(0, len(images), (opt.vae_batch,), generator=self.rng)
                 y, x = torch.randint(0, images.shape[-1] - opt.vae_crop + 1, (2,), generator=self.rng).tolist()
                 batch = images[idx][:, :, y:y + opt.vae_crop, x:x + opt.vae_crop]
-                lr = opt.vae_lr * min(1.0, (self.step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * self.step / opt.vae_steps))
+                lr = (opt.vae_lr * min(1.0, (self.step + 1) / 50) * 0.5
+                      * (1 + math.cos(math.pi * self.step / opt.vae_steps)))
             else:
                 batch = images[torch.randint(0, len(images), (opt.vae_full_batch,), generator=self.rng)]
                 lr = opt.vae_lr * 0.1
@@ -318,7 +320,8 @@ class Trainer:
         bar = self._bar(opt.unet_steps, "unet+text")
         while self.step < opt.unet_steps:
             t0 = time.time()
-            lr = opt.lr * min(1.0, (self.step + 1) / 200) * (0.55 + 0.45 * math.cos(math.pi * self.step / opt.unet_steps))
+            lr = (opt.lr * min(1.0, (self.step + 1) / 200)
+                  * (0.55 + 0.45 * math.cos(math.pi * self.step / opt.unet_steps)))
             for g in self.diff_opt.param_groups:
                 g["lr"] = lr
             idx = torch.randint(0, len(images), (opt.batch,), generator=self.rng)

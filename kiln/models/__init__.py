@@ -4,5 +4,5 @@ from .sd import LatentDiffusion, ModelConfig, alphas_cumprod
 from .unet import UNetConfig, UNetModel
 from .vae import AutoencoderKL, VAEConfig
 
-__all__ = ["CLIPTextConfig", "CLIPTextTransformer", "OpenCLIPTextTransformer", "LatentDiffusion", "ModelConfig", "alphas_cumprod",
-           "UNetConfig", "UNetModel", "AutoencoderKL", "VAEConfig"]
+__all__ = ["CLIPTextConfig", "CLIPTextTransformer", "OpenCLIPTextTransformer", "LatentDiffusion", "ModelConfig",
+           "alphas_cumprod", "UNetConfig", "UNetModel", "AutoencoderKL", "VAEConfig"]

@@ -20,7 +20,8 @@ class CLIPTextConfig:
     mlp_width: int = 3072
     act: str = "quick_gelu"  # OpenAI CLIP; OpenCLIP bigG/H use "gelu"
     eps: float = 1e-5
-    kind: str = "clip"  # "clip": Hugging Face names (SD 1.x, SDXL's first encoder); "openclip": open_clip's (SD 2.x, bigG)
+    # "clip": Hugging Face names (SD 1.x, SDXL's first encoder); "openclip": open_clip's (SD 2.x, bigG)
+    kind: str = "clip"
     projection: int = 0  # width of OpenCLIP's `text_projection` (pooled output); 0 = none
 
 
@@ -75,7 +76,8 @@ class Embeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_position, cfg.width)
 
     def forward(self, ids, extra=None):
-        # Positions are always 0..n-1: some merged checkpoints carry a corrupted `position_ids` buffer, so it is not used.
+        # Positions are always 0..n-1: some merged checkpoints carry a corrupted `position_ids` buffer, which is
+        # therefore not used.
         return embed_tokens(self.token_embedding, ids, extra) + self.position_embedding.weight[: ids.shape[1]]
 
 
@@ -135,7 +137,8 @@ class ResidualAttention(nn.Module):
 
     def forward(self, x):
         b, n, c = x.shape
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
 

@@ -82,7 +82,8 @@ class SafetyChecker(nn.Module):
         > 0. Any special-care hit adds 0.01 to every concept score (a stricter check for that image)."""
         emb = self.visual_projection(self.vision_model.vision_model(clip_pixels)).float()
         emb = F.normalize(emb, dim=-1)
-        special = emb @ F.normalize(self.special_care_embeds.float(), dim=-1).T - self.special_care_embeds_weights.float()
+        special = (emb @ F.normalize(self.special_care_embeds.float(), dim=-1).T
+                   - self.special_care_embeds_weights.float())
         adjustment = (special > 0).any(dim=1, keepdim=True).float() * 0.01
         concepts = (emb @ F.normalize(self.concept_embeds.float(), dim=-1).T
                     - self.concept_embeds_weights.float() + adjustment)

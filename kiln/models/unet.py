@@ -69,7 +69,8 @@ class ResBlock(nn.Module):
         super().__init__()
         self.in_layers = nn.Sequential(norm32(ch), nn.SiLU(), Conv2d(ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
-        self.out_layers = nn.Sequential(norm32(out_ch), nn.SiLU(), nn.Dropout(0.0), Conv2d(out_ch, out_ch, 3, padding=1))
+        self.out_layers = nn.Sequential(norm32(out_ch), nn.SiLU(), nn.Dropout(0.0),
+                                        Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip_connection = nn.Identity() if ch == out_ch else Conv2d(ch, out_ch, 1)
 
     def forward(self, x, emb):
