@@ -32,8 +32,8 @@ def folder(pipe, tmp_path_factory):
     return d
 
 
-def cond(pipe, prompt):
-    return pipe.conditioning([prompt], None)[0].context
+def cond(pipe, prompt, used=None):
+    return pipe.conditioning([prompt], None, used=used)[0].context
 
 
 def test_every_layout_conditions_like_the_words_it_was_made_of(pipe, folder):
@@ -41,8 +41,9 @@ def test_every_layout_conditions_like_the_words_it_was_made_of(pipe, folder):
     plain = cond(pipe, "a red circle on a blue background")
     for prompt in ("a crimsonish circle on a blue background", "a scarlet circle on a blue background",
                    "a redball on a blue background"):
-        torch.testing.assert_close(cond(pipe, prompt), plain, rtol=0, atol=1e-5)
-    assert set(pipe._ti_used) == {"redball"}
+        used = {}
+        torch.testing.assert_close(cond(pipe, prompt, used), plain, rtol=0, atol=1e-5)
+    assert set(used) == {"redball"}  # the embeddings a conditioning used are reported to its caller
     assert any("sdxlonly" in n and "width" in n for n in pipe.notices)  # another family's embedding is skipped
     pipe.embeddings_dir = None
     assert not torch.allclose(cond(pipe, "a crimsonish circle on a blue background"), plain, atol=1e-3)
@@ -52,7 +53,9 @@ def test_embeddings_are_never_split_over_chunks(pipe, folder):
     from kiln.prompts import chunk_tokens
 
     pipe.embeddings_dir = folder
-    table, _, owners = pipe._embedding_table()
+    from kiln.pipeline.text import embedding_table
+
+    table, _, owners = embedding_table(pipe)
     filler = " ".join(["blue"] * (CHUNK - 1))  # one free slot left: the two-vector embedding moves on
     chunks = chunk_tokens(pipe.tokenizer, filler + " redball", embeddings=table)
     assert len(chunks) == 2
@@ -67,7 +70,6 @@ def test_images_and_infotext(pipe, folder):
     a = pipe.txt2img("a crimsonish circle on a blue background", **kw)
     b = pipe.txt2img("a red circle on a blue background", **kw)
     assert np.abs(a.pixels.astype(int) - b.pixels).max() <= 1  # same conditioning up to float rounding
-    assert pipe._ti_used == {}  # the last run used no embedding: nothing stale is recorded
     assert 'TI hashes: "crimsonish: ' in a.infotexts[0] and "TI hashes" not in b.infotexts[0]
     pipe.embeddings_dir = None
 

@@ -111,7 +111,8 @@ def test_sizes_resize_modes_and_notices(pipe):
     init = Image.fromarray(np.asarray(picture().resize((70, 50))))
     pipe.notices.clear()
     r = pipe.img2img("a red square", init, strength=0.5, steps=4)
-    assert r.pixels.shape[1:3] == (48, 64) and any("resized to 64x48" in n for n in pipe.notices)
+    assert r.pixels.shape[1:3] == (48, 64) and any("resized to 64x48" in n for n in r.notices)
+    assert not pipe.notices  # a request's notices are its result's, never left on the pipeline
     for mode in ("just-resize", "crop-and-resize", "resize-and-fill"):
         r = pipe.img2img("a red square", init, strength=0.3, steps=4, width=64, height=64, resize_mode=mode)
         assert r.pixels.shape[1:3] == (64, 64)
@@ -124,7 +125,7 @@ def test_unusual_image_files_are_converted(pipe, tmp_path):
     rgba = np.dstack([base, np.full((64, 64), 255, np.uint8)])
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
     Image.fromarray(base).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
-    Image.fromarray((base[..., 0].astype(np.uint16) * 257)).save(tmp_path / "grey16.png")
+    Image.fromarray(base[..., 0].astype(np.uint16) * 257).save(tmp_path / "grey16.png")
     rotated = Image.fromarray(base).rotate(90, expand=True)
     exif = Image.Exif()
     exif[0x0112] = 8  # "rotate 90 CW to view": the file stores the picture turned
@@ -218,14 +219,8 @@ def test_hires_png_round_trip(tmp_path):
 
 
 def whole_and_tiled(pipe, fn, arg):
-    """fn(arg) with tiling forced off, then on; the pipeline's tiling is back to "auto" afterwards."""
-    try:
-        pipe.tile = "off"
-        whole = fn(arg)
-        pipe.tile = "on"
-        return whole, fn(arg)
-    finally:
-        pipe.tile = "auto"
+    """fn(arg) with tiling off, then on (tiling is a request's choice: nothing stays set on the pipeline)."""
+    return fn(arg, tile="off"), fn(arg, tile="on")
 
 
 def test_tiled_decode_is_close_to_the_whole_decode(pipe):
@@ -237,7 +232,10 @@ def test_tiled_decode_is_close_to_the_whole_decode(pipe):
     assert tiled.shape == whole.shape == (1, 3, 160, 160)
     diff = ((tiled - whole).abs() * 127.5).mean().item()
     assert diff < 15, diff
-    assert pipe._tiled((40, 40)) and not pipe._tiled((32, 32))  # auto: above twice the native 16 latents
+    from kiln.pipeline.vae import tiled
+
+    # auto: above twice the native 16 latents
+    assert tiled(pipe, "auto", (40, 40)) and not tiled(pipe, "auto", (32, 32))
 
 
 def test_tiled_generation_runs_at_a_large_size(pipe):

@@ -9,6 +9,7 @@ import kiln
 from kiln.checkpoints.diffusers_keys import unet_key
 from kiln.demo.report import EMBEDDED
 from kiln.errors import KilnError
+from kiln.pipeline.lora import apply_networks
 
 UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer."
@@ -114,7 +115,7 @@ def test_prompt_tags_apply_and_are_removed_between_runs(pipe, files):
     assert tagged.infotexts[0].startswith(prompt + " <lora:kohya:0.9>")  # the tag stays in the recorded prompt
     assert "Lora hashes" not in after.infotexts[0]
     # the tag is not text: with the text-encoder weight at 0 the conditioning equals the plain prompt's
-    clean, _ = pipe._networks([prompt + " <lora:kohya:0:1>"], None)
+    clean, _ = apply_networks(pipe, [prompt + " <lora:kohya:0:1>"], None)
     assert clean == [prompt + " "]
     pipe.set_loras([])
 
@@ -125,7 +126,7 @@ def test_separate_text_encoder_and_unet_weights(pipe, files):
     te_key = next(k for k in pairs if k.startswith("cond_stage_model."))
     unet_keyname = next(k for k in pairs if k.startswith("model."))
     before = dict((k, v.detach().clone()) for k, v in pipe.model.named_parameters())
-    pipe._networks(["x <lora:peft:0:1>"], None)
+    apply_networks(pipe, ["x <lora:peft:0:1>"], None)
     params = dict(pipe.model.named_parameters())
     assert torch.equal(params[te_key], before[te_key]) and not torch.equal(params[unet_keyname], before[unet_keyname])
     pipe.set_loras([])

@@ -12,7 +12,8 @@ from PIL import Image
 
 from kiln.checkpoints.hashes import autov2, full_sha256, legacy_hash
 from kiln.cli import main
-from kiln.postprocess.infotext import format_infotext, generation_fields, parse_infotext, quote, txt2img_kwargs
+from kiln.pipeline.infotext import format_infotext, generation_fields, parse_infotext, quote
+from kiln.pipeline.infotext import params_from_infotext as txt2img_kwargs
 
 PROMPT = "a small red star on the left on a blue background"
 
@@ -178,7 +179,7 @@ def test_kiln_info_and_metadata_formats(tmp_path, capsys):
 
 
 def test_watermark_text_and_decoding(tmp_path, capsys):
-    from kiln.postprocess.watermark import put_watermark
+    from kiln.pipeline.watermark import put_watermark
 
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 255, (320, 320, 3), dtype=np.uint8)
@@ -194,7 +195,7 @@ def test_two_processes_writing_one_outdir_lose_nothing(tmp_path):
     script = (
         "import sys, numpy as np\n"
         "from PIL import Image\n"
-        "from kiln.postprocess import OutputDir\n"
+        "from kiln.output import OutputDir\n"
         "out = OutputDir(sys.argv[1])\n"
         "for i in range(40):\n"
         "    px = np.full((8, 8, 3), 0, np.uint8); px[0, 0] = [int(sys.argv[2]), i, 7]\n"

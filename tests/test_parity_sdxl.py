@@ -80,7 +80,7 @@ def ours(sdxl, xl_lora):
     out = {}
     out["context"], out["pooled"], out["eps"] = our_probes(pipe)
     kw = dict(steps=STEPS, sampler="ddim", cfg_scale=7.5, width=SIZE, height=SIZE, seed=42)
-    with mock.patch("kiln.pipeline.start_noise", first_seed_noise):
+    with mock.patch("kiln.pipeline.generate.start_noise", first_seed_noise):
         out["images"] = pipe.txt2img([PROMPT, OTHER], batch_size=2, **kw).pixels
     params = dict(pipe.model.named_parameters())
     lora = pipe.load_lora(xl_lora)

@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 
 from kiln.checkpoints.safety import load_safety_checker
 from kiln.models.safety import SafetyChecker
-from kiln.postprocess.safety import check_images, clip_preprocess
+from kiln.pipeline.safety import check_images, clip_preprocess
 
 transformers = pytest.importorskip("transformers")
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker, cosine_distance  # noqa

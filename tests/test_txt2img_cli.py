@@ -143,7 +143,7 @@ def test_bf16_weights_run_on_cpu(tiny):
 
 
 def test_watermark_decodes_from_a_saved_sample(tiny, tmp_path):
-    from kiln.postprocess import decode_watermark
+    from kiln.pipeline.watermark import decode_watermark
 
     assert txt2img(tiny, tmp_path, "--n_samples", "1", "--n_iter", "1", "--H", "256", "--W", "256",
                    "--ddim_steps", "2", "--skip_grid") == 0
@@ -282,7 +282,8 @@ def test_inpainting_checkpoint_is_refused_by_txt2img(tmp_path, capsys):
 
     cfg = sdref.tiny_config()
     cfg = replace(cfg, family="sd1-inpaint", unet=replace(cfg.unet, in_channels=9))
-    save_file(sdref.random_state(cfg), tmp_path / "inpaint.safetensors", metadata={"kiln_config": json.dumps(cfg.to_dict())})
+    save_file(sdref.random_state(cfg), tmp_path / "inpaint.safetensors",
+              metadata={"kiln_config": json.dumps(cfg.to_dict())})
     assert txt2img(tmp_path / "inpaint.safetensors", tmp_path / "out") != 0
     assert "inpainting model" in one_error_line(capsys)
 

@@ -19,25 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import KilnError
+from ..pipeline.params import GenerationParams, scalar_fields
 
-# Row fields (and the spellings accepted for them: CompVis flags, A1111 names)
-FIELDS = {"prompt": str, "negative_prompt": str, "seed": int, "steps": int, "sampler": str, "schedule": str,
-          "cfg_scale": float, "width": int, "height": int, "eta": float, "clip_skip": int, "id": str}
+# Row fields: GenerationParams' own (one image each: no batches, no init image), and the spellings accepted for
+# them (CompVis flags, A1111 names).
+ROW_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule", "cfg_scale", "width", "height",
+              "eta", "s_noise", "clip_skip", "subseed", "subseed_strength", "seamless", "tile", "hires_scale",
+              "hires_upscaler", "hires_steps", "hires_strength")
+FIELDS = {**{k: v for k, v in scalar_fields().items() if k in ROW_FIELDS}, "id": str}
 ALIASES = {"negative": "negative_prompt", "scale": "cfg_scale", "cfg": "cfg_scale", "W": "width", "H": "height",
            "ddim_steps": "steps", "sampler_name": "sampler", "scheduler": "schedule", "n": None}
+ALWAYS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule", "cfg_scale", "width", "height")
 MANIFEST = "manifest.jsonl"
-
-
-@dataclass
-class Defaults:
-    seed: int = 42
-    steps: int = 20
-    sampler: str = "ddim"
-    schedule: str | None = None
-    cfg_scale: float = 7.5
-    width: int | None = None
-    height: int | None = None
-    negative_prompt: str = ""
+Defaults = GenerationParams  # a run's defaults (`kiln batch`'s flags); each row's fields override them
 
 
 # ---------------------------------------------------------------------------------------------- reading rows
@@ -85,8 +79,23 @@ def read_rows(path) -> list[dict]:
     return rows
 
 
-def row_params(raw: dict, row: int, defaults: Defaults) -> dict:
-    """Validated generation parameters of one row; KilnError names what is wrong."""
+def _value(kind, value):
+    if kind is bool:
+        text = str(value).strip().lower()
+        if isinstance(value, bool) or text in ("true", "false", "1", "0", "yes", "no"):
+            return value if isinstance(value, bool) else text in ("true", "1", "yes")
+        raise ValueError
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    v = kind(value.strip() if isinstance(value, str) and kind is not str else value)
+    if kind is float and not math.isfinite(v):
+        raise ValueError
+    return v
+
+
+def row_params(raw: dict, row: int, defaults: GenerationParams) -> dict:
+    """Validated generation parameters of one row (`GenerationParams` fields); KilnError names what is wrong.
+    A row without a seed takes the run's seed + its row index."""
     params = {}
     for key, value in raw.items():
         name = ALIASES.get(key, key)
@@ -96,31 +105,21 @@ def row_params(raw: dict, row: int, defaults: Defaults) -> dict:
             raise KilnError(f"unknown field {key!r} (known: {', '.join(FIELDS)})")
         kind = FIELDS[name]
         try:
-            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            params[name] = kind(value.strip() if isinstance(value, str) and kind is not str else value)
-            if kind is float and not math.isfinite(params[name]):
-                raise ValueError
+            params[name] = _value(kind, value)
         except (TypeError, ValueError):
             raise KilnError(f"{key}: {value!r} is not a valid {kind.__name__}") from None
     if "prompt" not in params:
         raise KilnError("the row has no prompt")
-    out = {"prompt": params["prompt"], "negative_prompt": params.get("negative_prompt", defaults.negative_prompt),
-           "seed": params.get("seed", defaults.seed + row), "steps": params.get("steps", defaults.steps),
-           "sampler": params.get("sampler", defaults.sampler), "schedule": params.get("schedule", defaults.schedule),
-           "cfg_scale": params.get("cfg_scale", defaults.cfg_scale),
-           "width": params.get("width", defaults.width), "height": params.get("height", defaults.height)}
-    for k in ("eta", "clip_skip"):
-        if k in params:
-            out[k] = params[k]
+    out = {k: params.get(k, getattr(defaults, k)) for k in ALWAYS}
+    out["seed"] = params.get("seed", defaults.seed + row)
+    out["cfg_scale"] = params.get("cfg_scale", defaults.scale)
+    out.update({k: v for k, v in params.items() if k not in out})
     if not 0 <= out["seed"] < 2 ** 63:
         raise KilnError(f"seed must be between 0 and 2^63-1, got {out['seed']}")
-    if "id" in params:
-        out["id"] = params["id"]
     return out
 
 
-def plan(rows: list[dict], defaults: Defaults) -> list[dict]:
+def plan(rows: list[dict], defaults: GenerationParams) -> list[dict]:
     """Tasks: `{"row", "params"}` for good rows, `{"row", "error"}` for rows that cannot run."""
     tasks = []
     for r in rows:
@@ -247,7 +246,7 @@ class RowRenderer:
             (Path(pid_dir) / f"{os.getpid()}").write_text(str(os.getpid()))
 
     def render(self, task: dict) -> dict:
-        from ..postprocess.pnginfo import pnginfo_for
+        from ..output.pnginfo import pnginfo_for
 
         row = task["row"]
         entry = {"row": row, "id": None, "file": None, "seed": None, "params": None, "status": "error",
@@ -290,14 +289,14 @@ class Summary:
     seconds: float
 
 
-def run_batch(prompts_file, outdir, *, ckpt: str, defaults: Defaults | None = None, ray_address=None,
+def run_batch(prompts_file, outdir, *, ckpt: str, defaults: GenerationParams | None = None, ray_address=None,
               use_ray: bool = False, workers: int = 1, device: str = "auto", precision: str = "full",
               retry_errors: bool = False, progress: bool = True, pid_dir: str | None = None,
               threads_per_worker: int | None = None) -> Summary:
     from tqdm.auto import tqdm
 
     start = time.time()
-    defaults = defaults or Defaults()
+    defaults = defaults or GenerationParams()
     tasks = plan(read_rows(prompts_file), defaults)
     out = Output(outdir)
     entries = load_manifest(out)

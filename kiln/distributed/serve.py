@@ -12,20 +12,16 @@ Cancelling a running job cancels its stream; the replica then cancels the job at
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-
 from ..errors import KilnError
-from ..server.worker import Interrupted, Job, Worker
+from ..pipeline.facts import ModelFacts
+from ..server.worker import Interrupted, Job, ModelEntry, ModelIndex, Worker
 
 
 def model_facts(worker: Worker) -> dict:
-    """What the ingress needs to validate requests and describe the model, without loading it."""
-    pipe, cfg = worker.pipe, worker.pipe.cfg
-    return {"title": worker.model_title, "sha256": worker.entry.sha256, "native_size": pipe.native_size,
-            "downscale": cfg.downscale, "text_layers": cfg.text.layers, "text_width": cfg.text.width,
-            "context_widths": cfg.context_widths, "in_channels": cfg.unet.in_channels,
-            "latent_channels": cfg.latent_channels, "model_name": pipe.model_name, "model_hash": pipe.model_hash,
-            "models": [{"filename": e.filename, "name": e.name, "sha256": e.sha256} for e in worker.models.entries]}
+    """What the ingress needs to check requests and describe the model, as plain data: the loaded model's
+    `ModelFacts`, its title and hash, and the replica's model index."""
+    return {"title": worker.model_title, "sha256": worker.entry.sha256, "facts": worker.facts.to_dict(),
+            "models": worker.models.records()}
 
 
 class ModelServer:
@@ -72,37 +68,6 @@ class ModelServer:
                 self.worker.cancel(job)
 
 
-class RemoteEntry(SimpleNamespace):
-    @property
-    def short_hash(self):
-        return self.sha256[:10] if self.sha256 else None
-
-    @property
-    def title(self):
-        return f"{self.filename} [{self.short_hash}]" if self.sha256 else self.filename
-
-
-class RemoteModels:
-    """The model deployment's checkpoint index, as the ingress sees it."""
-
-    def __init__(self, worker: "RemoteWorker"):
-        self.worker = worker
-        self.entries = []
-
-    def load(self, facts: dict):
-        self.entries = [RemoteEntry(**e) for e in facts["models"]]
-
-    def refresh(self):
-        self.load(self.worker.handle.refresh.remote().result())
-
-    def find(self, name: str):
-        name = (name or "").strip()
-        for e in self.entries:
-            if name in (e.title, e.filename, e.name) or (e.sha256 and name.lower() in (e.short_hash, e.sha256)):
-                return e
-        return None
-
-
 class RemoteWorker(Worker):
     """The local worker's queue, ids, options and cancel; the work itself runs on the model deployment."""
 
@@ -110,21 +75,19 @@ class RemoteWorker(Worker):
         self.handle = handle
         self.limits = limits
         self._init_queue()
-        self.models = RemoteModels(self)
+        self.models = ModelIndex(refresher=lambda: self._refreshed())
         self._apply(facts)
         self.start_threads(dispatchers)
 
+    def _refreshed(self):
+        return ModelIndex.from_records(self.handle.refresh.remote().result()["models"]).entries
+
     def _apply(self, facts: dict):
-        self.facts = facts
-        self.models.load(facts)
-        self.entry = self.models.find(facts["title"]) or RemoteEntry(filename=facts["title"], name=facts["title"],
-                                                                     sha256=facts["sha256"])
-        cfg = SimpleNamespace(downscale=facts["downscale"], text=SimpleNamespace(layers=facts["text_layers"], width=facts["text_width"]),
-                              unet=SimpleNamespace(in_channels=facts["in_channels"]),
-                              context_widths=facts["context_widths"],
-                              latent_channels=facts["latent_channels"])
-        self.pipe = SimpleNamespace(cfg=cfg, native_size=facts["native_size"], model_name=facts["model_name"],
-                                    model_hash=facts["model_hash"])
+        """The replicas' model, as their facts say: the same index (and lookups by name and hash) as locally."""
+        self.facts = ModelFacts.from_dict(facts["facts"])
+        self.models.entries = ModelIndex.from_records(facts["models"]).entries
+        self.entry = self.models.find(facts["title"]) or ModelEntry("", facts["title"], facts["title"],
+                                                                    facts["sha256"])
 
     @property
     def model_title(self) -> str:

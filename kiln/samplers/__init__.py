@@ -10,12 +10,12 @@ Adding a sampler: write the function, add one `Sampler(...)` line below.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from . import kdiffusion as k
 from .compvis import ddim_schedule, ddim_timesteps, sample_ddim, sample_plms
 from .schedules import COMPVIS_DISCRETIZE, SCHEDULE_LABELS, SCHEDULES, Discrete, get_sigmas, resolve_schedule
+from .run import discrete_denoiser
 from .unipc import sample_unipc
 
 
@@ -118,15 +118,6 @@ def resolve(name: str, schedule: str | None = None, lenient: bool = False,
 
 def get_sampler(name: str) -> Sampler:
     return resolve(name)[0]
-
-
-def discrete_denoiser(eps_fn, disc: Discrete):
-    """A denoiser D(x, σ) over a noise predictor trained on discrete steps: x_t = x/√(1+σ²), t = t(σ)."""
-    def denoise(x, sigma):
-        t = disc.sigma_to_t(sigma)
-        return x - sigma * eps_fn(x / math.sqrt(1.0 + sigma * sigma), t)
-
-    return denoise
 
 
 __all__ = ["SAMPLERS", "SAMPLER_LIST", "SCHEDULES", "COMPVIS_DISCRETIZE", "Sampler", "parse", "resolve",

@@ -7,75 +7,68 @@ import binascii
 import io
 import math
 import secrets
-from typing import Any, Optional, Union
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KilnError
 from ..samplers import SAMPLERS, parse
+from .context import RequestError
 from .worker import Job, Limits
-
-
-class RequestError(Exception):
-    """A request the server cannot run: `status` 422 (bad value) or 404 (unknown sampler, as A1111)."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
 
 
 class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: Union[str, list[str]] = ""
-    negative_prompt: Optional[str] = ""
-    styles: Optional[list[str]] = None
-    seed: Optional[int] = -1
-    subseed: Optional[int] = -1
-    subseed_strength: Optional[float] = 0.0
-    seed_resize_from_h: Optional[int] = -1
-    seed_resize_from_w: Optional[int] = -1
-    sampler_name: Optional[str] = None
-    sampler_index: Optional[str] = "Euler"
-    scheduler: Optional[str] = None
-    batch_size: Optional[int] = 1
-    n_iter: Optional[int] = 1
-    steps: Optional[int] = 50
-    cfg_scale: Optional[float] = 7.0
-    width: Optional[int] = 512
-    height: Optional[int] = 512
-    restore_faces: Optional[bool] = None
-    tiling: Optional[bool] = None
-    eta: Optional[float] = None
-    s_noise: Optional[float] = None
-    denoising_strength: Optional[float] = None
-    override_settings: Optional[dict[str, Any]] = None
-    override_settings_restore_afterwards: Optional[bool] = True
-    enable_hr: Optional[bool] = False
-    hr_scale: Optional[float] = 2.0
-    hr_upscaler: Optional[str] = None
-    hr_second_pass_steps: Optional[int] = 0
-    hr_resize_x: Optional[int] = 0
-    hr_resize_y: Optional[int] = 0
-    send_images: Optional[bool] = True
-    save_images: Optional[bool] = False
-    force_task_id: Optional[str] = None
+    prompt: str | list[str] = ""
+    negative_prompt: str | None = ""
+    styles: list[str] | None = None
+    seed: int | None = -1
+    subseed: int | None = -1
+    subseed_strength: float | None = 0.0
+    seed_resize_from_h: int | None = -1
+    seed_resize_from_w: int | None = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int | None = 1
+    n_iter: int | None = 1
+    steps: int | None = 50
+    cfg_scale: float | None = 7.0
+    width: int | None = 512
+    height: int | None = 512
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    eta: float | None = None
+    s_noise: float | None = None
+    denoising_strength: float | None = None
+    override_settings: dict[str, Any] | None = None
+    override_settings_restore_afterwards: bool | None = True
+    enable_hr: bool | None = False
+    hr_scale: float | None = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = 0
+    hr_resize_x: int | None = 0
+    hr_resize_y: int | None = 0
+    send_images: bool | None = True
+    save_images: bool | None = False
+    force_task_id: str | None = None
 
 
 class Img2ImgRequest(Txt2ImgRequest):
-    init_images: Optional[list[str]] = None
-    resize_mode: Optional[int] = 0
-    denoising_strength: Optional[float] = 0.75
-    mask: Optional[str] = None
-    mask_blur: Optional[float] = None
-    mask_blur_x: Optional[float] = 4
-    mask_blur_y: Optional[float] = 4
-    inpainting_fill: Optional[int] = 0
-    inpaint_full_res: Optional[bool] = True
-    inpaint_full_res_padding: Optional[int] = 0
-    inpainting_mask_invert: Optional[int] = 0
-    include_init_images: Optional[bool] = Field(default=False)
+    init_images: list[str] | None = None
+    resize_mode: int | None = 0
+    denoising_strength: float | None = 0.75
+    mask: str | None = None
+    mask_blur: float | None = None
+    mask_blur_x: float | None = 4
+    mask_blur_y: float | None = 4
+    inpainting_fill: int | None = 0
+    inpaint_full_res: bool | None = True
+    inpaint_full_res_padding: int | None = 0
+    inpainting_mask_invert: int | None = 0
+    include_init_images: bool | None = Field(default=False)
 
 
 class PngInfoRequest(BaseModel):
@@ -134,8 +127,9 @@ def _random_seed() -> int:
     return secrets.randbelow(4294967294)
 
 
-def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, pipe, options: dict, models=None) -> Job:
-    """Validate an A1111-style request against the limits and the loaded model; the worker's job for it."""
+def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, facts, options: dict, models=None) -> Job:
+    """Validate an A1111-style request against the limits and the loaded model (its `ModelFacts`); the worker's
+    job for it: `GenerationParams` fields, with the init image and mask as images."""
     prompts = req.prompt
     if isinstance(prompts, list):
         if not prompts:
@@ -151,7 +145,7 @@ def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, pipe, options: dict, 
     n_iter = _int("n_iter", req.n_iter or 1, 1, limits.max_n_iter)
     if isinstance(prompts, list) and len(prompts) != batch_size:
         raise RequestError(f"a list of prompts needs one per image of a batch ({batch_size}), got {len(prompts)}")
-    unit = max(8, pipe.cfg.downscale)
+    unit = facts.size_unit
     size = {}
     for name in ("width", "height"):
         v = getattr(req, name)
@@ -178,7 +172,7 @@ def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, pipe, options: dict, 
     clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
     if not isinstance(clip_skip, int) or isinstance(clip_skip, bool):
         raise RequestError("CLIP_stop_at_last_layers must be an integer")
-    clip_skip = _int("CLIP_stop_at_last_layers", clip_skip, 1, pipe.cfg.text.layers)
+    clip_skip = _int("CLIP_stop_at_last_layers", clip_skip, 1, facts.clip_layers)
     params = dict(prompt=prompts, negative_prompt=negative, steps=steps, sampler=spec.name, schedule=schedule,
                   cfg_scale=_finite("cfg_scale", req.cfg_scale if req.cfg_scale is not None else 7.0, 0.0, 100.0),
                   width=size["width"], height=size["height"], seed=seed, batch_size=batch_size, n_iter=n_iter,
@@ -201,14 +195,14 @@ def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, pipe, options: dict, 
             raise RequestError(f"unknown model {model!r} in override_settings; GET /sdapi/v1/sd-models lists them")
     if mode == "txt2img":
         if req.enable_hr:
-            _hires(req, params, limits, unit, pipe)
+            _hires(req, params, limits, unit, facts)
     else:
         _img2img(req, params, limits)
     return Job(mode, params, model=model, save=bool(req.save_images))
 
 
-def _hires(req, params, limits, unit, pipe):
-    w, h = params["width"] or pipe.native_size, params["height"] or pipe.native_size
+def _hires(req, params, limits, unit, facts):
+    w, h = params["width"] or facts.native_size, params["height"] or facts.native_size
     if (req.hr_resize_x or 0) > 0 or (req.hr_resize_y or 0) > 0:
         rx, ry = req.hr_resize_x or 0, req.hr_resize_y or 0
         scale = max(rx / w if rx else 0, ry / h if ry else 0)
@@ -246,7 +240,8 @@ def _img2img(req: Img2ImgRequest, params, limits):
             raise RequestError(f"inpainting_fill must be 0, 1, 2 or 3, got {req.inpainting_fill}")
         blur = req.mask_blur if req.mask_blur is not None else max(req.mask_blur_x or 0, req.mask_blur_y or 0)
         padding = _int("inpaint_full_res_padding", req.inpaint_full_res_padding or 0, 0, limits.max_size)
-        params.update(mask=mask, mask_blur=_finite("mask_blur", blur, 0.0, 256.0), inpaint_fill=FILL[req.inpainting_fill],
+        params.update(mask=mask, mask_blur=_finite("mask_blur", blur, 0.0, 256.0),
+                      inpaint_fill=FILL[req.inpainting_fill],
                       inpaint_area="masked" if req.inpaint_full_res else "whole", masked_padding=padding)
         if req.inpaint_full_res and params["width"] and params["height"]:
             # A1111 fits the picture to width x height first, then renders the crop around the mask at that size
@@ -270,7 +265,7 @@ def echo_parameters(req: Txt2ImgRequest) -> dict:
     return d
 
 
-def info_json(job: Job, req: Txt2ImgRequest, pipe, model_title: str | None) -> dict:
+def info_json(job: Job, req: Txt2ImgRequest, facts, model_title: str | None) -> dict:
     """A1111's `Processed.js()`: the JSON string clients read from `info`."""
     from .. import __version__
 
@@ -288,14 +283,14 @@ def info_json(job: Job, req: Txt2ImgRequest, pipe, model_title: str | None) -> d
         "subseed_strength": p.get("subseed_strength", 0), "width": rp.get("width", p["width"]),
         "height": rp.get("height", p["height"]), "sampler_name": spec.label, "cfg_scale": p["cfg_scale"],
         "steps": p["steps"], "batch_size": p["batch_size"], "restore_faces": False,
-        "face_restoration_model": None, "sd_model_name": pipe.model_name, "sd_model_hash": pipe.model_hash,
+        "face_restoration_model": None, "sd_model_name": facts.name, "sd_model_hash": facts.hash,
         "sd_model_title": model_title, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": (p.get("seed_resize_from") or (-1, -1))[0],
         "seed_resize_from_h": (p.get("seed_resize_from") or (-1, -1))[1],
         "denoising_strength": p.get("strength", p.get("hires_strength")), "extra_generation_params": {},
         "index_of_first_image": 0, "infotexts": job.infotexts, "styles": req.styles or [],
         "job_timestamp": _timestamp(job.created), "clip_skip": p["clip_skip"],
-        "is_using_inpainting_conditioning": pipe.cfg.unet.in_channels != pipe.cfg.latent_channels,
+        "is_using_inpainting_conditioning": facts.inpainting,
         "version": f"kiln {__version__}", "kiln_job_id": job.id, "kiln_state": job.state,
     }
 

@@ -5,20 +5,21 @@ submits `Job`s and reads their state. Cancelling a running job takes effect at t
 """
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ..errors import KilnError
+from ..output import png_bytes
+from ..pipeline.facts import ModelFacts
 
 log = logging.getLogger("kiln.server")
 
@@ -107,23 +108,19 @@ class Job:
                 "files": list(self.files), "model": self.model_title}
 
 
-def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
-    from ..postprocess.pnginfo import pnginfo_for
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=pnginfo_for("a1111", infotext, {}) if infotext else None)
-    return buf.getvalue()
 
 
 @dataclass
 class ModelEntry:
-    path: Path
+    """A checkpoint a client may ask for: plain data, the same in the local server and across Ray."""
+    path: str
     filename: str
+    name: str
     sha256: str | None = None
 
-    @property
-    def name(self) -> str:
-        return self.path.stem if self.path.is_file() else self.path.name
+    @classmethod
+    def of(cls, path: Path) -> ModelEntry:
+        return cls(str(path), path.name, path.stem if path.is_file() else path.name)
 
     @property
     def short_hash(self) -> str | None:
@@ -133,61 +130,75 @@ class ModelEntry:
     def title(self) -> str:
         return f"{self.filename} [{self.short_hash}]" if self.sha256 else self.filename
 
+    def answers_to(self, name: str) -> bool:
+        """A1111's ways to name a model: its title, file name or name, or its SHA-256 (whole, 10 or 8 digits)."""
+        h = self.sha256
+        return name in (self.title, self.filename, self.name) or bool(h) and name.lower() in (h, h[:10], h[:8])
+
 
 SMALL_FILE = 256 * 1024 * 1024  # hashed when listed; bigger files are hashed when loaded (as A1111 does)
 
 
 class ModelIndex:
-    """The checkpoints a client may choose from, by title, file name, name or hash: never by path."""
+    """The checkpoints a client may choose from, by title, file name, name or hash: never by path. The same index
+    serves the local worker (`scan`) and the Ray Serve ingress (`from_records`, the replicas' index)."""
 
-    def __init__(self, ckpt: str | None, ckpt_dir: str | None):
-        self.ckpt = Path(ckpt).resolve() if ckpt else None
-        self.ckpt_dir = Path(ckpt_dir).resolve() if ckpt_dir else None
-        self.entries: list[ModelEntry] = []
-        self.refresh()
+    def __init__(self, entries=(), refresher=None):
+        self.entries: list[ModelEntry] = list(entries)
+        self._refresher = refresher  # () -> the entries found now
 
-    def _candidates(self):
-        from ..demo.report import EMBEDDED
+    @classmethod
+    def scan(cls, ckpt: str | None, ckpt_dir: str | None) -> ModelIndex:
+        index = cls(refresher=lambda: _scan(ckpt, ckpt_dir, index.entries))
+        index.refresh()
+        return index
 
-        found = []
-        if self.ckpt is not None:
-            found.append(self.ckpt)
-        if self.ckpt_dir is not None and self.ckpt_dir.is_dir():
-            for p in sorted(self.ckpt_dir.iterdir()):
-                if p.suffix in (".safetensors", ".ckpt") and p.is_file() or (p / "model_index.json").is_file():
-                    found.append(p.resolve())
-        if EMBEDDED.exists():
-            found.append(EMBEDDED)
-        return list(dict.fromkeys(found))
+    @classmethod
+    def from_records(cls, records: list[dict], refresher=None) -> ModelIndex:
+        return cls([ModelEntry(**r) for r in records], refresher)
+
+    def records(self) -> list[dict]:
+        return [asdict(e) for e in self.entries]
 
     def refresh(self):
-        from ..checkpoints.hashes import full_sha256
-
-        old = {e.path: e for e in self.entries}
-        entries = []
-        for p in self._candidates():
-            e = old.get(p) or ModelEntry(p, p.name)
-            if e.sha256 is None and p.is_file() and p.stat().st_size <= SMALL_FILE:
-                e.sha256 = full_sha256(p)
-            entries.append(e)
-        self.entries = entries
+        if self._refresher is not None:
+            self.entries = self._refresher()
 
     def find(self, name: str) -> ModelEntry | None:
         name = (name or "").strip()
-        for e in self.entries:
-            if name in (e.title, e.filename, e.name) or (e.sha256 and name.lower() in (e.short_hash, e.sha256,
-                                                                                         e.sha256[:8])):
-                return e
-        return None
+        return next((e for e in self.entries if e.answers_to(name)), None)
 
     def entry_for(self, path) -> ModelEntry:
-        path = Path(path).resolve()
+        path = str(Path(path).resolve())
         for e in self.entries:
             if e.path == path:
                 return e
-        e = ModelEntry(path, path.name)
+        e = ModelEntry.of(Path(path))
         self.entries.insert(0, e)
         return e
+
+
+def _scan(ckpt, ckpt_dir, known: list[ModelEntry]) -> list[ModelEntry]:
+    """--ckpt, the checkpoints in --ckpt-dir, the embedded demo model; small files hashed now."""
+    from ..checkpoints.hashes import full_sha256
+    from ..demo.report import EMBEDDED
+
+    found = [Path(ckpt).resolve()] if ckpt else []
+    folder = Path(ckpt_dir).resolve() if ckpt_dir else None
+    if folder is not None and folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            if p.suffix in (".safetensors", ".ckpt") and p.is_file() or (p / "model_index.json").is_file():
+                found.append(p.resolve())
+    if EMBEDDED.exists():
+        found.append(EMBEDDED)
+    old = {e.path: e for e in known}
+    entries = []
+    for p in dict.fromkeys(found):
+        e = old.get(str(p)) or ModelEntry.of(p)
+        if e.sha256 is None and p.is_file() and p.stat().st_size <= SMALL_FILE:
+            e.sha256 = full_sha256(p)
+        entries.append(e)
+    return entries
 
 
 class Worker:
@@ -242,6 +253,7 @@ class Worker:
 
         gc.collect()
         self.pipe = pipe
+        self.facts = ModelFacts.of(pipe)
         if entry.sha256 is None:
             from ..checkpoints.hashes import full_sha256
 
@@ -424,12 +436,12 @@ class Worker:
         pipe.notices.clear()
 
     def _collect(self, job: Job, result, watermark: str | None):
-        from ..postprocess.watermark import can_watermark, put_watermark
+        from ..pipeline.watermark import can_watermark, put_watermark
 
         out = None
         if job.save and self.outdir:
-            from ..postprocess import OutputDir
-            from ..postprocess.pnginfo import pnginfo_for
+            from ..output import OutputDir
+            from ..output.pnginfo import pnginfo_for
 
             out = OutputDir(self.outdir)
         for pixels, text, seed, prompt, flagged in itertools.zip_longest(
@@ -446,4 +458,6 @@ class Worker:
                 path = out.save_sample(image, pnginfo_for("a1111", text, {}))
                 job.files.append(str(path.relative_to(out.root)))
         job.result_params = result.params
+        for note in result.notices:
+            log.info("%s", note)
         job.version += 1

@@ -100,8 +100,9 @@ def parse_infotext(text: str) -> dict:
     return res
 
 
-def txt2img_kwargs(info: dict) -> dict:
-    """Pipeline keyword arguments that regenerate an image from its parsed infotext."""
+def params_from_infotext(info: dict) -> dict:
+    """`GenerationParams` fields (and the image's "batch_pos") that regenerate an image from its parsed
+    infotext."""
     out = {"prompt": info.get("prompt", ""), "negative_prompt": info.get("negative_prompt", "")}
     try:
         if "Steps" in info:
@@ -133,6 +134,8 @@ def txt2img_kwargs(info: dict) -> dict:
             out["hires_steps"] = int(info["Hires steps"]) if info.get("Hires steps", "None") != "None" else None
             out["hires_upscaler"] = "lanczos" if info.get("Hires upscaler", "Latent").lower() == "lanczos" else "latent"
             out["hires_strength"] = float(info.get("Denoising strength", 0.7))
+        if "Denoising strength" in info and "Hires upscale" not in info:  # img2img's
+            out["strength"] = float(info["Denoising strength"])
         if "Batch size" in info:
             out["batch_size"], out["batch_pos"] = int(info["Batch size"]), int(info.get("Batch pos", 0))
     except ValueError as e:

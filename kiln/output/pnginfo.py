@@ -1,12 +1,13 @@
 """PNG text chunks: A1111's "parameters" (default) or kiln's JSON "kiln-parameters"; and reading them back."""
 from __future__ import annotations
 
+import io
 import json
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ..errors import KilnError
-from .infotext import format_infotext, generation_fields, parse_infotext
+from ..pipeline.infotext import format_infotext, generation_fields, parse_infotext
 
 FORMATS = ("a1111", "json", "none")
 
@@ -22,6 +23,13 @@ def pnginfo_for(fmt: str, infotext: str, params: dict) -> PngImagePlugin.PngInfo
     else:
         raise KilnError(f"metadata format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     return info
+
+
+def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
+    """A PNG file in memory, with A1111's parameters text when there is one (what the HTTP APIs return)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=pnginfo_for("a1111", infotext, {}) if infotext else None)
+    return buf.getvalue()
 
 
 def _json_to_infotext(params: dict) -> str:

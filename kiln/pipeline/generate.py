@@ -1,0 +1,162 @@
+"""The one generation loop, batch by batch: seeds → start noise → conditioning → sampling (→ hires fix) →
+decoding → compositing → safety check → infotexts. txt2img, img2img, inpainting and outpainting differ only in
+their `Canvas`: the latents sampling starts from, and how the decoded pixels are put back into the picture."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..errors import KilnError
+from ..samplers.run import sample
+from . import denoiser
+from .canvas import Canvas, img2img_canvas, txt2img_canvas
+from .lora import apply_networks
+from .noise import randn, start_noise
+from .params import Checked, GenerationParams, check, check_size, infotext_fields, record
+from .text import conditioning
+from .vae import decode_latents, encode_images, latent_preview, to_model_input, to_uint8
+
+
+@dataclass
+class Result:
+    images: list  # PIL images
+    seeds: list[int]
+    prompts: list[str]
+    params: dict
+    latents: torch.Tensor | None = None
+    pixels: np.ndarray | None = None  # [B, H, W, 3] uint8, the same pixels as `images`
+    infotexts: list[str] = field(default_factory=list)  # A1111 "parameters" text per image
+    flagged: list[bool] = field(default_factory=list)  # safety checker verdicts (empty when it did not run)
+    notices: list[str] = field(default_factory=list)  # what the user should know (e.g. the init image resized)
+
+    def only(self, i: int) -> Result:
+        """The i-th image alone, as a Result."""
+        pick = lambda xs: xs[i:i + 1] if xs is not None and len(xs) else xs
+        return Result(pick(self.images), pick(self.seeds), pick(self.prompts), self.params, pick(self.latents),
+                      pick(self.pixels), pick(self.infotexts), pick(self.flagged), self.notices)
+
+
+def join(parts: list[Result]) -> Result:
+    return Result([im for r in parts for im in r.images], [s for r in parts for s in r.seeds],
+                  [p for r in parts for p in r.prompts], parts[0].params,
+                  torch.cat([r.latents for r in parts]), np.concatenate([r.pixels for r in parts]),
+                  [t for r in parts for t in r.infotexts], [f for r in parts for f in r.flagged],
+                  list(dict.fromkeys(n for r in parts for n in r.notices)))
+
+
+@dataclass
+class Hooks:
+    """How a front end watches a run: a progress bar, `callback(i, total, x, pred_x0)` after every step, and
+    `on_preview(i, total, images, seeds)` every `preview_every` steps (VAE-decoded with `preview_full`, else
+    the cheap latent previews)."""
+    progress: bool = False
+    callback: Callable | None = None
+    preview_every: int = 0
+    on_preview: Callable | None = None
+    preview_full: bool = False
+
+
+def generate(pipe, p: GenerationParams, hooks: Hooks | None = None):
+    """Yields one `Result` per batch (n_iter × the batches of the prompts)."""
+    hooks = hooks or Hooks()
+    c = check(p, pipe)
+    notices = []
+    canvas = img2img_canvas(pipe, p, notices) if p.mode == "img2img" else txt2img_canvas(pipe, p)
+    recorded = record(p, c, pipe, canvas.width, canvas.height, canvas.masked)
+    fields = infotext_fields(p, recorded, pipe, canvas.region is not None, canvas.masked)
+    index, first_codes = 0, None
+    for _ in range(p.n_iter):
+        for batch in c.batches:
+            seeds = [p.seed + index + j for j in range(len(batch))]
+            index += len(batch)
+            x, gens = start_noise(canvas.shape, seeds, pipe.device, *c.variation(seeds))
+            if p.fixed_code:
+                first_codes = x if first_codes is None else first_codes
+                x = first_codes[:len(batch)]
+            result, own = _batch(pipe, p, c, canvas, batch, seeds, x, gens, hooks, notices)
+            result.params = recorded
+            # A1111 records the batch so that an image can be regenerated bit for bit (batch size changes the
+            # kernels' summation order, hence the last bit of some pixels).
+            n = len(batch)
+            result.infotexts = [pipe.infotext(recorded, text, seed, {
+                **fields, **own, **({"Batch size": n, "Batch pos": j} if n > 1 else {})})
+                for j, (text, seed) in enumerate(zip(batch, seeds))]
+            yield result
+
+
+def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, x, gens, hooks, notices):
+    """One batch, from its start noise to finished pixels: (its Result, its own infotext fields)."""
+    n = len(batch)
+    init = canvas.start(n, gens, pipe.device)
+    used = {}
+    clean, lora_fields = apply_networks(pipe, batch, p.loras)
+    negative = [p.negative_prompt] * n if p.scale != 1.0 else None
+    noise = lambda like: randn(like.shape[1:], gens, like.device, torch.float32)
+    with torch.no_grad():
+        cond, uncond = conditioning(pipe, clean, negative, p.clip_skip, size=(canvas.width, canvas.height),
+                                    used=used)
+        eps = denoiser.build(pipe, cond, uncond, p.scale, tile=p.tile,
+                             concat=None if canvas.concat is None else canvas.concat.expand(n, -1, -1, -1))
+        refine = _refiner(pipe, p, clean, negative, canvas) if pipe.refiner is not None else None
+        bar = tqdm(total=p.steps, desc="sampling", unit="step", disable=not hooks.progress, leave=False)
+        on_step = _step_callback(pipe, p, bar, hooks, seeds)
+        with pipe.seamless(p.seamless):
+            z = sample(c.spec, eps, x, disc=pipe.discrete, schedule=c.schedule, steps=p.steps, eta=c.eta,
+                       s_noise=p.s_noise, noise=noise, callback=on_step, init=init,
+                       strength=p.strength if init is not None else 1.0, refiner=refine,
+                       known_mask=None if (not canvas.masked or canvas.concat is not None)
+                       else canvas.known.expand_as(init))
+            if c.hires is not None:
+                z = _hires(pipe, p, c, z, cond, uncond, gens, noise)
+            bar.close()
+            pixels = to_uint8(decode_latents(pipe, z, p.tile, notices))
+        pixels = canvas.finish(pixels)
+        pixels, flagged = pipe.safety(pixels)
+    ti = {"TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used.values())} if used else {}
+    return Result([Image.fromarray(px) for px in pixels], seeds, list(batch), {}, z, pixels, [], flagged,
+                  notices), {**lora_fields, **ti}
+
+
+def _refiner(pipe, p, clean, negative, canvas):
+    """(the refiner's guided ε, the switch) for this batch's prompts."""
+    r = pipe.refiner
+    rc, ru = conditioning(r, clean, negative, min(p.clip_skip, r.max_clip_skip), size=(canvas.width, canvas.height))
+    return denoiser.build(r, rc, ru, p.scale, tile=p.tile), pipe.refiner_switch
+
+
+def _hires(pipe, p, c, z, cond, uncond, gens, noise):
+    """Upscale a finished latent to the hires size and re-render it there (A1111's hires fix)."""
+    w, h = c.hires
+    lat = (h // pipe.cfg.downscale, w // pipe.cfg.downscale)
+    if p.hires_upscaler == "latent":
+        init = torch.nn.functional.interpolate(z, size=lat, mode="bilinear", align_corners=False)
+    else:
+        px = to_uint8(decode_latents(pipe, z, p.tile))
+        big = np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.LANCZOS)) for x in px])
+        init = encode_images(pipe, to_model_input(big), tile=p.tile).float()
+    start = randn((z.shape[1], *lat), gens, pipe.device)
+    eps = denoiser.build(pipe, cond, uncond, p.scale, tile=p.tile)
+    return sample(c.spec, eps, start, disc=pipe.discrete, schedule=c.schedule, steps=p.hires_steps or p.steps,
+                  eta=c.eta, s_noise=p.s_noise, noise=noise, init=init, strength=p.hires_strength)
+
+
+def _step_callback(pipe, p, bar, hooks: Hooks, seeds):
+    def on_step(i, total, x_i, pred_x0):
+        bar.total = total
+        bar.update(1)
+        if hooks.callback:
+            hooks.callback(i, total, x_i, pred_x0)
+        every = hooks.preview_every
+        if hooks.on_preview and every and ((i + 1) % every == 0 or i + 1 == total):
+            images = ([Image.fromarray(px) for px in to_uint8(decode_latents(pipe, pred_x0, p.tile))]
+                      if hooks.preview_full else latent_preview(pipe.cfg, pred_x0))
+            hooks.on_preview(i, total, images, seeds)
+    return on_step
+
+
+__all__ = ["Result", "Hooks", "Canvas", "generate", "join", "check_size", "KilnError"]

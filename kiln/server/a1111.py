@@ -1,0 +1,207 @@
+"""AUTOMATIC1111's API, `/sdapi/v1`: the requests its clients send (webuiapi, painting-app plugins, scripts)."""
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+from fastapi import APIRouter, Body, Depends
+
+from ..samplers import SAMPLER_LIST
+from ..samplers.schedules import SCHEDULE_LABELS
+from .context import RequestError, Server, server
+from .schemas import Img2ImgRequest, PngInfoRequest, Txt2ImgRequest, decode_image, echo_parameters, info_json
+from .worker import Job
+
+router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111"])
+
+
+def run_blocking(s: Server, req, mode):
+    job = s.submit(req, mode)
+    job.done_event.wait()
+    if job.state == "failed":
+        raise RequestError(job.error, 422 if job.user_error else 500)
+    if job.state == "cancelled":
+        raise RequestError("the job was cancelled before it started", 409)
+    images = [base64.b64encode(b).decode("ascii") for b in job.images] if req.send_images is not False else []
+    return {"images": images, "parameters": echo_parameters(req),
+            "info": json.dumps(info_json(job, req, s.facts, job.model_title), ensure_ascii=False)}
+
+
+@router.post("/txt2img")
+def txt2img(req: Txt2ImgRequest, s: Server = Depends(server)):
+    return run_blocking(s, req, "txt2img")
+
+
+@router.post("/img2img")
+def img2img(req: Img2ImgRequest, s: Server = Depends(server)):
+    return run_blocking(s, req, "img2img")
+
+
+@router.get("/progress")
+def progress(skip_current_image: bool = False, s: Server = Depends(server)):
+    job, queued = s.worker.current, len(s.worker.queue)
+    if job is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                "state": {"skipped": False, "interrupted": False, "job": "", "job_count": 0,
+                          "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0,
+                          "queued": queued}}
+    image = None
+    if not skip_current_image and job.preview is not None:
+        image = base64.b64encode(job.preview).decode("ascii")
+    return {"progress": job.progress, "eta_relative": job.eta() or 0.0, "current_image": image,
+            "textinfo": f"{job.mode} {job.id}",
+            "state": {"skipped": job.skip_event.is_set(), "interrupted": job.cancel_event.is_set(),
+                      "job": job.id, "job_count": job.params.get("n_iter", 1),
+                      "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+                      "job_no": job.batch_no, "sampling_step": job.sampling_step,
+                      "sampling_steps": job.sampling_steps, "queued": queued}}
+
+
+@router.post("/interrupt")
+def interrupt(s: Server = Depends(server)):
+    s.worker.interrupt()
+    return {}
+
+
+@router.post("/skip")
+def skip(s: Server = Depends(server)):
+    s.worker.skip()
+    return {}
+
+
+@router.get("/options")
+def get_options(s: Server = Depends(server)):
+    worker = s.worker
+    return {**worker.options, "sd_model_checkpoint": worker.model_title, "sd_checkpoint_hash": worker.entry.sha256}
+
+
+@router.post("/options")
+def set_options(body: dict = Body(...), s: Server = Depends(server)):
+    worker, layers = s.worker, s.facts.clip_layers
+    if "CLIP_stop_at_last_layers" in body:
+        v = body["CLIP_stop_at_last_layers"]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= layers:
+            raise RequestError(f"CLIP_stop_at_last_layers must be an integer from 1 to {layers}")
+    if "return_grid" in body and body["return_grid"]:
+        raise RequestError("return_grid is not supported: responses hold the images only")
+    model = body.get("sd_model_checkpoint")
+    if model is not None and (not isinstance(model, str) or s.models.find(model) is None):
+        raise RequestError(f"unknown model {model!r}; GET /sdapi/v1/sd-models lists them", 404)
+    for k, v in body.items():  # A1111 keeps unknown keys out too; nothing here names a path
+        if k in worker.options and k != "sd_model_checkpoint":
+            worker.options[k] = v
+    if model is not None:
+        job = worker.submit(Job("load", {}, model=model))
+        job.done_event.wait()
+        if job.state == "failed":
+            raise RequestError(job.error, 422 if job.user_error else 500)
+    return None
+
+
+def model_list(s: Server) -> list:
+    return [{"title": e.title, "model_name": e.name, "hash": e.short_hash, "sha256": e.sha256,
+             "filename": e.filename, "config": None} for e in s.models.entries]
+
+
+@router.get("/sd-models")
+def sd_models(s: Server = Depends(server)):
+    return model_list(s)
+
+
+@router.post("/refresh-checkpoints")
+def refresh_checkpoints(s: Server = Depends(server)):
+    s.models.refresh()
+    return None
+
+
+@router.get("/samplers")
+def samplers():
+    return [{"name": x.label, "aliases": [x.name, *x.aliases],
+             "options": {"scheduler": x.schedule} if x.kind == "denoise" else {}} for x in SAMPLER_LIST]
+
+
+@router.get("/schedulers")
+def schedulers():
+    out = [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1, "need_inner_model": False}]
+    out += [{"name": k, "label": label, "aliases": None,  # quad: DDIM and PLMS only
+             "default_rho": 7.0 if k == "karras" else -1, "need_inner_model": False}
+            for k, label in SCHEDULE_LABELS.items()]
+    return out
+
+
+@router.get("/upscalers")
+def upscalers():
+    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for n in ("Latent", "Lanczos")]
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes():
+    return [{"name": "Latent"}]
+
+
+@router.get("/sd-vae")
+def sd_vae():
+    return []
+
+
+@router.get("/embeddings")
+def embeddings(s: Server = Depends(server)):
+    """The textual-inversion embeddings prompts may use, as A1111 lists them (skipped: another width)."""
+    from ..checkpoints.embeddings import read_embedding, scan
+    from ..errors import CheckpointError
+
+    loaded, skipped = {}, {}
+    widths = s.facts.context_widths  # SDXL: an embedding needs vectors for both encoders
+    for path in scan(s.config.embeddings_dir) if s.config.embeddings_dir else []:
+        try:
+            emb = read_embedding(path)
+        except CheckpointError:
+            continue
+        ok = all(w in emb.vectors for w in widths)
+        v = emb.vectors[widths[0]] if ok else next(iter(emb.vectors.values()))
+        info = {"step": emb.step, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                "shape": widths[0] if ok else max(emb.vectors), "vectors": len(v)}
+        (loaded if ok else skipped)[emb.name] = info
+    return {"loaded": loaded, "skipped": skipped}
+
+
+@router.get("/loras")
+def loras(s: Server = Depends(server)):
+    """The LoRA files prompts may name (`<lora:name:weight>`); paths relative to the LoRA folder."""
+    from pathlib import Path
+
+    from ..checkpoints.lora import LORA_SUFFIXES
+
+    if not s.config.lora_dir or not Path(s.config.lora_dir).is_dir():
+        return []
+    root = Path(s.config.lora_dir).resolve()
+    return [{"name": p.stem, "alias": p.stem, "path": p.relative_to(root).as_posix(), "metadata": {}}
+            for p in sorted(root.rglob("*")) if p.suffix in LORA_SUFFIXES and p.is_file()]
+
+
+@router.get("/prompt-styles")
+def prompt_styles():
+    return []
+
+
+@router.post("/png-info")
+def png_info(req: PngInfoRequest, s: Server = Depends(server)):
+    from ..output.pnginfo import infotext_from_chunks
+    from ..pipeline.infotext import parse_infotext
+
+    if not req.image:
+        raise RequestError("image: empty")
+    im = decode_image(req.image, s.limits, "image")
+    chunks = {k: v for k, v in im.info.items() if isinstance(k, str) and isinstance(v, str)}
+    text = infotext_from_chunks(chunks) or ""
+    items = {k: v for k, v in chunks.items() if k != "parameters"}
+    return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
+
+
+@router.get("/memory")
+def memory():
+    from .jobs import memory_report
+
+    return memory_report()
