@@ -236,7 +236,7 @@ def params_from_cli(opt, prompts: list[str], loras: list):
     from ..pipeline import GenerationParams
 
     kw = {f: getattr(opt, FLAG.get(f, f)) for f in GenerationParams.names() if hasattr(opt, FLAG.get(f, f))}
-    kw.pop("watermark", None)  # --watermark is the text; the images are marked by the CLI's writer
+    kw["watermark"] = False if opt.no_watermark else (opt.watermark if opt.watermark is not None else True)
     kw.update(prompt=prompts, sampler=opt.sampler or ("plms" if opt.plms else "ddim"), loras=loras,
               seed_resize_from=parse_size(opt.seed_resize_from, "--seed-resize-from"))
     if opt.command == "inpaint":
@@ -333,6 +333,8 @@ def check_flags(opt):
         parse(opt.sampler or ("plms" if opt.plms else "ddim"), opt.schedule)
     except ValueError as e:
         raise KilnError(str(e)) from None
+    if opt.watermark is not None and not opt.no_watermark and not opt.watermark.strip():
+        raise KilnError("--watermark must not be empty (use --no-watermark to switch it off)")
     if opt.save_intermediates < 0:
         raise KilnError(f"--save-intermediates must be a positive number of steps, got {opt.save_intermediates}")
     for path, _ in (loras := [parse_lora(spec) for spec in opt.lora]):
@@ -399,15 +401,13 @@ def run_txt2img(opt):
     if png_info and png_info.get("Model hash") and png_info["Model hash"] != pipe.model_hash:
         say(f"kiln: note: the image was made with model {png_info.get('Model', '?')} [{png_info['Model hash']}], "
             f"not {pipe.model_name} [{pipe.model_hash}]; the result will differ")
-    watermark = None if opt.no_watermark else (opt.watermark or pipe.cfg.watermark)
-    if watermark is not None and not watermark.strip():
-        raise KilnError("--watermark must not be empty (use --no-watermark to switch it off)")
-    render(opt, pipe, params, out, watermark)
+    render(opt, pipe, params, out)
     say(f"Your samples are ready and waiting for you here:\n{out.root}\n\nEnjoy.")
 
 
-def render(opt, pipe, params, out, watermark):
-    """Generate batch by batch, saving each sample as it comes, then the grid."""
+def render(opt, pipe, params, out):
+    """Generate batch by batch, saving each sample as it comes (finished by the generation loop: safety check,
+    watermark, infotext), then the grid (watermarked as a whole, as CompVis' scripts do)."""
     import numpy as np
     from PIL import Image
     from tqdm.auto import tqdm
@@ -416,18 +416,7 @@ def render(opt, pipe, params, out, watermark):
     from ..pipeline.watermark import can_watermark, put_watermark
     from ..pipeline import Hooks
 
-    warned_small = False
-
-    def finish(pixels):
-        nonlocal warned_small
-        if watermark is None:
-            return pixels
-        if not can_watermark(pixels):
-            if not warned_small:
-                say("kiln: images smaller than 256x256 cannot carry the invisible watermark; saved without it")
-                warned_small = True
-            return pixels
-        return put_watermark(pixels, watermark)
+    watermark = pipe.cfg.watermark if params.watermark is True else params.watermark
 
     def save_intermediate(i, total, images, seeds):
         for seed, im in zip(seeds, images):
@@ -449,7 +438,7 @@ def render(opt, pipe, params, out, watermark):
             for pixels, text, seed, prompt in zip(result.pixels, result.infotexts, result.seeds, result.prompts):
                 meta = pnginfo_for(opt.metadata_format, text, dict(result.params, prompt=prompt, seed=seed,
                                                                     model=pipe.model_name, model_hash=pipe.model_hash))
-                out.save_sample(Image.fromarray(finish(pixels)), meta)
+                out.save_sample(Image.fromarray(pixels), meta)
         if not opt.skip_grid:
             all_pixels.append(result.pixels)
         bar.update(1)
@@ -459,4 +448,5 @@ def render(opt, pipe, params, out, watermark):
         say(f"kiln: {note}")
     if not opt.skip_grid:
         grid = make_grid(np.concatenate(all_pixels), nrow=opt.n_rows or opt.n_samples)
-        out.save_grid(Image.fromarray(finish(grid)))
+        out.save_grid(Image.fromarray(put_watermark(grid, watermark) if watermark and can_watermark(grid)
+                                      else grid))

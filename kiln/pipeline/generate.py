@@ -117,9 +117,24 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
             pixels = to_uint8(decode_latents(pipe, z, p.tile, notices))
         pixels = canvas.finish(pixels)
         pixels, flagged = pipe.safety(pixels)
+        pixels = _watermark(pipe, p, pixels, notices)
     ti = {"TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used.values())} if used else {}
     return Result([Image.fromarray(px) for px in pixels], seeds, list(batch), {}, z, pixels, [], flagged,
                   notices), {**lora_fields, **ti}
+
+
+def _watermark(pipe, p: GenerationParams, pixels, notices):
+    """The invisible watermark on every image large enough to carry it (after the safety check: a blacked-out
+    image is marked too, as CompVis' scripts do)."""
+    from .watermark import can_watermark, put_watermark
+
+    text = pipe.cfg.watermark if p.watermark is True else p.watermark
+    if not text:
+        return pixels
+    if not can_watermark(pixels[0]):
+        notices.append("images smaller than 256x256 cannot carry the invisible watermark; made without it")
+        return pixels
+    return np.stack([put_watermark(px, text) for px in pixels])
 
 
 def _refiner(pipe, p, clean, negative, canvas):

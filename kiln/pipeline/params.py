@@ -47,6 +47,7 @@ class GenerationParams:
     hires_steps: int | None = None
     hires_strength: float = 0.7
     loras: list = field(default_factory=list)  # [(file or name, weight)], besides <lora:…> tags in the prompt
+    watermark: bool | str = True  # the invisible watermark: True the model's text, a text, or False for none
     watermark: bool = True  # the model's invisible watermark on images of at least 256x256
     # img2img and inpainting: with an init image
     init_image: Any = None  # a path or a PIL image
@@ -147,6 +148,8 @@ def check(p: GenerationParams, pipe) -> Checked:
         raise KilnError(f"the {spec.name} sampler is deterministic and has no eta (got {eta})")
     if eta < 0:
         raise KilnError(f"eta must be >= 0, got {eta}")
+    if isinstance(p.watermark, str) and not p.watermark.strip():
+        raise KilnError("the watermark text must not be empty (switch the watermark off instead)")
     if p.tile not in TILES:
         raise KilnError(f"tile must be one of {', '.join(TILES)}, not {p.tile!r}")
     prompts = [p.prompt] * p.batch_size if isinstance(p.prompt, str) else list(p.prompt)

@@ -416,7 +416,6 @@ class Worker:
         lat = (kw.get("width") or pipe.native_size) * (kw.get("height") or pipe.native_size) // pipe.cfg.downscale ** 2
         common = dict(callback=on_step, preview_every=self.preview_every, on_preview=on_preview,
                       preview_full=lat <= 32 * 32)  # small latents: the real decoder is cheap enough per step
-        watermark = pipe.cfg.watermark
         for k in range(n_iter):
             job.batch_no = k
             state.update(phase=0, last=-1)
@@ -426,7 +425,7 @@ class Worker:
                 results = (pipe.txt2img_iter(prompt, **args) if mode == "txt2img"
                            else pipe.img2img_iter(prompt, init, **args))
                 for result in results:
-                    self._collect(job, result, watermark)
+                    self._collect(job, result)
             except Skipped:
                 continue
             except Interrupted:
@@ -435,9 +434,7 @@ class Worker:
             log.info("%s", note)
         pipe.notices.clear()
 
-    def _collect(self, job: Job, result, watermark: str | None):
-        from ..pipeline.watermark import can_watermark, put_watermark
-
+    def _collect(self, job: Job, result):
         out = None
         if job.save and self.outdir:
             from ..output import OutputDir
@@ -446,8 +443,6 @@ class Worker:
             out = OutputDir(self.outdir)
         for pixels, text, seed, prompt, flagged in itertools.zip_longest(
                 result.pixels, result.infotexts, result.seeds, result.prompts, result.flagged):
-            if watermark and can_watermark(pixels):
-                pixels = put_watermark(pixels, watermark)
             image = Image.fromarray(np.ascontiguousarray(pixels))
             job.images.append(png_bytes(image, text))
             job.infotexts.append(text)
