@@ -166,7 +166,7 @@ class LatentDiffusionCompat:
         return a * x_start + s * noise
 
 
-def load_model_from_config(config=None, ckpt=None, verbose=False, *, device="auto", precision="full",
+def load_model_from_config(config=None, ckpt=None, verbose=False, *, device="auto", precision="auto",
                            ema="auto") -> LatentDiffusionCompat:
     """CompVis' `load_model_from_config(config, ckpt)`: `config` may be an OmegaConf/dict, a yaml path, or None
     (the architecture is read from the weights either way). The UNet holds the file's raw weights; `ema_scope()`

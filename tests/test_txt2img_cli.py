@@ -316,5 +316,5 @@ def test_serve_passes_memory_flags_to_the_loader(tiny, monkeypatch):
     monkeypatch.setattr(worker_module.Worker, "__init__", spy)
     w = make_worker(ServerConfig(ckpt=str(tiny), device="cpu", offload="lowvram", prepack=False, outdir=None))
     w.stop()
-    assert seen == [{"device": "cpu", "precision": "full", "offload": "lowvram", "prepack": False}]
+    assert seen == [{"device": "cpu", "precision": "auto", "offload": "lowvram", "prepack": False}]
     assert any("nothing to offload" in n for n in w.pipe.notices)

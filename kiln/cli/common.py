@@ -12,10 +12,10 @@ def say(msg: str):
     print(msg, file=sys.stderr, flush=True)
 
 
-def add_precision_flag(p, default="auto"):
+def add_precision_flag(p):
     from ..pipeline import PRECISIONS
 
-    p.add_argument("--precision", choices=list(PRECISIONS), default=default, help=PRECISION_HELP)
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto", help=PRECISION_HELP)
 
 
 def add_memory_flags(p):

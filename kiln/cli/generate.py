@@ -143,7 +143,7 @@ def _model_flags(p):
                                                             f"weights; {COMPVIS_CONFIG} is used when present)")
     p.add_argument("--ckpt", type=str, default=None,
                    help=f"weights: CompVis .ckpt/.safetensors or a diffusers folder (default: {COMPVIS_CKPT})")
-    add_precision_flag(p, "autocast")
+    add_precision_flag(p)
     p.add_argument("--ema", choices=["auto", "on", "off"], default="auto",
                    help="use the file's EMA weights (auto: when present)")
     p.add_argument("--prediction", choices=["eps", "v"], default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import KilnError
-from .common import PREPACK, add_memory_flags, say
+from .common import PREPACK, add_memory_flags, add_precision_flag, say
 
 
 def serve_parser(sub):
@@ -25,7 +25,7 @@ def serve_parser(sub):
                    help="HTTP Basic credentials required on every endpoint but the UI's static files")
     p.add_argument("--token", default=None, help="a bearer token accepted on every endpoint (also: KILN_TOKEN)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", choices=["full", "autocast", "fp16", "bf16"], default="full")
+    add_precision_flag(p)
     add_memory_flags(p)
     p.add_argument("--safety-checker", dest="safety_checker", default=None, metavar="PATH",
                    help="check every image with CompVis' NSFW checker (weights folder or file)")
@@ -143,7 +143,7 @@ def batch_parser(sub):
     p.add_argument("--retry-errors", dest="retry_errors", action="store_true",
                    help="run rows again whose earlier attempt failed")
     p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["full", "autocast", "fp16", "bf16"], default="full")
+    add_precision_flag(p)
     return p
 
 

@@ -231,7 +231,7 @@ def finished(out: Output, entries: dict[int, dict], retry_errors: bool) -> set[i
 class RowRenderer:
     """Loads the pipeline once; renders tasks to PNG files. Used in-process and as the Ray actor's body."""
 
-    def __init__(self, ckpt: str, outdir: str, device: str = "auto", precision: str = "full",
+    def __init__(self, ckpt: str, outdir: str, device: str = "auto", precision: str = "auto",
                  threads: int | None = None, pid_dir: str | None = None):
         import torch
 
@@ -290,7 +290,7 @@ class Summary:
 
 
 def run_batch(prompts_file, outdir, *, ckpt: str, defaults: GenerationParams | None = None, ray_address=None,
-              use_ray: bool = False, workers: int = 1, device: str = "auto", precision: str = "full",
+              use_ray: bool = False, workers: int = 1, device: str = "auto", precision: str = "auto",
               retry_errors: bool = False, progress: bool = True, pid_dir: str | None = None,
               threads_per_worker: int | None = None) -> Summary:
     from tqdm.auto import tqdm

@@ -9,10 +9,12 @@ from ..errors import KilnError
 from .devices import compute_dtype, pick_device, resolve_precision
 
 
-def load(path: str | Path, *, device: str = "auto", precision: str = "full", ema: str = "auto",
+def load(path: str | Path, *, device: str = "auto", precision: str = "auto", ema: str = "auto",
          vae: str | None = None, config: str | None = None, prediction: str | None = None,
          channels_last: bool | None = None, prepack: bool | str = "auto", offload: str | None = None):
-    """Load a checkpoint (CompVis file or diffusers folder) into a ready Pipeline. `prediction` ("eps" | "v")
+    """Load a checkpoint (CompVis file or diffusers folder) into a ready Pipeline. `precision`: "auto" (every
+    front end's default: fp16 on CUDA/MPS, fp32 on CPUs), "full" (fp32) or "autocast" (fp16 on CUDA/MPS, bf16 on
+    CPUs with native bf16); see `kiln.pipeline.devices`. `prediction` ("eps" | "v")
     overrides the detected parameterization (SD 2.x files carry no such fact). `channels_last` (default: on
     CUDA) stores the UNet's and VAE's convolution weights NHWC, which cuDNN and oneDNN run faster; results differ
     from NCHW only by float summation order. Not the CPU default: there the weights stay in the file's memory map

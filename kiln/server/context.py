@@ -18,7 +18,7 @@ class ServerConfig:
     outdir: str | None = "outputs/serve"
     save: bool = True  # native API / web UI results saved to outdir (A1111 requests: their save_images)
     device: str = "auto"
-    precision: str = "full"
+    precision: str = "auto"
     offload: str | None = None  # "medvram" | "lowvram" (GPU)
     prepack: bool | str = "auto"  # CPU: oneDNN pre-packed convolution weights (kiln.models.conv)
     limits: Limits = field(default_factory=Limits)

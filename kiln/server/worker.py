@@ -202,7 +202,7 @@ def _scan(ckpt, ckpt_dir, known: list[ModelEntry]) -> list[ModelEntry]:
 
 
 class Worker:
-    def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="full",
+    def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="auto",
                  outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
                  loader=None, lora_dir: str | None = None, embeddings_dir: str | None = None,
                  load_options: dict | None = None):
