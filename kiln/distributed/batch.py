@@ -13,12 +13,12 @@ import io
 import json
 import math
 import os
-import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import KilnError
+from ..output.files import Destination as Output
 from ..pipeline.params import GenerationParams, scalar_fields
 
 # Row fields: GenerationParams' own (one image each: no batches, no init image), and the spellings accepted for
@@ -134,72 +134,6 @@ def plan(rows: list[dict], defaults: GenerationParams) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-class Output:
-    """The output folder: a local path or any pyarrow filesystem URI (s3://…, gs://…, hdfs://…, file://…)."""
-
-    def __init__(self, location: str):
-        self.location = str(location)
-        if "://" in self.location:
-            from pyarrow import fs
-
-            self.fs, self.root = fs.FileSystem.from_uri(self.location)
-        else:
-            self.fs, self.root = None, str(Path(self.location).resolve())
-        self.makedirs("images")
-
-    def path(self, rel: str) -> str:
-        return posixpath.join(self.root, rel) if self.fs else os.path.join(self.root, rel)
-
-    def makedirs(self, rel: str):
-        if self.fs:
-            self.fs.create_dir(self.path(rel), recursive=True)
-        else:
-            try:
-                os.makedirs(self.path(rel), exist_ok=True)
-            except OSError as e:
-                raise KilnError(f"cannot create {self.path(rel)}: {e.strerror}") from None
-
-    def write_atomic(self, rel: str, data: bytes):
-        """Readers never see a partial file: write a temp name, then rename over the final one."""
-        final = self.path(rel)
-        tmp = self.path(posixpath.join(posixpath.dirname(rel), f".tmp-{os.getpid()}-{time.time_ns()}"))
-        if self.fs:
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, final)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-
-    def exists(self, rel: str) -> bool:
-        if self.fs:
-            from pyarrow import fs
-
-            return self.fs.get_file_info(self.path(rel)).type == fs.FileType.File
-        return os.path.isfile(self.path(rel))
-
-    def read(self, rel: str) -> bytes | None:
-        if not self.exists(rel):
-            return None
-        if self.fs:
-            with self.fs.open_input_stream(self.path(rel)) as f:
-                return f.read()
-        with open(self.path(rel), "rb") as f:
-            return f.read()
-
-    def append(self, rel: str, text: str):
-        if self.fs:  # object stores cannot append: rewrite the whole (small) file
-            self.write_atomic(rel, (self.read(rel) or b"") + text.encode("utf-8"))
-            return
-        with open(self.path(rel), "a", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def image_name(row: int) -> str:
     return f"images/{row:06d}.png"
 
@@ -246,7 +180,7 @@ class RowRenderer:
             (Path(pid_dir) / f"{os.getpid()}").write_text(str(os.getpid()))
 
     def render(self, task: dict) -> dict:
-        from ..output.pnginfo import pnginfo_for
+        from ..output import png_bytes
 
         row = task["row"]
         entry = {"row": row, "id": None, "file": None, "seed": None, "params": None, "status": "error",
@@ -264,10 +198,8 @@ class RowRenderer:
         except MemoryError:
             entry["error"] = "out of memory"
             return entry
-        buf = io.BytesIO()
-        result.images[0].save(buf, format="PNG", pnginfo=pnginfo_for("a1111", result.infotexts[0], {}))
         name = image_name(row)
-        self.out.write_atomic(name, buf.getvalue())
+        self.out.write_atomic(name, png_bytes(result.images[0], result.infotexts[0]))
         entry.update(file=name, status="ok", error=None)
         return entry
 

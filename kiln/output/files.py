@@ -1,5 +1,9 @@
-"""Output files named as the CompVis scripts name them, written atomically (temp file + rename)."""
+"""Output files named as the CompVis scripts name them, and folders or object stores for `kiln batch`; every file
+written atomically (temp file + rename, `write_atomic`)."""
+import io
 import os
+import posixpath
+import time
 import re
 import tempfile
 from pathlib import Path
@@ -9,20 +13,34 @@ from PIL import Image
 from ..errors import KilnError
 
 
-def _write_temp(image: Image.Image, folder: Path, pnginfo=None) -> Path:
+def png_data(image: Image.Image, pnginfo=None) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=pnginfo)
+    return buf.getvalue()
+
+
+def _write_temp(data: bytes, folder: Path) -> Path:
+    """The whole file under a temporary name in `folder`, flushed to the disk."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=pnginfo)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
 
 
+def write_atomic(path: Path, data: bytes):
+    """The one way kiln writes a file: a temp file in the same folder, then a rename over `path`, so readers never
+    see half a file (a crash leaves the old file or none)."""
+    os.replace(_write_temp(data, Path(path).parent), path)
+
+
 def save_png_atomic(image: Image.Image, path: Path, pnginfo=None):
-    """Write to a temp file in the same folder, then rename: readers never see a half-written PNG."""
-    os.replace(_write_temp(image, path.parent, pnginfo), path)
+    write_atomic(path, png_data(image, pnginfo))
 
 
 class OutputDir:
@@ -47,7 +65,7 @@ class OutputDir:
     def _publish(self, image, folder: Path, pattern: str, fmt: str, pnginfo) -> Path:
         """Write the whole PNG to a temp file, then hard-link it to the next free number. The link fails if
         the name exists, so concurrent writers never overwrite each other and no partial file is ever visible."""
-        tmp = _write_temp(image, folder, pnginfo)
+        tmp = _write_temp(png_data(image, pnginfo), folder)
         try:
             n = self._next(folder, pattern)
             while True:
@@ -73,3 +91,66 @@ class OutputDir:
         path = folder / name
         save_png_atomic(image, path, pnginfo)
         return path
+
+
+class Destination:
+    """An output folder that is a local path or any pyarrow filesystem URI (s3://…, gs://…, hdfs://…, file://…),
+    as `kiln batch` writes: `images/` made at once."""
+
+    def __init__(self, location: str):
+        self.location = str(location)
+        if "://" in self.location:
+            from pyarrow import fs
+
+            self.fs, self.root = fs.FileSystem.from_uri(self.location)
+        else:
+            self.fs, self.root = None, str(Path(self.location).resolve())
+        self.makedirs("images")
+
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel) if self.fs else os.path.join(self.root, rel)
+
+    def makedirs(self, rel: str):
+        if self.fs:
+            self.fs.create_dir(self.path(rel), recursive=True)
+        else:
+            try:
+                os.makedirs(self.path(rel), exist_ok=True)
+            except OSError as e:
+                raise KilnError(f"cannot create {self.path(rel)}: {e.strerror}") from None
+
+    def write_atomic(self, rel: str, data: bytes):
+        """Readers never see a partial file: write a temp name, then rename over the final one."""
+        final = self.path(rel)
+        if self.fs:
+            tmp = self.path(posixpath.join(posixpath.dirname(rel), f".tmp-{os.getpid()}-{time.time_ns()}"))
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+            self.fs.move(tmp, final)
+        else:
+            write_atomic(Path(final), data)
+
+    def exists(self, rel: str) -> bool:
+        if self.fs:
+            from pyarrow import fs
+
+            return self.fs.get_file_info(self.path(rel)).type == fs.FileType.File
+        return os.path.isfile(self.path(rel))
+
+    def read(self, rel: str) -> bytes | None:
+        if not self.exists(rel):
+            return None
+        if self.fs:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read()
+        with open(self.path(rel), "rb") as f:
+            return f.read()
+
+    def append(self, rel: str, text: str):
+        if self.fs:  # object stores cannot append: rewrite the whole (small) file
+            self.write_atomic(rel, (self.read(rel) or b"") + text.encode("utf-8"))
+            return
+        with open(self.path(rel), "a", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
