@@ -11,6 +11,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sdref  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """The embedded demo model (64 px shapes), loaded once per test module: a module's tests may change its
+    settings (LoRA and embedding folders, DeepCache), which must not leak into another module's."""
+    import kiln
+    from kiln.demo.report import EMBEDDED
+
+    return kiln.load(EMBEDDED, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny CompVis-layout SD 1.x file (its kiln config in the header), written once per test module."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    sdref.save_tiny(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def sd15(tmp_path_factory):
     """Random full-size SD 1.5 weights written once per run, in every layout the loader reads:

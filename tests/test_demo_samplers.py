@@ -3,8 +3,7 @@ determinism per image, previews and intermediates."""
 import numpy as np
 import pytest
 
-import kiln
-from kiln.demo.report import EMBEDDED, adherence
+from kiln.demo.report import adherence
 from kiln.demo.shapes import heldout_prompts
 from kiln.samplers import SAMPLERS
 
@@ -19,11 +18,6 @@ CONVERGENCE_BOUND = 3.0
 # PLMS on the demo model takes CompVis' quad timesteps by default (its config's sampler_schedules): on CompVis'
 # uniform ones its 4-step Adams–Bashforth extrapolation is unstable at 20 steps and scale 5, most of all on the last
 # step, t = 51 → 1 (88 images: color 81.8%, background 89.8%, shape 80.7%, position 98.9%; docs/samplers.md).
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return kiln.load(EMBEDDED, device="cpu")
 
 
 @pytest.fixture(scope="module")

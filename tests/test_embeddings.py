@@ -5,14 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import kiln
-from kiln.demo.report import EMBEDDED
 from kiln.prompts import CHUNK
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return kiln.load(EMBEDDED, device="cpu")
 
 
 def vectors(pipe, words):

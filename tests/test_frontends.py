@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import kiln
 from kiln.demo.report import EMBEDDED
 from kiln.errors import KilnError
 from kiln.pipeline.watermark import put_watermark
 
 PROMPT = "a large red circle in the center on a blue background"
 REQUEST = dict(seed=21, steps=6, cfg_scale=5.0, width=256, height=256)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return kiln.load(EMBEDDED, device="cpu")
 
 
 def test_python_api_marks_images_by_default(pipe):

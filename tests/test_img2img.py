@@ -3,20 +3,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import kiln
 from kiln.cli import main
 from kiln.demo.evaluate import analyze
-from kiln.demo.report import EMBEDDED
 from kiln.demo.shapes import COLORS, Labels, render
 from kiln.errors import KilnError
 from kiln.pipeline import to_uint8
 
 import torch
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return kiln.load(EMBEDDED, device="cpu")
 
 
 def picture(color="red", shape="square", background="blue", position="center", size="large"):

@@ -5,19 +5,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import kiln
 from kiln.checkpoints.diffusers_keys import unet_key
-from kiln.demo.report import EMBEDDED
 from kiln.errors import KilnError
 from kiln.pipeline.lora import apply_networks
 
 UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer."
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return kiln.load(EMBEDDED, device="cpu")
 
 
 def targets(pipe):

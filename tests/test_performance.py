@@ -8,13 +8,6 @@ from kiln.errors import KilnError
 import sdref
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
-    sdref.save_tiny(path)
-    return path
-
-
 def run(pipe, loras=None):
     return pipe.txt2img("a red circle", steps=3, sampler="euler", width=64, height=64, seed=5, batch_size=2,
                         loras=loras).latents

@@ -104,14 +104,6 @@ def test_weights_follow_their_tokens():
 
 
 # ------------------------------------------------------------------------------------------- in the encoder
-@pytest.fixture(scope="module")
-def pipe():
-    import kiln
-    from kiln.demo.report import EMBEDDED
-
-    return kiln.load(EMBEDDED, device="cpu")
-
-
 def test_unweighted_prompt_encodes_exactly_as_before(pipe):
     ids = TOK(["a red circle on a blue background"]).to(pipe.device)
     plain = pipe.model.text_model(ids)

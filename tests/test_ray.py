@@ -178,6 +178,19 @@ def test_ray_serve_ingress_and_model_deployment(cluster):
             time.sleep(0.1)
         png = requests.get(url + st["image_urls"][0], timeout=10).content
         assert f"Seed: {seed}" in Image.open(io.BytesIO(png)).info["parameters"]
+
+    # The ingress finds models by the same names and hashes as the local server: one ModelIndex for both.
+    from kiln.server.worker import ModelIndex
+
+    local = ModelIndex.scan(None, None)
+    listed = requests.get(f"{url}/sdapi/v1/sd-models", timeout=10).json()
+    assert [(m["title"], m["model_name"], m["sha256"]) for m in listed] == \
+        [(e.title, e.name, e.sha256) for e in local.entries]
+    entry = local.entries[0]
+    for name in (entry.title, entry.filename, entry.name, entry.sha256, entry.sha256[:10], entry.sha256[:8]):
+        r = requests.post(f"{url}/sdapi/v1/txt2img", timeout=120,
+                          json=dict(body, steps=1, override_settings={"sd_model_checkpoint": name}))
+        assert r.status_code == 200, (name, r.text)
     serve.delete("kiln")
 
 

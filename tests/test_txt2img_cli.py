@@ -13,13 +13,6 @@ from kiln.cli import main
 from kiln.pipeline import generators, randn
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
-    sdref.save_tiny(path)
-    return path
-
-
 def txt2img(ckpt, outdir, *args):
     return main(["txt2img", "--ckpt", str(ckpt), "--outdir", str(outdir), "--ddim_steps", "4", "--precision", "full",
                  "--prompt", "a red circle on a blue background", *args])

@@ -128,6 +128,10 @@ def _numpy_dtype() -> Any:
 
 
 def _build_resolvers() -> dict[str, Callable[[], Any]]:
+    return {**_torch_resolvers(), **_python_resolvers()}
+
+
+def _torch_resolvers() -> dict[str, Callable[[], Any]]:
     r: dict[str, Callable[[], Any]] = {}
 
     # Tensor / parameter rebuild functions (what Tensor.__reduce_ex__ emits).
@@ -198,7 +202,11 @@ def _build_resolvers() -> dict[str, Callable[[], Any]]:
         dt = getattr(torch, dname, None)
         if isinstance(dt, torch.dtype) and str(dt) == f"torch.{dname}":
             r[f"torch.{dname}"] = _const(dt)
+    return r
 
+
+def _python_resolvers() -> dict[str, Callable[[], Any]]:
+    r: dict[str, Callable[[], Any]] = {}
     # Containers and scalars. Under pickle protocol 2 (torch.save's default) sets are
     # written as __builtin__.set and non-empty bytes as _codecs.encode(str, "latin1");
     # the py2 names are mapped to builtins.* before the lookup, as stock pickle does.
