@@ -26,11 +26,10 @@ def hwm():
 base = hwm()
 f = pipe.cfg.downscale
 z = torch.randn(1, pipe.cfg.latent_channels, size // f, size // f, generator=torch.Generator().manual_seed(0))
-pipe.tile = mode
 t0 = time.perf_counter()
 try:
     with torch.no_grad():
-        x = pipe.decode_latents(z.to(pipe.device))
+        x = pipe.decode_latents(z.to(pipe.device), tile=mode)
 except (RuntimeError, MemoryError) as e:
     print(json.dumps(dict(mode=mode, size=size, error="out of memory (16 GiB address-space limit): " + str(e)[:80])))
     sys.exit(0)

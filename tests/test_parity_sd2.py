@@ -24,10 +24,10 @@ def test_sd2_detection_and_text_encoder_parity(sd2):
     ref = sdref.ref_openclip(state)
     del state
     from kiln.pipeline import Pipeline
-    import kiln.pipeline as kp
+    from kiln.prompts import chunk_tokens
 
     pipe = Pipeline(ours, info, torch.device("cpu"), torch.float32)
-    ids = torch.tensor([c.ids for c in kp.chunk_tokens(pipe.tokenizer, PROMPT)])
+    ids = torch.tensor([c.ids for c in chunk_tokens(pipe.tokenizer, PROMPT)])
     assert ids[0, 9:].eq(0).all() and ids[0, 8] == 49407  # open_clip pads with 0 after the end token
     with torch.no_grad():
         ctx = pipe.encode_prompts([PROMPT])
