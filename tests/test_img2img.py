@@ -200,6 +200,20 @@ def test_hires_fix(pipe):
     assert lz.pixels.shape[1:3] == (96, 96)
 
 
+def test_the_hires_pass_reports_its_steps(pipe):
+    """Progress, previews and cancelling reach the hires pass too: its steps come to the callback counted from 0
+    again, and previews are numbered on over both passes."""
+    seen, previews = [], []
+    pipe.txt2img(PROMPT, steps=4, seed=2, cfg_scale=5.0, hires_scale=1.5, hires_steps=5, sampler="euler",
+                 callback=lambda i, n, *a: seen.append((i, n)), preview_every=1,
+                 on_preview=lambda i, n, images, seeds: previews.append((i, n, images[0].size)))
+    first, second = seen[:4], seen[4:]
+    assert first == [(i, 4) for i in range(4)] and second == [(i, 3) for i in range(3)]  # strength 0.7 of 5
+    assert [i for i, _, _ in previews] == list(range(7)) and previews[-1][1] == 7
+    f = pipe.cfg.downscale  # latent-sized previews of each pass
+    assert previews[0][2] == (64 // f, 64 // f) and previews[-1][2] == (96 // f, 96 // f)
+
+
 def test_hires_png_round_trip(tmp_path):
     out = tmp_path / "h"
     assert main(["txt2img", "--prompt", PROMPT, "--ddim_steps", "6", "--n_samples", "1", "--n_iter", "1",

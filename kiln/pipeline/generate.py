@@ -32,7 +32,7 @@ class Result:
     pixels: np.ndarray | None = None  # [B, H, W, 3] uint8, the same pixels as `images`
     infotexts: list[str] = field(default_factory=list)  # A1111 "parameters" text per image
     flagged: list[bool] = field(default_factory=list)  # safety checker verdicts (empty when it did not run)
-    notices: list[str] = field(default_factory=list)  # what the user should know (e.g. the init image resized)
+    notices: list[str] = field(default_factory=list)  # what the user should know so far (e.g. init image resized)
 
     def only(self, i: int) -> Result:
         """The i-th image alone, as a Result."""
@@ -112,7 +112,7 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
                        known_mask=None if (not canvas.masked or canvas.concat is not None)
                        else canvas.known.expand_as(init))
             if c.hires is not None:
-                z = _hires(pipe, p, c, z, cond, uncond, gens, noise)
+                z = _hires(pipe, p, c, z, cond, uncond, gens, noise, on_step)
             bar.close()
             pixels = to_uint8(decode_latents(pipe, z, p.tile, notices))
         pixels = canvas.finish(pixels)
@@ -120,7 +120,7 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
         pixels = _watermark(pipe, p, pixels, notices)
     ti = {"TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used.values())} if used else {}
     return Result([Image.fromarray(px) for px in pixels], seeds, list(batch), {}, z, pixels, [], flagged,
-                  notices), {**lora_fields, **ti}
+                  list(notices)), {**lora_fields, **ti}
 
 
 def _watermark(pipe, p: GenerationParams, pixels, notices):
@@ -132,7 +132,8 @@ def _watermark(pipe, p: GenerationParams, pixels, notices):
     if not text:
         return pixels
     if not can_watermark(pixels[0]):
-        notices.append("images smaller than 256x256 cannot carry the invisible watermark; made without it")
+        note = "images smaller than 256x256 cannot carry the invisible watermark; made without it"
+        notices.extend([note] if note not in notices else [])
         return pixels
     return np.stack([put_watermark(px, text) for px in pixels])
 
@@ -144,8 +145,9 @@ def _refiner(pipe, p, clean, negative, canvas):
     return denoiser.build(r, rc, ru, p.scale, tile=p.tile), pipe.refiner_switch
 
 
-def _hires(pipe, p, c, z, cond, uncond, gens, noise):
-    """Upscale a finished latent to the hires size and re-render it there (A1111's hires fix)."""
+def _hires(pipe, p, c, z, cond, uncond, gens, noise, callback):
+    """Upscale a finished latent to the hires size and re-render it there (A1111's hires fix). `callback` sees
+    this pass's steps counted from 0 again (the server's progress counts the two passes)."""
     w, h = c.hires
     lat = (h // pipe.cfg.downscale, w // pipe.cfg.downscale)
     if p.hires_upscaler == "latent":
@@ -157,12 +159,19 @@ def _hires(pipe, p, c, z, cond, uncond, gens, noise):
     start = randn((z.shape[1], *lat), gens, pipe.device)
     eps = denoiser.build(pipe, cond, uncond, p.scale, tile=p.tile)
     return sample(c.spec, eps, start, disc=pipe.discrete, schedule=c.schedule, steps=p.hires_steps or p.steps,
-                  eta=c.eta, s_noise=p.s_noise, noise=noise, init=init, strength=p.hires_strength)
+                  eta=c.eta, s_noise=p.s_noise, noise=noise, callback=callback, init=init, strength=p.hires_strength)
 
 
 def _step_callback(pipe, p, bar, hooks: Hooks, seeds):
+    """After every step: the progress bar, `hooks.callback` (the sampler's own i and total: they start again
+    with the hires pass), and previews, numbered over both passes (the hires pass's follow the first's)."""
+    done = {"last": -1, "before": 0, "total": 0}  # steps of the passes before this one
+
     def on_step(i, total, x_i, pred_x0):
-        bar.total = total
+        if i <= done["last"]:  # a new pass (the hires fix)
+            done["before"] += done["total"]
+        done["last"], done["total"] = i, total
+        bar.total = done["before"] + total
         bar.update(1)
         if hooks.callback:
             hooks.callback(i, total, x_i, pred_x0)
@@ -170,7 +179,7 @@ def _step_callback(pipe, p, bar, hooks: Hooks, seeds):
         if hooks.on_preview and every and ((i + 1) % every == 0 or i + 1 == total):
             images = ([Image.fromarray(px) for px in to_uint8(decode_latents(pipe, pred_x0, p.tile))]
                       if hooks.preview_full else latent_preview(pipe.cfg, pred_x0))
-            hooks.on_preview(i, total, images, seeds)
+            hooks.on_preview(done["before"] + i, bar.total, images, seeds)
     return on_step
 
 

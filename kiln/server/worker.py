@@ -81,6 +81,7 @@ class Job:
     flagged: list = field(default_factory=list)
     preview: bytes | None = None
     preview_step: int = -1
+    notices: list = field(default_factory=list)  # what the generation said (logged when the job ends)
     version: int = 0
     result_params: dict | None = None
     model_title: str | None = None
@@ -430,7 +431,7 @@ class Worker:
                 continue
             except Interrupted:
                 break
-        for note in dict.fromkeys(pipe.notices):
+        for note in dict.fromkeys(pipe.notices + job.notices):
             log.info("%s", note)
         pipe.notices.clear()
 
@@ -453,6 +454,5 @@ class Worker:
                 path = out.save_sample(image, pnginfo_for("a1111", text, {}))
                 job.files.append(str(path.relative_to(out.root)))
         job.result_params = result.params
-        for note in result.notices:
-            log.info("%s", note)
+        job.notices = result.notices  # all of the request's so far
         job.version += 1
