@@ -129,6 +129,9 @@ def test_refiner_runs_the_last_steps(tiny_xl, tiny_refiner, tmp_path):
     assert "Refiner: tinyrefiner" in refined.infotexts[0]
     with pytest.raises(Exception, match="between 0 and 1"):
         pipe.set_refiner(ref, 1.5)
+    # img2img does not run the refiner: refused, never silently ignored
+    with pytest.raises(Exception, match="refiner runs in txt2img only"):
+        pipe.img2img("a red circle", Image.new("RGB", (64, 64), "blue"), **kw)
 
 
 def test_refiner_cli(tiny_xl, tiny_refiner, tmp_path, capsys):
