@@ -250,6 +250,7 @@ def run_batch(prompts_file, outdir, *, ckpt: str, defaults: GenerationParams | N
             for task in todo:
                 record(renderer.render(task))
     bar.close()
+    out.sweep("images")  # what a worker killed mid-write left (Ray restarted it and rewrote its row)
     # the final manifest: one line per row, in row order
     rows = sorted(entries.values(), key=lambda e: e["row"])
     out.write_atomic(MANIFEST, "".join(json.dumps(e, sort_keys=True) + "\n" for e in rows).encode("utf-8"))

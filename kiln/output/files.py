@@ -130,6 +130,23 @@ class Destination:
         else:
             write_atomic(Path(final), data)
 
+    def sweep(self, rel: str) -> int:
+        """Remove the temporary files a killed writer left in folder `rel` (never a finished file: those have
+        their final names). Returns how many went."""
+        if self.fs:
+            from pyarrow import fs
+
+            found = [i.path for i in self.fs.get_file_info(fs.FileSelector(self.path(rel), allow_not_found=True))
+                     if posixpath.basename(i.path).startswith(".tmp-")]
+            for path in found:
+                self.fs.delete_file(path)
+            return len(found)
+        folder = Path(self.path(rel))
+        found = [p for p in folder.glob(".tmp-*") if p.is_file()] if folder.is_dir() else []
+        for p in found:
+            p.unlink(missing_ok=True)
+        return len(found)
+
     def exists(self, rel: str) -> bool:
         if self.fs:
             from pyarrow import fs
