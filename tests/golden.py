@@ -136,21 +136,13 @@ def dirs(pipe, lora_dir=None, embeddings_dir=None):
 
 
 @contextlib.contextmanager
-def refined(pipe, refiner, switch):
-    pipe.set_refiner(refiner, switch)
+def setting(apply, *on):
+    """`apply(*on)` for the block, `apply(None)` after it (a pipeline's refiner or DeepCache)."""
+    apply(*on)
     try:
         yield
     finally:
-        pipe.set_refiner(None)
-
-
-@contextlib.contextmanager
-def deepcache(pipe, interval, depth):
-    pipe.set_deepcache(interval, depth)
-    try:
-        yield
-    finally:
-        pipe.set_deepcache(None)
+        apply(None)
 
 
 def _txt(prompt=PROMPT, **kw):
@@ -214,13 +206,13 @@ def _sdxl(m):
 
 def _sdxl_refiner(m):
     pipe = m.get("sdxl")
-    with refined(pipe, m.get("refiner"), 0.6):
+    with setting(pipe.set_refiner, m.get("refiner"), 0.6):
         return pipe.txt2img("a red cube", steps=5, sampler="euler", cfg_scale=6.0, seed=12, width=64, height=64)
 
 
 def _deepcache(m):
     pipe = m.get("demo")
-    with deepcache(pipe, 3, 2):
+    with setting(pipe.set_deepcache, 3, 2):
         return pipe.txt2img(PROMPT, steps=9, sampler="dpmpp_2m", cfg_scale=5.0, seed=13)
 
 

@@ -11,7 +11,7 @@ def test_write_atomic_leaves_only_the_final_file(tmp_path):
 def test_sweep_removes_a_killed_writer_s_temporary_files_only(tmp_path):
     out = Destination(str(tmp_path / "run"))
     out.write_atomic("images/000000.png", b"done")
-    (tmp_path / "run" / "images" / ".tmp-abc123.png").write_bytes(b"half")  # as SIGKILL mid-write leaves it
+    (tmp_path / "run" / "images" / ".tmp-abc123").write_bytes(b"half")  # as a SIGKILL mid-write leaves it
     assert out.sweep("images") == 1
     assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == ["000000.png"]
     assert out.sweep("images") == 0 and out.sweep("nothing-here") == 0

@@ -416,7 +416,7 @@ def render(opt, pipe, params, out):
     from ..pipeline.watermark import can_watermark, put_watermark
     from ..pipeline import Hooks
 
-    watermark = pipe.cfg.watermark if params.watermark is True else params.watermark
+    watermark = params.watermark_text(pipe.cfg)
 
     def save_intermediate(i, total, images, seeds):
         for seed, im in zip(seeds, images):

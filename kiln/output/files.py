@@ -21,7 +21,7 @@ def png_data(image: Image.Image, pnginfo=None) -> bytes:
 
 def _write_temp(data: bytes, folder: Path) -> Path:
     """The whole file under a temporary name in `folder`, flushed to the disk."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -11,13 +11,12 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import KilnError
 from ..samplers.run import sample
 from . import denoiser
 from .canvas import Canvas, img2img_canvas, txt2img_canvas
 from .lora import apply_networks
 from .noise import randn, start_noise
-from .params import Checked, GenerationParams, check, check_size, infotext_fields, record
+from .params import Checked, GenerationParams, check, infotext_fields, record
 from .text import conditioning
 from .vae import decode_latents, encode_images, latent_preview, to_model_input, to_uint8
 
@@ -128,7 +127,7 @@ def _watermark(pipe, p: GenerationParams, pixels, notices):
     image is marked too, as CompVis' scripts do)."""
     from .watermark import can_watermark, put_watermark
 
-    text = pipe.cfg.watermark if p.watermark is True else p.watermark
+    text = p.watermark_text(pipe.cfg)
     if not text:
         return pixels
     if not can_watermark(pixels[0]):
@@ -183,4 +182,4 @@ def _step_callback(pipe, p, bar, hooks: Hooks, seeds):
     return on_step
 
 
-__all__ = ["Result", "Hooks", "Canvas", "generate", "join", "check_size", "KilnError"]
+__all__ = ["Result", "Hooks", "Canvas", "generate", "join"]

@@ -6,7 +6,7 @@ The CLI, the HTTP API, `kiln batch` and `--from-png` all build one of these; a n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import KilnError
@@ -15,7 +15,6 @@ from .vae import TILES
 
 FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 AREAS = ("whole", "masked")
-RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
 HIRES_UPSCALERS = ("latent", "lanczos")
 MODE_CFG_SCALE = {"txt2img": 7.5, "img2img": 5.0}  # CompVis' scripts' defaults
 
@@ -48,7 +47,6 @@ class GenerationParams:
     hires_strength: float = 0.7
     loras: list = field(default_factory=list)  # [(file or name, weight)], besides <lora:…> tags in the prompt
     watermark: bool | str = True  # the invisible watermark: True the model's text, a text, or False for none
-    watermark: bool = True  # the model's invisible watermark on images of at least 256x256
     # img2img and inpainting: with an init image
     init_image: Any = None  # a path or a PIL image
     strength: float = 0.75
@@ -84,8 +82,9 @@ class GenerationParams:
             raise KilnError(f"unknown generation parameter(s): {', '.join(unknown)}")
         return cls(**kw)
 
-    def with_(self, **kw) -> GenerationParams:
-        return replace(self, **kw)
+    def watermark_text(self, cfg) -> str | None:
+        """The text of the invisible watermark to add, or None: the model's (`cfg.watermark`) unless asked for."""
+        return cfg.watermark if self.watermark is True else (self.watermark or None)
 
 
 SCALARS = {"str": str, "int": int, "float": float, "bool": bool}
