@@ -185,3 +185,177 @@ def extract_networks(text: str) -> tuple[str, list[tuple[str, float, float]]]:
         return ""
 
     return _NETWORK.sub(take, text), found
+
+
+# ------------------------------------------------------------------------------------------ prompt schedules
+# A1111's prompt editing, parsed as its grammar does (modules/prompt_parser.py), by recursive descent:
+#   [from:to:when]  [to:when]  [from::when]   from → to after step `when`
+#   [a|b|c]                                   one option per step, cycling (empty options allowed)
+# `when` with a "." is a fraction of the steps, without one a step number. Brackets that form none of these stay
+# text (emphasis is read later, per scheduled text); a prompt the grammar rejects (a "|" outside brackets, a
+# trailing backslash) is used as it is, unscheduled, as in A1111.
+_PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")
+_NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?))\s*\]")
+
+
+class _Unparsable(Exception):
+    pass
+
+
+@dataclass
+class _Edit:  # [before:after:when]; before None when absent
+    before: list | None
+    after: list
+    when: str
+
+
+@dataclass
+class _Alternate:  # [a|b|…]
+    options: list
+
+
+def _parse_seq(s: str, i: int) -> tuple[list, int]:
+    """A bracket's inner prompt from i: text, nested constructs; stops at a character it cannot take."""
+    out = []
+    while i < len(s):
+        m = _PLAIN.match(s, i)
+        if m:
+            out.append(m.group(0))
+            i = m.end()
+            continue
+        node = _parse_bracket(s, i) if s[i] in "[(" else None
+        if node is None:
+            break
+        out.append(node[0])
+        i = node[1]
+    return out, i
+
+
+def _parse_bracket(s: str, i: int):
+    """(node, end) for the construct opening at s[i] ("(" or "["), or None when none is there."""
+    first, j = _parse_seq(s, i + 1)
+    nxt = s[j] if j < len(s) else ""
+    if s[i] == "(":  # emphasis: kept as text, its inside may hold schedules
+        if nxt == ")":
+            return ["(", first, ")"], j + 1
+        if nxt == ":":
+            second, k = _parse_seq(s, j + 1)
+            if k < len(s) and s[k] == ")":
+                return ["(", first, ":", second, ")"], k + 1
+        return None
+    if nxt == "]":
+        return ["[", first, "]"], j + 1
+    if nxt == "|":
+        options = [first]
+        while j < len(s) and s[j] == "|":
+            option, j = _parse_seq(s, j + 1)
+            options.append(option)
+        return (_Alternate(options), j + 1) if j < len(s) and s[j] == "]" else None
+    if nxt == ":":
+        m = _NUMBER.match(s, j + 1)
+        if m:
+            return _Edit(None, first, m.group(1)), m.end()
+        second, k = _parse_seq(s, j + 1)
+        m = _NUMBER.match(s, k + 1) if k < len(s) and s[k] == ":" else None
+        if m:
+            return _Edit(first, second, m.group(1)), m.end()
+    return None
+
+
+def _parse_schedule(s: str) -> list:
+    """The whole prompt: constructs and text, with stray brackets and colons as text."""
+    out, i = [], 0
+    while i < len(s):
+        m = _PLAIN.match(s, i)
+        if m:
+            out.append(m.group(0))
+            i = m.end()
+            continue
+        node = _parse_bracket(s, i) if s[i] in "[(" else None
+        if node is not None:
+            out.append(node[0])
+            i = node[1]
+        elif s[i] in "[]():":
+            out.append(s[i])
+            i += 1
+        else:  # "|" outside brackets, or a backslash ending the prompt
+            raise _Unparsable
+    return out
+
+
+def _walk(tree, fn):
+    for node in tree:
+        if isinstance(node, _Edit):
+            fn(node)
+            _walk(node.before or [], fn)
+            _walk(node.after, fn)
+        elif isinstance(node, _Alternate):
+            fn(node)
+            for option in node.options:
+                _walk(option, fn)
+        elif isinstance(node, list):
+            _walk(node, fn)
+
+
+def _text_at(tree, step: int, whens: dict) -> str:
+    out = []
+    for node in tree:
+        if isinstance(node, str):
+            out.append(node)
+        elif isinstance(node, _Edit):
+            out.append(_text_at(node.before or [], step, whens) if step <= whens[id(node)]
+                       else _text_at(node.after, step, whens))
+        elif isinstance(node, _Alternate):
+            out.append(_text_at(node.options[(step - 1) % len(node.options)], step, whens))
+        else:
+            out.append(_text_at(node, step, whens))
+    return "".join(out)
+
+
+def schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tuple[int, str]]:
+    """The prompt's texts over a pass of `steps` steps: [(last step, text)], ascending, the last at `steps`; a
+    sampler at step k (from 0) uses the first entry with k <= its last step (A1111's schedule, boundaries and all).
+    With `hires_steps`, the schedule of the hires-fix pass that follows a first pass of `steps` steps: a step number
+    counts on from the first pass, a fraction from 1.0 (A1111's default since 1.6)."""
+    int_offset, float_offset, n = (0, 0.0, steps) if hires_steps is None else (steps, 1.0, hires_steps)
+    try:
+        tree = _parse_schedule(prompt)
+    except _Unparsable:
+        return [(n, prompt)]
+    ends, whens = {n}, {}
+
+    def collect(node):
+        if isinstance(node, _Alternate):
+            ends.update(range(1, n + 1))
+            return
+        v = float(node.when)
+        v = (v - float_offset) * n if "." in node.when else v - int_offset
+        whens[id(node)] = min(n, int(v))
+        if whens[id(node)] >= 1:
+            ends.add(whens[id(node)])
+
+    _walk(tree, collect)
+    return [(end, _text_at(tree, end, whens)) for end in sorted(ends)]
+
+
+def text_at_step(sched: list[tuple[int, str]], step: int) -> int:
+    """The index of the entry of `schedule` a sampler uses at `step` (from 0); past the end, the last."""
+    for k, (end, _) in enumerate(sched):
+        if step <= end:
+            return k
+    return len(sched) - 1
+
+
+# Composable diffusion: "a cat AND a dog :0.5" — each part guides the image, with its weight (A1111's regexes).
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def split_and(prompt: str) -> list[tuple[str, float]]:
+    """The sub-prompts of a prompt joined by AND, each with its weight (1 unless it ends in ":number")."""
+    parts = []
+    for part in _AND.split(prompt):
+        m = _PART_WEIGHT.search(part)
+        text, weight = m.groups() if m else (part, None)
+        parts.append((text, float(weight) if weight is not None else 1.0))
+    return parts

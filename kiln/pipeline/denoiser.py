@@ -8,9 +8,10 @@ Two levels, each a plain function:
   batched model call for [uncond, cond] and mixes them (classifier-free guidance); `v_to_eps` turns a
   v-prediction model's output into ε so that every sampler works on ε.
 
-`guided` takes its conditioning from `conds(t)`, so a per-step source (prompt schedules) is one more function;
-`fixed` is the constant one. The k-diffusion samplers see `eps` through `kiln.samplers.discrete_denoiser`, and
-the refiner's switch is a split of the step range (`kiln.samplers.run.sample`).
+`guided` takes its conditioning from `conds(t)`, a `kiln.pipeline.conds.Mix` per step: `fixed` is the constant
+one, `kiln.pipeline.conds.prompt_conds` the one of prompt editing, alternation and AND. The k-diffusion
+samplers see `eps` through `kiln.samplers.discrete_denoiser`, and the refiner's switch is a split of the step
+range (`kiln.samplers.run.sample`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from ..models.unet import FeatureCache
 from ..tiling import tiled_cover
+from .conds import fixed_mix
 from .text import Cond
 from .vae import tiled
 
@@ -46,37 +48,44 @@ def with_channels(call, extra: torch.Tensor):
     """Inpainting models: `extra` (mask and masked-image latents, [B, 5, h, w]) appended to the input channels."""
     def channels(x, t, c):
         e = extra.to(x.device, x.dtype)
-        return call(torch.cat([x, e.repeat(x.shape[0] // e.shape[0], 1, 1, 1)], dim=1), t, c)
+        e = e.repeat(x.shape[0] // e.shape[0], 1, 1, 1) if c.images is None else e[c.images.to(e.device)]
+        return call(torch.cat([x, e], dim=1), t, c)
 
     return channels
 
 
-def batched(cond: Cond, uncond: Cond | None) -> Cond:
-    """[uncond, cond] as one batch (cond alone without guidance)."""
-    if uncond is None:
-        return cond
-    return Cond(torch.cat([uncond.context, cond.context]),
-                None if cond.vector is None else torch.cat([uncond.vector, cond.vector]))
-
-
 def fixed(cond: Cond, uncond: Cond | None):
-    """The same conditioning at every step: `conds(t)` = (batched conditioning, whether it holds uncond)."""
-    both = batched(cond, uncond)
-    return lambda t: (both, uncond is not None)
+    """The same conditioning at every step: `conds(t)` = one `Mix` of [uncond, cond] (cond alone without
+    guidance)."""
+    mix = fixed_mix(cond, uncond)
+    return lambda t: mix
 
 
 def guided(call, conds, scale: float, dtype, device):
-    """ε(x, t) with classifier-free guidance: ε_u + scale · (ε_c − ε_u), from one call on [x, x]."""
+    """ε(x, t) with classifier-free guidance: ε_u + scale · (ε_c − ε_u) (summed over the sub-prompts of AND), from
+    one model call on the rows `conds(t)` asks for."""
     def eps(x, t):
-        c, with_uncond = conds(t)
+        mix = conds(t)
         xin = x.to(dtype)
-        if not with_uncond:
-            return call(xin, torch.full((x.shape[0],), float(t), device=device), c).float()
-        out_u, out_c = call(torch.cat([xin, xin]), torch.full((2 * x.shape[0],), float(t), device=device),
-                            c).float().chunk(2)
-        return out_u + scale * (out_c - out_u)
+        rows = xin if mix.sources.shape[0] == x.shape[0] and mix.plain else xin[mix.sources.to(x.device)]
+        out = call_rows(call, rows, float(t), mix.cond, device)
+        return mix.combine(out.float(), scale)
 
     return eps
+
+
+def call_rows(call, x, t: float, c: Cond, device):
+    """The model on all rows in one call; on running out of GPU memory, in halves (as few calls as fit)."""
+    try:
+        return call(x, torch.full((x.shape[0],), t, device=device), c)
+    except torch.OutOfMemoryError:
+        if x.shape[0] == 1:
+            raise
+    half = x.shape[0] // 2
+    part = lambda a, b: Cond(c.context[a:b], None if c.vector is None else c.vector[a:b],
+                             None if c.images is None else c.images[a:b])
+    return torch.cat([call_rows(call, x[:half], t, part(0, half), device),
+                      call_rows(call, x[half:], t, part(half, None), device)])
 
 
 def v_to_eps(eps, disc):
@@ -89,11 +98,16 @@ def v_to_eps(eps, disc):
 
 
 def build(pipe, cond, uncond, scale, *, concat=None, tile="auto", model_call=None):
-    """The guided noise predictor of `pipe` for this conditioning: the wrappers above, in order."""
-    cond = cond if isinstance(cond, Cond) else Cond(cond)
-    uncond = uncond if uncond is None or isinstance(uncond, Cond) else Cond(uncond)
+    """The guided noise predictor of `pipe` for this conditioning (`cond` and `uncond` Conds, or `cond` a per-step
+    `conds(t)`): the wrappers above, in order."""
+    if callable(cond):  # a per-step source (`kiln.pipeline.conds.prompt_conds`)
+        conds = cond
+    else:
+        cond = cond if isinstance(cond, Cond) else Cond(cond)
+        uncond = uncond if uncond is None or isinstance(uncond, Cond) else Cond(uncond)
+        conds = fixed(cond, uncond)
     call = model_call or unet_call(pipe, tile, pipe.deepcache)
     if concat is not None:
         call = with_channels(call, concat)
-    eps = guided(call, fixed(cond, uncond), scale, pipe.dtype, pipe.device)
+    eps = guided(call, conds, scale, pipe.dtype, pipe.device)
     return v_to_eps(eps, pipe.discrete) if pipe.cfg.parameterization == "v" else eps

@@ -17,7 +17,7 @@ from .canvas import Canvas, img2img_canvas, txt2img_canvas
 from .lora import apply_networks
 from .noise import randn, start_noise
 from .params import Checked, GenerationParams, check, infotext_fields, record
-from .text import conditioning
+from .conds import Clock, prompt_conds
 from .vae import decode_latents, encode_images, latent_preview, to_model_input, to_uint8
 
 
@@ -94,24 +94,24 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
     init = canvas.start(n, gens, pipe.device)
     used = {}
     clean, lora_fields = apply_networks(pipe, batch, p.loras)
-    negative = [p.negative_prompt] * n if p.scale != 1.0 else None
     noise = lambda like: randn(like.shape[1:], gens, like.device, torch.float32)
+    size, clock = (canvas.width, canvas.height), Clock()
     with torch.no_grad():
-        cond, uncond = conditioning(pipe, clean, negative, p.clip_skip, size=(canvas.width, canvas.height),
-                                    used=used)
-        eps = denoiser.build(pipe, cond, uncond, p.scale, tile=p.tile,
+        conds = prompt_conds(pipe, clean, p.negative_prompt, p.steps, guidance=p.scale != 1.0,
+                             clip_skip=p.clip_skip, size=size, used=used, clock=clock)
+        eps = denoiser.build(pipe, conds, None, p.scale, tile=p.tile,
                              concat=None if canvas.concat is None else canvas.concat.expand(n, -1, -1, -1))
-        refine = _refiner(pipe, p, clean, negative, canvas) if pipe.refiner is not None else None
+        refine = _refiner(pipe, p, clean, size, clock) if pipe.refiner is not None else None
         bar = tqdm(total=p.steps, desc="sampling", unit="step", disable=not hooks.progress, leave=False)
         on_step = _step_callback(pipe, p, bar, hooks, seeds)
         with pipe.seamless(p.seamless):
             z = sample(c.spec, eps, x, disc=pipe.discrete, schedule=c.schedule, steps=p.steps, eta=c.eta,
-                       s_noise=p.s_noise, noise=noise, callback=on_step, init=init,
+                       s_noise=p.s_noise, noise=noise, callback=clock.ticking(on_step), init=init,
                        strength=p.strength if init is not None else 1.0, refiner=refine,
                        known_mask=None if (not canvas.masked or canvas.concat is not None)
                        else canvas.known.expand_as(init))
             if c.hires is not None:
-                z = _hires(pipe, p, c, z, cond, uncond, gens, noise, on_step)
+                z = _hires(pipe, p, c, z, clean, size, gens, noise, on_step)
             bar.close()
             pixels = to_uint8(decode_latents(pipe, z, p.tile, notices))
         pixels = canvas.finish(pixels)
@@ -137,16 +137,18 @@ def _watermark(pipe, p: GenerationParams, pixels, notices):
     return np.stack([put_watermark(px, text) for px in pixels])
 
 
-def _refiner(pipe, p, clean, negative, canvas):
-    """(the refiner's guided ε, the switch) for this batch's prompts."""
+def _refiner(pipe, p, clean, size, clock):
+    """(the refiner's guided ε, the switch) for this batch's prompts, on the base model's step clock."""
     r = pipe.refiner
-    rc, ru = conditioning(r, clean, negative, min(p.clip_skip, r.max_clip_skip), size=(canvas.width, canvas.height))
-    return denoiser.build(r, rc, ru, p.scale, tile=p.tile), pipe.refiner_switch
+    conds = prompt_conds(r, clean, p.negative_prompt, p.steps, guidance=p.scale != 1.0,
+                         clip_skip=min(p.clip_skip, r.max_clip_skip), size=size, clock=clock)
+    return denoiser.build(r, conds, None, p.scale, tile=p.tile), pipe.refiner_switch
 
 
-def _hires(pipe, p, c, z, cond, uncond, gens, noise, callback):
-    """Upscale a finished latent to the hires size and re-render it there (A1111's hires fix). `callback` sees
-    this pass's steps counted from 0 again (the server's progress counts the two passes)."""
+def _hires(pipe, p, c, z, clean, size, gens, noise, callback):
+    """Upscale a finished latent to the hires size and re-render it there (A1111's hires fix), with the prompts'
+    schedules of that pass. `callback` sees this pass's steps counted from 0 again (the server's progress counts
+    the two passes)."""
     w, h = c.hires
     lat = (h // pipe.cfg.downscale, w // pipe.cfg.downscale)
     if p.hires_upscaler == "latent":
@@ -156,9 +158,13 @@ def _hires(pipe, p, c, z, cond, uncond, gens, noise, callback):
         big = np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.LANCZOS)) for x in px])
         init = encode_images(pipe, to_model_input(big), tile=p.tile).float()
     start = randn((z.shape[1], *lat), gens, pipe.device)
-    eps = denoiser.build(pipe, cond, uncond, p.scale, tile=p.tile)
-    return sample(c.spec, eps, start, disc=pipe.discrete, schedule=c.schedule, steps=p.hires_steps or p.steps,
-                  eta=c.eta, s_noise=p.s_noise, noise=noise, callback=callback, init=init, strength=p.hires_strength)
+    steps, clock = p.hires_steps or p.steps, Clock()
+    conds = prompt_conds(pipe, clean, p.negative_prompt, p.steps, guidance=p.scale != 1.0, clip_skip=p.clip_skip,
+                         size=size, clock=clock, hires_steps=steps)
+    eps = denoiser.build(pipe, conds, None, p.scale, tile=p.tile)
+    return sample(c.spec, eps, start, disc=pipe.discrete, schedule=c.schedule, steps=steps, eta=c.eta,
+                  s_noise=p.s_noise, noise=noise, callback=clock.ticking(callback), init=init,
+                  strength=p.hires_strength)
 
 
 def _step_callback(pipe, p, bar, hooks: Hooks, seeds):

@@ -12,9 +12,12 @@ from ..prompts import CHUNK, chunk_tokens
 
 @dataclass
 class Cond:
-    """Text conditioning: the cross-attention context [B, n, C] and, for SDXL, the UNet's vector input [B, adm]."""
+    """Text conditioning: the cross-attention context [B, n, C] and, for SDXL, the UNet's vector input [B, adm];
+    in a model call, `images` [B] says which image of the batch each row denoises (for per-image inputs such as an
+    inpainting model's extra channels; None: row i is image i)."""
     context: torch.Tensor
     vector: torch.Tensor | None = None
+    images: torch.Tensor | None = None
 
 
 @torch.no_grad()
