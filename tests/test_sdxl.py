@@ -129,9 +129,32 @@ def test_refiner_runs_the_last_steps(tiny_xl, tiny_refiner, tmp_path):
     assert "Refiner: tinyrefiner" in refined.infotexts[0]
     with pytest.raises(Exception, match="between 0 and 1"):
         pipe.set_refiner(ref, 1.5)
-    # img2img does not run the refiner: refused, never silently ignored
-    with pytest.raises(Exception, match="refiner runs in txt2img only"):
-        pipe.img2img("a red circle", Image.new("RGB", (64, 64), "blue"), **kw)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_refiner_in_img2img_switches_at_the_same_noise_level(tiny_xl, tiny_refiner, sampler):
+    """img2img at strength 0.5 of 8 steps runs steps 4-7 of the schedule; a switch at 0.75 leaves 4-5 to the base
+    model and 6-7 to the refiner, exactly the steps txt2img would give the refiner. A switch at 0.25 lies before
+    the first step that runs: the refiner runs them all."""
+    pipe, ref = pipe_for(tiny_xl), pipe_for(tiny_refiner)
+    init = Image.new("RGB", (64, 64), "blue")
+    kw = dict(steps=8, sampler=sampler, cfg_scale=5.0, width=64, height=64, seed=3, strength=0.5)
+    base = pipe.img2img("a red circle", init, **kw)
+    seen = []
+    pipe.set_refiner(ref, 0.75)
+    refined = pipe.img2img("a red circle", init, callback=lambda i, n, x, x0: seen.append((i, n)), **kw)
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert "Refiner: tinyrefiner" in refined.infotexts[0] and "Refiner switch at: 0.75" in refined.infotexts[0]
+    assert not torch.allclose(refined.latents, base.latents, atol=1e-3)
+    ref_steps = []
+    pipe.set_refiner(pipe, 0.75)  # the base model as its own refiner: the split must change nothing
+    same = pipe.img2img("a red circle", init, **kw)
+    torch.testing.assert_close(same.latents, base.latents, atol=1e-5, rtol=0)
+    pipe.set_refiner(ref, 0.25)
+    only_refiner = pipe.img2img("a red circle", init, callback=lambda i, n, x, x0: ref_steps.append(i), **kw)
+    assert ref_steps == [0, 1, 2, 3]
+    assert not torch.allclose(only_refiner.latents, refined.latents, atol=1e-3)
+    pipe.set_refiner(None)
 
 
 def test_refiner_cli(tiny_xl, tiny_refiner, tmp_path, capsys):

@@ -47,7 +47,7 @@ class Pipeline:
         self.lora_dir = None  # where <lora:name:w> tags are looked up
         self.embeddings_dir = None  # textual-inversion files, used in prompts by file name
         self._lora_cache, self._lora_applied, self._lora_backup, self._emb_cache = {}, (), {}, {}
-        self.refiner = None  # a second Pipeline that finishes txt2img's last steps (SDXL refiner)
+        self.refiner = None  # a second Pipeline that finishes the last steps (SDXL refiner)
         self.refiner_switch = 0.8
         self.offloader = None  # see `offload`
         self.deepcache = None  # (interval, depth): see `set_deepcache`
@@ -183,7 +183,8 @@ class Pipeline:
         self.safety_checker = load_safety_checker(path, self.device, self.dtype)
 
     def set_refiner(self, refiner: Pipeline | None, switch: float = 0.8) -> None:
-        """txt2img hands the latent to `refiner` after `switch` of the steps (A1111's "Refiner switch at")."""
+        """Generation hands the latent to `refiner` after `switch` of the steps (A1111's "Refiner switch at"); in
+        img2img at the same step of the whole schedule, so at the same noise level."""
         if refiner is not None:
             if not 0.0 <= switch <= 1.0:
                 raise KilnError(f"refiner switch must be between 0 and 1, got {switch}")

@@ -167,9 +167,6 @@ def _check_img2img(p, pipe):
         raise KilnError(f"inpaint area must be whole or masked, not {p.inpaint_area!r}")
     if p.hires_scale is not None:
         raise KilnError("hires fix is for txt2img; for img2img, ask for the larger size directly")
-    if pipe.refiner is not None:
-        raise KilnError("the refiner runs in txt2img only; refine an image with an img2img run on the refiner "
-                        "model itself")
 
 
 def _variation(p, cfg):
@@ -227,8 +224,8 @@ def record(p: GenerationParams, c: Checked, pipe, width: int, height: int, maske
     if p.mode == "txt2img":
         out.update(hires_scale=p.hires_scale, hires_upscaler=p.hires_upscaler, hires_steps=p.hires_steps,
                    hires_strength=p.hires_strength)
-        if pipe.refiner is not None:
-            out.update(refiner=pipe.refiner.info.path, refiner_switch=pipe.refiner_switch)
+    if pipe.refiner is not None:
+        out.update(refiner=pipe.refiner.info.path, refiner_switch=pipe.refiner_switch)
     return out
 
 

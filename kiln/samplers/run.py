@@ -36,12 +36,13 @@ def sample(spec, eps_fn, x, *, disc, schedule, steps, eta, s_noise, noise, callb
     1 = keep `init`) keeps the init where it is 1: DDIM/PLMS blend the re-noised init in before every step
     (CompVis), the other samplers see a denoiser whose estimate is the init there; both return the init there.
 
-    `refiner` = (ε of a second model, switch): this model runs the first `switch` fraction of the steps and the
-    second one the rest, from the same noisy latent (SDXL's base + refiner)."""
+    `refiner` = (ε of a second model, switch): this model runs the steps before `switch` of the whole schedule and
+    the second one the rest, from the same noisy latent (SDXL's base + refiner). The switch sits at the same step
+    (noise level) in img2img as in txt2img: an img2img run that starts past it is the refiner's alone."""
     split = None
     if refiner is not None:
         ref_eps, switch = refiner
-        split = min(steps, max(0, round(switch * steps)))  # steps run by this model
+        split = min(steps, max(0, round(switch * steps)))  # steps of the whole schedule run by this model
         if split == steps:
             refiner = None
     if spec.kind == "eps":
@@ -49,22 +50,24 @@ def sample(spec, eps_fn, x, *, disc, schedule, steps, eta, s_noise, noise, callb
                            known_mask, refiner and (ref_eps, split))
     sigmas = get_sigmas(disc, schedule, steps)
     denoise = discrete_denoiser(eps_fn, disc)
+    skipped = 0  # steps of the schedule img2img leaves out
     if init is not None and strength < 1.0:
         t_enc = int(strength * steps)
         if t_enc == 0:
             return init
-        sigmas = sigmas[steps - t_enc:]
+        skipped = steps - t_enc
+        sigmas = sigmas[skipped:]
         x = init + x * float(sigmas[0])
     else:
         x = x * float(sigmas[0])
-    if known_mask is not None:
-        denoise = keeping(denoise, known_mask, init)
+    keep = (lambda d: keeping(d, known_mask, init)) if known_mask is not None else (lambda d: d)
     kw = dict(noise=noise, eta=eta, s_noise=s_noise)
     if refiner is None:
-        return spec.fn(denoise, x, sigmas, callback=callback, **kw)
+        return spec.fn(keep(denoise), x, sigmas, callback=callback, **kw)
+    split, total = max(0, split - skipped), len(sigmas) - 1
     if split:
-        x = spec.fn(denoise, x, sigmas[:split + 1], callback=_staged(callback, 0, steps), **kw)
-    return spec.fn(discrete_denoiser(ref_eps, disc), x, sigmas[split:], callback=_staged(callback, split, steps),
+        x = spec.fn(keep(denoise), x, sigmas[:split + 1], callback=_staged(callback, 0, total), **kw)
+    return spec.fn(keep(discrete_denoiser(ref_eps, disc)), x, sigmas[split:], callback=_staged(callback, split, total),
                    **kw)
 
 
@@ -74,9 +77,9 @@ def _sample_eps(spec, eps_fn, x, disc, schedule, steps, eta, noise, callback, in
     ac = disc.alphas_cumprod.float()
     known = Known(known_mask, init, ac.to(x.device), noise) if known_mask is not None else None
     discretize = COMPVIS_DISCRETIZE[schedule]
+    ts = ddim_timesteps(steps, len(ac), discretize)
     start = None
     if init is not None and strength < 1.0:
-        ts = ddim_timesteps(steps, len(ac), discretize)
         start = int(strength * len(ts))
         if start == 0:
             return init
@@ -86,7 +89,9 @@ def _sample_eps(spec, eps_fn, x, disc, schedule, steps, eta, noise, callback, in
     if refiner is None:
         return spec.fn(eps_fn, x, ac, steps, callback=callback, start=start, **kw)
     ref_eps, split = refiner
-    stop = len(ddim_timesteps(steps, len(ac), discretize)) - split
-    if split:
-        x = spec.fn(eps_fn, x, ac, steps, callback=_staged(callback, 0, steps), start=start, stop=stop, **kw)
-    return spec.fn(ref_eps, x, ac, steps, callback=_staged(callback, split, steps), start=stop, **kw)
+    first = len(ts) if start is None else start  # the sub-steps run, from first - 1 down to 0
+    stop = min(len(ts) - split, first)  # the refiner runs sub-steps stop - 1 … 0
+    base_steps = first - stop
+    if base_steps:
+        x = spec.fn(eps_fn, x, ac, steps, callback=_staged(callback, 0, first), start=start, stop=stop, **kw)
+    return spec.fn(ref_eps, x, ac, steps, callback=_staged(callback, base_steps, first), start=stop, **kw)
