@@ -166,6 +166,11 @@ def test_refiner_cli(tiny_xl, tiny_refiner, tmp_path, capsys):
     assert "Refiner: tinyrefiner" in text and "Refiner switch at: 0.75" in text
     assert main(args + ["--refiner", str(tmp_path / "missing.safetensors")]) == 1
     assert "no such file" in capsys.readouterr().err
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "init.png")
+    img2img = ["img2img" if a == "txt2img" else a for a in args] + ["--init-img", str(tmp_path / "init.png")]
+    assert main(img2img + ["--outdir", str(tmp_path / "i2i"), "--refiner", str(tiny_refiner)]) == 0
+    text = Image.open(tmp_path / "i2i" / "samples" / "00000.png").text["parameters"]
+    assert "Refiner: tinyrefiner" in text and "Denoising strength" in text
 
 
 def test_kohya_sdxl_lora_reaches_both_text_encoders_and_the_fused_qkv(tiny_xl, tmp_path):

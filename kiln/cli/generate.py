@@ -132,13 +132,13 @@ def _hires_flags(p):
                    help="steps of the second pass (default: --ddim_steps)")
     p.add_argument("--hires-strength", dest="hires_strength", type=float, default=0.7,
                    help="denoising strength of the second pass")
+
+
+def _model_flags(p):
     p.add_argument("--refiner", type=str, default=None,
                    help="a second checkpoint (the SDXL refiner) that runs the last steps")
     p.add_argument("--refiner-switch", dest="refiner_switch", type=float, default=0.8,
                    help="fraction of the steps the main model runs before the refiner takes over")
-
-
-def _model_flags(p):
     p.add_argument("--config", type=str, default=None, help=f"CompVis model yaml (default: detected from the "
                                                             f"weights; {COMPVIS_CONFIG} is used when present)")
     p.add_argument("--ckpt", type=str, default=None,
