@@ -112,7 +112,7 @@ def test_xyz_value_syntax(kind, text, want):
     (xyz_args(x=(7, "purple,blue")), "in neither the prompt nor the negative prompt"),
     (xyz_args(x=(9, "Euler,Nonsense")), "unknown sampler"),
     (xyz_args(x=(5, "2,3")), "hires fix, which this request does not use"),
-    (xyz_args(x=(4, "1-40")), "would make 40 images"),
+    (xyz_args(x=(4, "1-40")), "would render 40 images"),
     (xyz_args(x=(11, "nowhere.safetensors")), "unknown checkpoint"),
     (xyz_args() + [1], "takes 18 arguments"),
 ])

@@ -183,8 +183,8 @@ def check_runs(plan: Plan, env: Env):
         if env.clip_layers is not None and not 1 <= p.clip_skip <= env.clip_layers:
             raise KilnError(f"clip skip must be between 1 and {env.clip_layers}, got {p.clip_skip}")
     if b.max_images is not None and images > b.max_images:
-        raise KilnError(f"the script would make {images} images; this server makes at most {b.max_images} "
-                        "per request")
+        raise KilnError(f"the script would render {images} images (its cells, tiles or lines); this server renders "
+                        f"at most {b.max_images} per request")
 
 
 # ---------------------------------------------------------------------------------------------- results
