@@ -198,3 +198,49 @@ def test_unknown_script():
         scripts.prepare("loopback", [], base(), env())
     assert scripts.names("txt2img") == ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]
     assert "sd upscale" in scripts.names("img2img")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def cli(*args):
+    from kiln.cli import main
+
+    return main([*args, "--ddim_steps", "2", "--sampler", "euler", "--precision", "full", "--device", "cpu"])
+
+
+def test_cli_xyz_saves_the_grid_and_the_cells_with_infotexts(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli("txt2img", "--prompt", PROMPT, "--W", "64", "--H", "64", "--seed", "5", "--outdir", str(out),
+               "--xyz", "Steps:2,3", "--xyz", "CFG Scale:5,7.5") == 0
+    grid = Image.open(out / "grid-0000.png")
+    assert grid.size == (176, grid.height) and 'X Values: "2,3"' in grid.info["parameters"]
+    samples = sorted((out / "samples").iterdir())
+    assert len(samples) == 4  # one image per cell: --n_samples and --n_iter default to 1 with a script
+    assert "Steps: 3, " in Image.open(samples[3]).info["parameters"] and "CFG scale: 7.5," in \
+        Image.open(samples[3]).info["parameters"]
+
+
+def test_cli_sd_upscale_and_option_lines_in_from_file(tmp_path, capsys):
+    init = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (20, 90, 200)).save(init)
+    assert cli("img2img", "--init-img", str(init), "--W", "64", "--H", "64", "--sd-upscale", "2", "--overlap", "8",
+               "--outdir", str(tmp_path / "up")) == 0
+    (picture,) = sorted((tmp_path / "up" / "samples").iterdir())
+    assert Image.open(picture).size == (128, 128) and not (tmp_path / "up" / "grid-0000.png").exists()
+    lines = tmp_path / "lines.txt"
+    lines.write_text('a blue square\n--prompt "a red dog" --steps 3 --seed 9\n')
+    assert cli("txt2img", "--from-file", str(lines), "--W", "64", "--H", "64", "--outdir", str(tmp_path / "f")) == 0
+    texts = [Image.open(p).info["parameters"] for p in sorted((tmp_path / "f" / "samples").iterdir())]
+    assert texts[0].startswith("a blue square\n") and texts[1].startswith("a red dog\nSteps: 3,") and \
+        "Seed: 9," in texts[1]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["txt2img", "--xyz", "Steps"], "--xyz wants AXIS:VALUES"),
+    (["txt2img", "--xyz", "Steps:1,2", "--prompt-matrix"], "one script at a time"),
+    (["txt2img", "--xyz", "Sigma Churn:1,2"], "kiln cannot vary 'Sigma Churn' yet"),
+    (["txt2img", "--script", "sd upscale"], "runs in img2img only"),
+])
+def test_cli_script_errors_are_one_line(args, words, tmp_path, capsys):
+    assert cli(*args, "--outdir", str(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err

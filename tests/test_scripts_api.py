@@ -47,7 +47,7 @@ def image(data):
 
 
 def xyz(x_type, x_values, y_type=0, y_values="", lone=True):
-    # A1111 1.10's layout: 3 x (type, values, dropdown), legend, lone images, sub grids, keep -1, vary x/y/z, margin, csv
+    # A1111 1.10: 3 x (type, values, dropdown), legend, lone images, sub grids, keep -1, vary x/y/z, margin, csv
     return [x_type, x_values, [], y_type, y_values, [], 0, "", [], True, lone, False, False, False, False, False, 0,
             False]
 
