@@ -284,7 +284,8 @@ def confirm(axis: Axis, xs: list, base: GenerationParams, env: Env, letter: str)
     elif axis.label == "Size":
         for x in xs:
             _parse_size(x)
-    if env.mode == "txt2img" and base.hires_scale is None and axis.label in ("Hires steps", "Denoising"):
+    if env.mode == "txt2img" and base.hires_scale is None and axis.label in ("Hires steps", "Hires upscaler",
+                                                                           "Denoising"):
         raise KilnError(f"{what}: the {axis.label} axis changes the hires fix, which this request does not use")
     return xs
 

@@ -210,7 +210,8 @@ def _script(req: Txt2ImgRequest, mode: str, params: dict, limits: Limits, facts,
     from ..pipeline import GenerationParams
     from .. import scripts
 
-    for name in req.alwayson_scripts or {}:
+    if req.alwayson_scripts:  # a client asking for one expects it to act: refuse rather than ignore it
+        name = next(iter(req.alwayson_scripts))
         raise RequestError(f"alwayson_scripts: {name!r} is not available (kiln has no always-on scripts yet)")
     if not req.script_name:
         if req.script_args:
