@@ -20,7 +20,8 @@ LAYERS = [
      "base: exceptions, torch modules, tokenizer, prompt parsing, samplers, tiling and image helpers"),
     (1, {"checkpoints"}, "reads weight files into the models"),
     (2, {"pipeline", "offload"}, "the generation core: checkpoints, models and samplers put together"),
-    (3, {"output"}, "what becomes of finished images: PNG metadata, grids, file naming, the atomic writer"),
+    (3, {"output", "scripts"}, "what becomes of finished images (PNG metadata, grids, file naming, the atomic "
+     "writer), and A1111's scripts: many generations, their labelled grids"),
     (4, {"demo"}, "the demo model's trainer, analyzer and report, which drive the pipeline"),
     (5, {"server", "distributed", "bench", "compat", "cli", ROOT}, "front ends; kiln/__init__.py is the public API"),
 ]

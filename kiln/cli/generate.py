@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import KilnError
 from .common import PREPACK, add_memory_flags, add_precision_flag, say
+from .scripts import Default, add_script_flags, counts, run_script, script_request
 
 COMPVIS_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 COMPVIS_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
@@ -43,20 +44,22 @@ def txt2img_parser(sub, command="txt2img"):
     _variation_flags(p)
     if command == "txt2img":
         _hires_flags(p)
-    p.add_argument("--n_iter", type=int, default=n_iter, help="sample this often")
+    p.add_argument("--n_iter", type=int, default=Default(n_iter), help="sample this often")
     size_default = "the model's native size, 512 for SD v1" if command == "txt2img" else \
         "the init image's, rounded down to a multiple of 8"
     p.add_argument("--H", type=int, default=None, help=f"image height in pixels (default: {size_default})")
     p.add_argument("--W", type=int, default=None, help=f"image width in pixels (default: {size_default})")
     p.add_argument("--C", type=int, default=None, help="latent channels (default: the model's, 4 for SD v1)")
     p.add_argument("--f", type=int, default=None, help="downsampling factor (default: the model's, 8 for SD v1)")
-    p.add_argument("--n_samples", type=int, default=n_samples, help="how many samples per prompt (batch size)")
+    p.add_argument("--n_samples", type=int, default=Default(n_samples),
+                   help="how many samples per prompt (batch size; 1 with a script unless given)")
     p.add_argument("--n_rows", type=int, default=0, help="rows in the grid (default: n_samples)")
     p.add_argument("--scale", type=float, default=scale, help="classifier-free guidance scale")
     p.add_argument("--from-file", dest="from_file", type=str, help="read prompts from this file, one per line")
     p.add_argument("--seed", type=int, default=42, help="image i of the run uses seed + i")
     _model_flags(p)
     _output_flags(p)
+    add_script_flags(p, command)
     return p
 
 
@@ -389,8 +392,11 @@ def run_txt2img(opt):
     from ..samplers import model_default, parse
 
     png_info = apply_png_parameters(opt) if opt.from_png else None
+    request = script_request(opt)
+    if request is not None:
+        counts(opt)
     loras = check_flags(opt)
-    prompts = read_prompts(opt)
+    prompts = read_prompts(opt) if request is None else [opt.prompt] * opt.n_samples
     out = OutputDir(opt.outdir)
     pipe = load_for(opt)
     params = params_from_cli(opt, prompts, loras)
@@ -401,7 +407,10 @@ def run_txt2img(opt):
     if png_info and png_info.get("Model hash") and png_info["Model hash"] != pipe.model_hash:
         say(f"kiln: note: the image was made with model {png_info.get('Model', '?')} [{png_info['Model hash']}], "
             f"not {pipe.model_name} [{pipe.model_hash}]; the result will differ")
-    render(opt, pipe, params, out)
+    if request is not None:
+        run_script(opt, pipe, params, out, request)
+    else:
+        render(opt, pipe, params, out)
     say(f"Your samples are ready and waiting for you here:\n{out.root}\n\nEnjoy.")
 
 

@@ -46,8 +46,8 @@ class ModelServer:
         self.worker.models.refresh()
         return model_facts(self.worker)
 
-    def run(self, mode: str, params: dict, model: str | None, save: bool):
-        job = self.worker.submit(Job(mode, params, model=model, save=save))
+    def run(self, mode: str, params: dict, model: str | None, save: bool, script=None):
+        job = self.worker.submit(Job(mode, params, model=model, save=save, script=script))
         try:
             seen, preview = -1, -1
             while not job.done_event.wait(0.05):
@@ -62,7 +62,8 @@ class ModelServer:
             yield {"final": True, "state": job.state, "error": job.error, "user_error": job.user_error,
                    "images": job.images, "infotexts": job.infotexts, "seeds": job.seeds, "prompts": job.prompts,
                    "files": job.files, "flagged": job.flagged, "result_params": job.result_params,
-                   "model_title": job.model_title, "step": job.step, "facts": model_facts(self.worker)}
+                   "model_title": job.model_title, "step": job.step, "grids": job.grids,
+                   "facts": model_facts(self.worker)}
         finally:
             if not job.done_event.is_set():  # the ingress cancelled the stream
                 self.worker.cancel(job)
@@ -96,7 +97,7 @@ class RemoteWorker(Worker):
     def _run(self, job: Job):
         # every replica renders with the model chosen here (options / override_settings)
         model = job.model or self.model_title
-        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, job.save)
+        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, job.save, job.script)
         final = None
         for update in stream:
             if job.cancel_event.is_set():
@@ -113,7 +114,7 @@ class RemoteWorker(Worker):
         if final is None:
             raise KilnError("the model deployment ended the job without a result")
         for k in ("images", "infotexts", "seeds", "prompts", "files", "flagged", "result_params", "model_title",
-                  "step"):
+                  "step", "grids"):
             setattr(job, k, final[k])
         if job.mode == "load":
             self._apply(final["facts"])

@@ -181,6 +181,22 @@ def loras(s: Server = Depends(server)):
             for p in sorted(root.rglob("*")) if p.suffix in LORA_SUFFIXES and p.is_file()]
 
 
+@router.get("/scripts")
+def scripts_list():
+    """The scripts `script_name` may name, lowercase as A1111 lists them."""
+    from .. import scripts
+
+    return {"txt2img": scripts.names("txt2img"), "img2img": scripts.names("img2img")}
+
+
+@router.get("/script-info")
+def script_info():
+    """Each script per mode with its `script_args` in order: label, default value, range, choices."""
+    from .. import scripts
+
+    return scripts.info()
+
+
 @router.get("/prompt-styles")
 def prompt_styles():
     return []

@@ -54,6 +54,9 @@ class Txt2ImgRequest(BaseModel):
     send_images: bool | None = True
     save_images: bool | None = False
     force_task_id: str | None = None
+    script_name: str | None = None  # one of GET /sdapi/v1/scripts (case-insensitive), run with script_args
+    script_args: list[Any] | None = None
+    alwayson_scripts: dict[str, Any] | None = None  # none is implemented yet: only {} is accepted
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -198,7 +201,37 @@ def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, facts, options: dict,
             _hires(req, params, limits, unit, facts)
     else:
         _img2img(req, params, limits)
-    return Job(mode, params, model=model, save=bool(req.save_images))
+    plan = _script(req, mode, params, limits, facts, models)
+    return Job(mode, params, model=model, save=bool(req.save_images), script=plan)
+
+
+def _script(req: Txt2ImgRequest, mode: str, params: dict, limits: Limits, facts, models):
+    """The request's A1111 script, checked and planned (`kiln.scripts`), or None."""
+    from ..pipeline import GenerationParams
+    from .. import scripts
+
+    if req.alwayson_scripts:  # a client asking for one expects it to act: refuse rather than ignore it
+        name = next(iter(req.alwayson_scripts))
+        raise RequestError(f"alwayson_scripts: {name!r} is not available (kiln has no always-on scripts yet)")
+    if not req.script_name:
+        if req.script_args:
+            raise RequestError("script_args: given without a script_name")
+        return None
+
+    def find_model(name):
+        entry = models.find(name) if models is not None and isinstance(name, str) else None
+        return entry.title if entry is not None else None
+
+    bounds = scripts.Bounds(max_steps=limits.max_steps, max_size=limits.max_size,
+                            max_batch_size=limits.max_batch_size, max_n_iter=limits.max_n_iter,
+                            max_images=limits.max_batch_size * limits.max_n_iter,
+                            max_pixels=limits.max_image_pixels)
+    env = scripts.Env(mode, facts.native_size, facts.size_unit, facts.clip_layers, bounds, find_model,
+                      seed_random=req.seed in (None, -1))
+    try:
+        return scripts.prepare(req.script_name, req.script_args, GenerationParams.make(**params), env)
+    except KilnError as e:
+        raise RequestError(f"{req.script_name}: {e}" if not str(e).startswith("Script '") else str(e)) from None
 
 
 def _hires(req, params, limits, unit, facts):
@@ -288,7 +321,7 @@ def info_json(job: Job, req: Txt2ImgRequest, facts, model_title: str | None) -> 
         "seed_resize_from_w": (p.get("seed_resize_from") or (-1, -1))[0],
         "seed_resize_from_h": (p.get("seed_resize_from") or (-1, -1))[1],
         "denoising_strength": p.get("strength", p.get("hires_strength")), "extra_generation_params": {},
-        "index_of_first_image": 0, "infotexts": job.infotexts, "styles": req.styles or [],
+        "index_of_first_image": job.grids, "infotexts": job.infotexts, "styles": req.styles or [],
         "job_timestamp": _timestamp(job.created), "clip_skip": p["clip_skip"],
         "is_using_inpainting_conditioning": facts.inpainting,
         "version": f"kiln {__version__}", "kiln_job_id": job.id, "kiln_state": job.state,

@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -61,6 +62,7 @@ class Job:
     params: dict  # pipeline keyword arguments, plus prompt/seed/n_iter/batch_size (see `Worker._generate`)
     model: str | None = None  # a model title to switch to first (override_settings / options)
     save: bool = False
+    script: Any = None  # a prepared A1111 script (`kiln.scripts.Plan`) that makes the images instead
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     created: float = field(default_factory=time.time)
     state: str = "queued"
@@ -74,6 +76,7 @@ class Job:
     sampling_step: int = 0
     sampling_steps: int = 0
     images: list = field(default_factory=list)  # PNG bytes, each with its infotext
+    grids: int = 0  # how many of the images are grids (a script's, first)
     infotexts: list = field(default_factory=list)
     seeds: list = field(default_factory=list)
     prompts: list = field(default_factory=list)
@@ -106,7 +109,7 @@ class Job:
                 "eta": None if self.eta() is None else round(self.eta(), 2), "created": self.created,
                 "started": self.started, "finished": self.finished, "error": self.error,
                 "images": len(self.images), "seeds": list(self.seeds), "infotexts": list(self.infotexts),
-                "files": list(self.files), "model": self.model_title}
+                "files": list(self.files), "model": self.model_title, "grids": self.grids}
 
 
 
@@ -385,14 +388,10 @@ class Worker:
             return
         self._generate(job)
 
-    def _generate(self, job: Job):
-        pipe = self.pipe
-        kw = dict(job.params)
-        mode = job.mode
-        n_iter, batch_size, seed = kw.pop("n_iter"), kw["batch_size"], kw.pop("seed")
-        prompt = kw.pop("prompt")
-        init = kw.pop("init_image", None)
-        phases = 2 if kw.get("hires_scale") else 1
+    def _watch(self, job: Job, pipe, params: dict, fraction):
+        """The step callback (progress as `fraction(part of this generation done)` says, cancel, skip) and
+        previews for a generation with `params`; returns the hook keywords and a reset for the next one."""
+        phases = 2 if params.get("hires_scale") else 1
         state = {"phase": 0, "last": -1}
 
         def on_step(i, total, x, pred_x0):
@@ -401,8 +400,7 @@ class Worker:
             state["last"] = i
             job.step += 1
             job.sampling_step, job.sampling_steps = i + 1, total
-            frac = (state["phase"] + (i + 1) / total) / phases
-            job.progress = min(0.999, (job.batch_no + frac) / n_iter)
+            job.progress = min(0.999, fraction((state["phase"] + (i + 1) / total) / phases))
             job.version += 1
             if job.cancel_event.is_set():
                 raise Interrupted
@@ -414,12 +412,25 @@ class Worker:
             job.preview_step = job.step
             job.version += 1
 
-        lat = (kw.get("width") or pipe.native_size) * (kw.get("height") or pipe.native_size) // pipe.cfg.downscale ** 2
-        common = dict(callback=on_step, preview_every=self.preview_every, on_preview=on_preview,
-                      preview_full=lat <= 32 * 32)  # small latents: the real decoder is cheap enough per step
+        w, h = params.get("width") or pipe.native_size, params.get("height") or pipe.native_size
+        lat = w * h // pipe.cfg.downscale ** 2
+        hooks = dict(callback=on_step, preview_every=self.preview_every, on_preview=on_preview,
+                     preview_full=lat <= 32 * 32)  # small latents: the real decoder is cheap enough per step
+        return hooks, lambda: state.update(phase=0, last=-1)
+
+    def _generate(self, job: Job):
+        if job.script is not None:
+            return self._run_script(job)
+        pipe = self.pipe
+        kw = dict(job.params)
+        mode = job.mode
+        n_iter, batch_size, seed = kw.pop("n_iter"), kw["batch_size"], kw.pop("seed")
+        prompt = kw.pop("prompt")
+        init = kw.pop("init_image", None)
+        common, reset = self._watch(job, pipe, kw, lambda frac: (job.batch_no + frac) / n_iter)
         for k in range(n_iter):
             job.batch_no = k
-            state.update(phase=0, last=-1)
+            reset()
             job.skip_event.clear()
             args = dict(kw, seed=seed + k * batch_size, n_iter=1, **common)
             try:
@@ -431,9 +442,46 @@ class Worker:
                 continue
             except Interrupted:
                 break
+        self._log_notices(job, pipe)
+
+    def _log_notices(self, job: Job, pipe):
         for note in dict.fromkeys(pipe.notices + job.notices):
             log.info("%s", note)
         pipe.notices.clear()
+
+    def _run_script(self, job: Job):
+        """An A1111 script: its generations in turn (a checkpoint it names loaded for them, the job's model put
+        back after), then its grids and images in A1111's order. A skip stops a script as an interrupt does."""
+        from ..pipeline import Hooks
+        from ..scripts import Runner, run
+
+        first = self.entry
+
+        def load_model(name):
+            entry = self.models.find(name)
+            if entry is None:
+                raise KilnError(f"unknown checkpoint {name!r}; GET /sdapi/v1/sd-models lists them")
+            self._switch(entry)
+            return self.pipe
+
+        def on_run(i, n):
+            job.batch_no = i
+            reset()
+
+        runner = Runner(self.pipe, None, load_model, on_run)
+        common, reset = self._watch(job, self.pipe, job.params, lambda frac: (runner.done + frac) / runner.total)
+        runner.hooks = Hooks(**common)
+        try:
+            output = run(job.script, runner)
+        except Skipped:
+            raise Interrupted from None
+        finally:
+            if self.entry is not first:
+                self._switch(first)
+        for result in output.results:
+            self._collect(job, result)
+        job.grids = output.grids
+        self._log_notices(job, runner.pipe)
 
     def _collect(self, job: Job, result):
         out = None
