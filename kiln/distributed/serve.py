@@ -46,8 +46,8 @@ class ModelServer:
         self.worker.models.refresh()
         return model_facts(self.worker)
 
-    def run(self, mode: str, params: dict, model: str | None, save: bool):
-        job = self.worker.submit(Job(mode, params, model=model, save=save))
+    def run(self, mode: str, params: dict, model: str | None, save: bool, save_as: tuple = ("png", 80)):
+        job = self.worker.submit(Job(mode, params, model=model, save=save, save_as=tuple(save_as)))
         try:
             seen, preview = -1, -1
             while not job.done_event.wait(0.05):
@@ -96,7 +96,7 @@ class RemoteWorker(Worker):
     def _run(self, job: Job):
         # every replica renders with the model chosen here (options / override_settings)
         model = job.model or self.model_title
-        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, job.save)
+        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, job.save, job.save_as)
         final = None
         for update in stream:
             if job.cancel_event.is_set():

@@ -61,6 +61,8 @@ class Job:
     params: dict  # pipeline keyword arguments, plus prompt/seed/n_iter/batch_size (see `Worker._generate`)
     model: str | None = None  # a model title to switch to first (override_settings / options)
     save: bool = False
+    save_as: tuple = ("png", 80)  # (file type, JPEG/WebP quality) of saved files: the samples_format option
+    styles: list = field(default_factory=list)  # the style names the request asked for (its prompts hold them)
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     created: float = field(default_factory=time.time)
     state: str = "queued"
@@ -106,7 +108,7 @@ class Job:
                 "eta": None if self.eta() is None else round(self.eta(), 2), "created": self.created,
                 "started": self.started, "finished": self.finished, "error": self.error,
                 "images": len(self.images), "seeds": list(self.seeds), "infotexts": list(self.infotexts),
-                "files": list(self.files), "model": self.model_title}
+                "files": list(self.files), "model": self.model_title, "styles": list(self.styles)}
 
 
 
@@ -223,6 +225,7 @@ class Worker:
         self.entry: ModelEntry | None = None
         self._init_queue()
         self._switch(models.entry_for(first_model))
+        self.options["sd_model_checkpoint"] = self.model_title
         self.start_threads(1)
 
     def _init_queue(self):
@@ -230,8 +233,9 @@ class Worker:
         self.queue: deque[Job] = deque()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.running: list[Job] = []  # one job here; a Ray Serve ingress dispatches several at once
-        self.options = {"CLIP_stop_at_last_layers": 1, "return_grid": False, "samples_format": "png",
-                        "eta_noise_seed_delta": 0, "sd_vae": "Automatic", "randn_source": "CPU"}
+        from .options import defaults
+
+        self.options = defaults()  # A1111's settings (options.py); "sd_model_checkpoint": the model jobs run on
         self._durations = deque(maxlen=20)
         self._stopping = False
 
@@ -439,7 +443,7 @@ class Worker:
         out = None
         if job.save and self.outdir:
             from ..output import OutputDir
-            from ..output.pnginfo import pnginfo_for
+            from ..output.pnginfo import encode_image, pnginfo_for
 
             out = OutputDir(self.outdir)
         for pixels, text, seed, prompt, flagged in itertools.zip_longest(
@@ -451,7 +455,9 @@ class Worker:
             job.prompts.append(prompt)
             job.flagged.append(bool(flagged))
             if out is not None:
-                path = out.save_sample(image, pnginfo_for("a1111", text, {}))
+                fmt, quality = job.save_as
+                path = (out.save_sample(image, pnginfo_for("a1111", text, {})) if fmt == "png" else
+                        out.save_sample(image, encoded=encode_image(image, fmt, quality, text)))
                 job.files.append(str(path.relative_to(out.root)))
         job.result_params = result.params
         job.notices = result.notices  # all of the request's so far
