@@ -77,3 +77,43 @@ def test_old_text_column_and_empty_file(tmp_path):
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     assert StyleTable.read(empty).names == []
+
+
+# ---------------------------------------------------------------------- the CLI
+def cli(tmp_path, *args):
+    from kiln.cli import main
+    from kiln.demo.report import EMBEDDED
+
+    return main(["txt2img", "--ckpt", str(EMBEDDED), "--outdir", str(tmp_path / "out"), "--ddim_steps", "2",
+                 "--n_samples", "1", "--n_iter", "1", "--skip_grid", "--prompt", "a cat", *args])
+
+
+def test_cli_styles_reach_the_infotext(styles_csv, tmp_path):
+    from kiln.output import read_parameters
+
+    assert cli(tmp_path, "--styles-file", str(styles_csv), "--style", "Oil", "--style", "Sharp",
+               "--negative-prompt", "ugly") == 0
+    info = read_parameters(str(tmp_path / "out" / "samples" / "00000.png"))
+    assert info["prompt"] == "oil painting of a cat, thick brush, sharp focus, 8k"
+    assert info["negative_prompt"] == "ugly, blurry, lowres, jpeg artifacts"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--style", "Oil"], "--style needs --styles-file"),
+    (["--styles-file", "STYLES", "--style", "Nope"], "--style: unknown style 'Nope'; the styles are: 'Oil'"),
+    (["--styles-file", "/nonexistent.csv"], "styles file /nonexistent.csv: no such file"),
+])
+def test_cli_bad_styles_are_one_line(styles_csv, tmp_path, capsys, args, words):
+    assert cli(tmp_path, *[str(styles_csv) if a == "STYLES" else a for a in args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "samples").exists() or not list((tmp_path / "out" / "samples").iterdir())
+
+
+def test_serve_refuses_a_bad_styles_file_before_loading(tmp_path, capsys):
+    from kiln.cli import main
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("title\nx\n")
+    assert main(["serve", "--styles-file", str(bad)]) == 1
+    assert "needs the columns name, prompt" in capsys.readouterr().err
