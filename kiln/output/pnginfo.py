@@ -41,17 +41,26 @@ def encode_image(image: Image.Image, fmt: str, quality: int = 80, infotext: str 
     JPEG or WebP at `quality` with the parameters in EXIF UserComment."""
     if fmt == "png":
         return png_bytes(image, infotext), "png"
-    exif = Image.Exif()
-    if infotext:
-        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = UNICODE + infotext.encode("utf-16-be")
+    exif = _exif_user_comment(infotext) if infotext else b""
     buf = io.BytesIO()
     if fmt == "jpg":
-        image.convert("RGB").save(buf, format="JPEG", quality=quality, exif=exif.tobytes())
+        image.convert("RGB").save(buf, format="JPEG", quality=quality, exif=exif)
     elif fmt == "webp":
-        image.save(buf, format="WEBP", quality=quality, exif=exif.tobytes())
+        image.save(buf, format="WEBP", quality=quality, exif=exif)
     else:
         raise KilnError(f"image format must be png, jpg or webp, not {fmt!r}")
     return buf.getvalue(), fmt
+
+
+def _exif_user_comment(text: str) -> bytes:
+    """An EXIF block holding only UserComment (type UNDEFINED, as piexif writes it and A1111 reads it back):
+    a little-endian TIFF with IFD0 pointing to the Exif IFD."""
+    import struct
+
+    data = UNICODE + text.encode("utf-16-be")
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHII", EXIF_IFD, 4, 1, 26) + struct.pack("<I", 0)
+    exif_ifd = struct.pack("<H", 1) + struct.pack("<HHII", USER_COMMENT, 7, len(data), 44) + struct.pack("<I", 0)
+    return b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd0 + exif_ifd + data
 
 
 def exif_comment(image: Image.Image) -> str | None:

@@ -53,6 +53,7 @@ def _sampler(req):
     return req.sampler_name or req.sampler_index
 
 
+NO_REFINER = (None, "", "None")
 NO_CHURN = "kiln's samplers take no churn (s_churn, s_tmin, s_tmax); leave them at 0"
 SCRIPTS = "scripts are not supported yet"
 OLD_HIRES = "the old hires fix's first-pass size is not supported: send width/height with enable_hr and hr_scale or " \
@@ -64,9 +65,10 @@ REFUSED = {
     "s_tmin": Refused((None, 0), NO_CHURN),
     "s_tmax": Refused((None, 0), NO_CHURN),
     "s_min_uncond": Refused((None, 0), "skipping the negative prompt at low noise (NGMS) is not implemented"),
-    "refiner_checkpoint": Refused((None, "", "None"), "a refiner per request is not supported"),
+    "refiner_checkpoint": Refused(NO_REFINER, "a refiner per request is not supported"),
     "refiner_switch_at": Refused((None,), "a refiner per request is not supported",
-                                 same_as=lambda r: r.refiner_switch_at if not r.refiner_checkpoint else None,
+                                 same_as=lambda r: r.refiner_switch_at if r.refiner_checkpoint in NO_REFINER
+                                 else None,
                                  also=", or any value without refiner_checkpoint (as A1111)"),
     "disable_extra_networks": Refused((None, False), "kiln always applies <lora:…> tags; leave them out of the "
                                       "prompt instead"),

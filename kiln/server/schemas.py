@@ -300,6 +300,8 @@ def _hires(req, params, limits, unit, facts):
 def _img2img(req: Img2ImgRequest, params, limits):
     if not req.init_images:
         raise RequestError("init_images: at least one image is needed", 422)
+    if len(req.init_images) > 1:  # A1111 would make a batch of them: one image each
+        raise RequestError(f"init_images: kiln takes one init image per request, got {len(req.init_images)}")
     init = decode_image(req.init_images[0], limits, "init_images[0]")
     if req.resize_mode not in RESIZE:
         raise RequestError(f"resize_mode must be 0, 1, 2 or 3, got {req.resize_mode}")
