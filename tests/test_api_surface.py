@@ -398,3 +398,13 @@ def test_extras_keep_the_text_chunks_and_batch(client):
 def test_extras_refusals(client, kw, words):
     r = client.post("/sdapi/v1/extra-single-image", json={"image": b64(SOURCE), **kw})
     assert r.status_code == 422 and words in r.json()["detail"], r.text
+
+
+def test_docs_list_every_ui_only_and_refused_field_and_every_setting():
+    from pathlib import Path
+
+    from kiln.server.options import OPTIONS
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "server.md").read_text()
+    missing = [n for n in [*UI_ONLY, *REFUSED, *OPTIONS] if f"`{n}`" not in text]
+    assert not missing, f"docs/server.md does not mention {missing}"
