@@ -41,7 +41,7 @@ class Refused:
     accepted: tuple  # the values that do nothing (what clients send when they do not use the feature)
     why: str
     same_as: Callable[[Any], Any] | None = None  # also a no-op: the value this request field already has
-    also: str = ", or the same as the first pass'"  # what `same_as` accepts, in words
+    also: str = ", or the first pass' own value"  # what `same_as` accepts, in words
 
     def is_noop(self, value, req) -> bool:
         if any(value == a and type(value) is not bool or value is a for a in self.accepted):
@@ -98,7 +98,7 @@ REFUSED = {
 }
 
 
-def _show(values) -> str:
+def show(values) -> str:
     return " or ".join("null" if v is None else repr(v).lower() if isinstance(v, bool) else repr(v)
                        for v in values)
 
@@ -110,7 +110,7 @@ def check_fields(req, mode: str):
         raise RequestError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not part of "
                            f"A1111's {mode} request")
     fields = type(req).model_fields
-    bad = [f"{name}: {r.why} (accepted: {_show(r.accepted)}{r.also if r.same_as else ''})"
+    bad = [f"{name}: {r.why} (accepted: {show(r.accepted)}{r.also if r.same_as else ''})"
            for name, r in REFUSED.items() if name in fields and not r.is_noop(getattr(req, name), req)]
     if bad:
         raise RequestError("; ".join(bad))

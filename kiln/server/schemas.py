@@ -18,7 +18,7 @@ from ..errors import KilnError
 from ..samplers import SAMPLERS, parse
 from ..styles import StyleTable
 from .context import RequestError
-from .fields import REFUSED, UI_ONLY, check_fields
+from .fields import REFUSED, UI_ONLY, check_fields, show
 from .options import Context, validate
 from .worker import Job, Limits
 
@@ -27,7 +27,8 @@ def _refused(default, name: str):
     """A field accepted only at a value that does nothing: its accepted values in the schema (so generated and
     documented requests stay valid), the reason in its description (fields.REFUSED)."""
     r = REFUSED[name]
-    return Field(default=default, description=f"only {', '.join(map(str, r.accepted))}: {r.why}",
+    return Field(default=default, description=f"accepted: {show(r.accepted)}{r.also if r.same_as else ''}; "
+                                              f"any other value is refused (422): {r.why}",
                  json_schema_extra={"enum": list(r.accepted)} if r.same_as is None else None)
 
 
