@@ -175,3 +175,20 @@ def test_and_with_weight_0_equals_the_other_side_alone(pipe):
     assert np.abs(alone.astype(int) - both.astype(int)).max() <= 1
     counts, _ = _colors(pipe, PROMPT_RED + " AND " + PROMPT_BLUE)
     assert counts["red"] + counts["blue"] <= 0.5 * SEEDS, counts  # both guide: a blend again
+
+
+def test_rows_split_into_as_few_calls_as_memory_allows():
+    """On running out of GPU memory, the batched rows go through in halves (and halves of those) — same output."""
+    calls = []
+
+    def call(x, t, c):
+        calls.append(x.shape[0])
+        if x.shape[0] > 2:
+            raise torch.OutOfMemoryError("too many rows")
+        return x * 2 + c.context[:, :1, :1, None]
+
+    x = torch.randn(5, 4, 2, 2)
+    c = Cond(torch.arange(5.0).view(5, 1, 1), None, torch.tensor([0, 1, 0, 0, 1]))
+    out = denoiser.call_rows(call, x, 1.0, c, "cpu")
+    torch.testing.assert_close(out, x * 2 + torch.arange(5.0).view(5, 1, 1, 1))
+    assert calls == [5, 2, 3, 1, 2]

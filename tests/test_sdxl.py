@@ -255,3 +255,47 @@ def test_from_png_takes_the_refiner_switch(tiny_xl, tiny_refiner, tmp_path, caps
     assert "pass --refiner FILE" in capsys.readouterr().err
     assert main(again + ["--refiner", str(tiny_refiner)]) == 0
     assert np.array_equal(np.asarray(Image.open(out / "samples" / "00002.png")), first)  # switch 0.5 from the PNG
+
+
+def test_refiner_through_the_a1111_api(tiny_xl, tiny_refiner, tmp_path):
+    """`refiner_checkpoint` + `refiner_switch_at` (A1111 1.6+) in txt2img and img2img requests: the refiner runs
+    for that request only; unknown or incompatible refiners answer 422."""
+    import base64
+    import io
+    import shutil
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from kiln.demo.report import EMBEDDED
+    from kiln.server import ServerConfig, create_app
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(tiny_refiner, models / "tinyrefiner.safetensors")
+    shutil.copy(EMBEDDED, models / "demo.safetensors")
+    app = create_app(ServerConfig(ckpt=str(tiny_xl), ckpt_dir=str(models), precision="full"))
+    try:
+        client = TestClient(app)
+        body = {"prompt": "a red circle", "steps": 4, "width": 64, "height": 64, "seed": 3, "sampler_name": "Euler"}
+        info = lambda r: (r.status_code, r.json()["info"] if r.status_code == 200 else r.json()["detail"])
+        plain = client.post("/sdapi/v1/txt2img", json=body)
+        refined = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "tinyrefiner",
+                                                         "refiner_switch_at": 0.5})
+        code, text = info(refined)
+        assert code == 200 and "Refiner: tinyrefiner" in text and "Refiner switch at: 0.5" in text
+        assert refined.json()["images"][0] != plain.json()["images"][0]
+        again = client.post("/sdapi/v1/txt2img", json=body)  # the next request runs without it
+        assert again.json()["images"][0] == plain.json()["images"][0] and "Refiner" not in info(again)[1]
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 64), "blue").save(buf, format="PNG")
+        init = base64.b64encode(buf.getvalue()).decode()
+        code, text = info(client.post("/sdapi/v1/img2img", json={**body, "init_images": [init],
+                                                                  "refiner_checkpoint": "tinyrefiner"}))
+        assert code == 200 and "Refiner switch at: 0.8" in text  # A1111's default switch
+        code, text = info(client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "nope"}))
+        assert code == 422 and "refiner_checkpoint: unknown model 'nope'" in text
+        code, text = info(client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "demo"}))
+        assert code == 422 and "latent space" in text
+    finally:
+        app.state.worker.stop()

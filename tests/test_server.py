@@ -354,9 +354,14 @@ def test_auth_guards_every_endpoint_but_the_ui_files(strict):
 
 def test_output_names_never_come_from_the_request(server):
     app, url, _, out = server
-    r = requests.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "../../../etc/passwd", "seed": 1, "steps": 2,
-                                                        "width": 64, "height": 64, "save_images": True,
-                                                        "outdir_samples": "/tmp/evil", "filename": "x"}, timeout=60)
+    body = {"prompt": "../../../etc/passwd", "seed": 1, "steps": 2, "width": 64, "height": 64, "save_images": True}
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "outdir_samples": "/tmp/evil", "filename": "x"},
+                      timeout=60)
+    assert r.status_code == 422 and "unknown fields filename, outdir_samples" in r.json()["detail"]
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json={**body, "override_settings": {"outdir_samples": "/tmp/evil"}},
+                      timeout=60)
+    assert r.status_code == 422 and "outdir_samples would set a server path" in r.json()["detail"]
+    r = requests.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=60)
     assert r.status_code == 200
     files = sorted(p.relative_to(out).as_posix() for p in Path(out).rglob("*.png"))
     assert files and all(f.startswith("samples/") and Path(f).name[:5].isdigit() for f in files)

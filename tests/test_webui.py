@@ -40,6 +40,8 @@ TOKEN = "s3cret-token"
 # where a bare "a red circle on a blue background" may put it 12 px off to any side
 PROMPT = "a large red circle in the center on a blue background"
 FINAL = ("done", "failed", "cancelled", "interrupted")
+STYLES_CSV = 'name,prompt,negative_prompt\nOnBlue,"a large {prompt} in the center on a blue background",\n' \
+             'Crisp,sharp,blurry\n'
 # Records every value #progress's data-progress takes and every live preview #preview loads, as they happen
 # (a MutationObserver with old values misses none, however fast the job runs).
 RECORD = """() => {
@@ -81,7 +83,10 @@ def _stop(server, thread):
 def server(tmp_path_factory):
     from kiln.server import Limits, ServerConfig, create_app
 
-    config = ServerConfig(outdir=str(tmp_path_factory.mktemp("serve")), limits=Limits(max_size=256))
+    styles = tmp_path_factory.mktemp("styles") / "styles.csv"
+    styles.write_text(STYLES_CSV, encoding="utf-8")
+    config = ServerConfig(outdir=str(tmp_path_factory.mktemp("serve")), limits=Limits(max_size=256),
+                          styles_file=str(styles))
     app = create_app(config)
     srv, thread, base = _serve(app)
     yield SimpleNamespace(base=base, app=app, config=config)
@@ -354,6 +359,28 @@ def test_reuse_parameters_restores_the_form(page, server):
     page.click("#seed-reuse")  # the selected image's own seed
     expect(page.locator("#seed")).to_have_value("1235")
     shot(page, "reuse")
+
+
+def test_styles_picker_applies_the_servers_styles(page, server):
+    """The styles of --styles-file are listed; the chosen ones are applied in order to both prompts, and the
+    image's infotext records the expanded prompts, as A1111's does."""
+    open_ui(page, server.base)
+    expect(page.locator("#styles-field")).to_be_visible()
+    expect(page.locator("#styles option")).to_have_text(["OnBlue", "Crisp"])
+    fill_form(page, prompt="red circle", steps=4, seed=77)
+    page.fill("#negative-prompt", "noise")
+    page.select_option("#styles", ["OnBlue", "Crisp"])
+    page.click("#generate")
+    wait_results(page, 1)
+    expect(page.locator("#infotext")).to_contain_text(
+        "a large red circle in the center on a blue background, sharp\nNegative prompt: noise, blurry\n")
+    status = get_json(server.base, f"/api/v1/jobs/{page.locator('#progress').get_attribute('data-job')}")
+    assert status["styles"] == ["OnBlue", "Crisp"]
+    expect(page.locator("#prompt")).to_have_value("red circle")  # the form keeps what the user typed
+    page.click("#reuse")  # the job's prompts hold the styles already: the picker is cleared, not applied twice
+    expect(page.locator("#prompt")).to_have_value("a large red circle in the center on a blue background, sharp")
+    assert page.locator("#styles").evaluate("(el) => el.selectedOptions.length") == 0
+    shot(page, "styles")
 
 
 def test_phone_width_layout(browser, server):

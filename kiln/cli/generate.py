@@ -37,6 +37,10 @@ def txt2img_parser(sub, command="txt2img"):
         _init_flags(p, command)
     p.add_argument("--negative-prompt", "--negative_prompt", dest="negative_prompt", type=str, default="",
                    help="replaces the empty unconditional prompt of classifier-free guidance")
+    p.add_argument("--styles-file", dest="styles_file", default=None, metavar="PATH",
+                   help="A1111's styles.csv (name, prompt, negative_prompt), for --style")
+    p.add_argument("--style", dest="styles", action="append", default=[], metavar="NAME",
+                   help="apply this style of --styles-file to the prompt and negative prompt (repeatable: in order)")
     p.add_argument("--outdir", type=str, nargs="?", default=outdir)
     p.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     p.add_argument("--skip_save", action="store_true", help="do not save individual samples")
@@ -240,6 +244,7 @@ def params_from_cli(opt, prompts: list[str], loras: list):
 
     kw = {f: getattr(opt, FLAG.get(f, f)) for f in GenerationParams.names() if hasattr(opt, FLAG.get(f, f))}
     kw["watermark"] = False if opt.no_watermark else (opt.watermark if opt.watermark is not None else True)
+    prompts, kw["negative_prompt"] = apply_styles(opt, prompts, kw["negative_prompt"])
     kw.update(prompt=prompts, sampler=opt.sampler or ("plms" if opt.plms else "ddim"), loras=loras,
               seed_resize_from=parse_size(opt.seed_resize_from, "--seed-resize-from"))
     if opt.command == "inpaint":
@@ -250,6 +255,21 @@ def params_from_cli(opt, prompts: list[str], loras: list):
     if opt.command != "txt2img":
         kw["strength"] = opt.strength if opt.strength is not None else (1.0 if kw.get("outpaint") else 0.75)
     return GenerationParams.make(**kw)
+
+
+def apply_styles(opt, prompts: list[str], negative: str) -> tuple[list[str], str]:
+    """The prompts and the negative prompt with the --style styles of --styles-file applied (as the server
+    applies a request's styles: kiln.styles)."""
+    from ..styles import read_styles
+
+    if opt.styles and not opt.styles_file:
+        raise KilnError("--style needs --styles-file (A1111's styles.csv)")
+    try:
+        table = read_styles(opt.styles_file)
+        styled = [table.apply(opt.styles, p, "")[0] for p in prompts]
+        return styled, table.apply(opt.styles, "", negative)[1]
+    except KilnError as e:
+        raise KilnError(f"--style: {e}" if "unknown style" in str(e) else str(e)) from None
 
 
 def parse_size(text, flag):
@@ -340,6 +360,7 @@ def check_flags(opt):
         raise KilnError("--watermark must not be empty (use --no-watermark to switch it off)")
     if opt.save_intermediates < 0:
         raise KilnError(f"--save-intermediates must be a positive number of steps, got {opt.save_intermediates}")
+    apply_styles(opt, [], "")  # a bad styles file or an unknown style is refused before the model loads
     for path, _ in (loras := [parse_lora(spec) for spec in opt.lora]):
         if not Path(path).is_file():
             raise KilnError(f"--lora {path}: no such file")

@@ -33,6 +33,9 @@ def serve_parser(sub):
                    help="folder where <lora:name:weight> tags in prompts are looked up (listed at /sdapi/v1/loras)")
     p.add_argument("--embeddings-dir", dest="embeddings_dir", default=None,
                    help="textual-inversion embeddings, used in prompts by file name (listed at /sdapi/v1/embeddings)")
+    p.add_argument("--styles-file", dest="styles_file", default=None, metavar="PATH",
+                   help="A1111's styles.csv (name, prompt, negative_prompt): the styles requests may name "
+                        "(listed at /sdapi/v1/prompt-styles)")
     p.add_argument("--queue-size", dest="queue_size", type=int, default=16,
                    help="jobs waiting beyond this are refused with 503 and Retry-After")
     p.add_argument("--max-size", dest="max_size", type=int, default=2048, help="largest width/height allowed")
@@ -81,6 +84,10 @@ def run_serve(opt):
         raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
     if opt.embeddings_dir and not Path(opt.embeddings_dir).is_dir():
         raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
+    if opt.styles_file:
+        from ..styles import read_styles
+
+        read_styles(opt.styles_file)  # a bad file is refused before the model loads
     if opt.host not in ("127.0.0.1", "localhost", "::1") and not (auth or token):
         say(f"kiln: warning: listening on {opt.host} without --api-auth or --token: anyone who can reach this "
             "machine can use the API")
@@ -91,7 +98,8 @@ def run_serve(opt):
                                         queue_size=opt.queue_size),
                           api_auth=auth, token=token, preview_every=opt.preview_every,
                           safety_checker=opt.safety_checker, lora_dir=opt.lora_dir,
-                          embeddings_dir=opt.embeddings_dir)
+                          embeddings_dir=opt.embeddings_dir, styles_file=opt.styles_file, host=opt.host,
+                          port=opt.port)
     if opt.ray is not None:
         from ..distributed.serve import run
 

@@ -46,8 +46,9 @@ class ModelServer:
         self.worker.models.refresh()
         return model_facts(self.worker)
 
-    def run(self, mode: str, params: dict, model: str | None, save: bool, script=None):
-        job = self.worker.submit(Job(mode, params, model=model, save=save, script=script))
+    def run(self, mode: str, params: dict, model: str | None, save: bool, save_as: tuple = ("png", 80),
+            script=None):
+        job = self.worker.submit(Job(mode, params, model=model, save=save, save_as=tuple(save_as), script=script))
         try:
             seen, preview = -1, -1
             while not job.done_event.wait(0.05):
@@ -97,7 +98,8 @@ class RemoteWorker(Worker):
     def _run(self, job: Job):
         # every replica renders with the model chosen here (options / override_settings)
         model = job.model or self.model_title
-        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, job.save, job.script)
+        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, job.save, job.save_as,
+                                                             job.script)
         final = None
         for update in stream:
             if job.cancel_event.is_set():

@@ -62,10 +62,11 @@ class OutputDir:
         nums = [int(m[1]) for p in folder.iterdir() if (m := re.fullmatch(pattern, p.name))] if folder.is_dir() else []
         return max(nums, default=-1) + 1
 
-    def _publish(self, image, folder: Path, pattern: str, fmt: str, pnginfo) -> Path:
-        """Write the whole PNG to a temp file, then hard-link it to the next free number. The link fails if
-        the name exists, so concurrent writers never overwrite each other and no partial file is ever visible."""
-        tmp = _write_temp(png_data(image, pnginfo), folder)
+    def _publish(self, image, folder: Path, pattern: str, fmt: str, pnginfo, data: bytes | None = None) -> Path:
+        """Write the whole file (a PNG of `image`, or `data`) to a temp file, then hard-link it to the next free
+        number. The link fails if the name exists, so concurrent writers never overwrite each other and no
+        partial file is ever visible."""
+        tmp = _write_temp(png_data(image, pnginfo) if data is None else data, folder)
         try:
             n = self._next(folder, pattern)
             while True:
@@ -78,8 +79,12 @@ class OutputDir:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def save_sample(self, image: Image.Image, pnginfo=None) -> Path:
-        return self._publish(image, self.samples, r"(\d{5,})\.png", "{:05}.png", pnginfo)
+    def save_sample(self, image: Image.Image, pnginfo=None, encoded: tuple[bytes, str] | None = None) -> Path:
+        """samples/NNNNN.png, or with `encoded` (bytes, extension: `pnginfo.encode_image`) a file of that type;
+        the numbers run on across every type."""
+        ext = encoded[1] if encoded else "png"
+        return self._publish(image, self.samples, r"(\d{5,})\.(?:png|jpg|webp)", "{:05}." + ext, pnginfo,
+                             encoded[0] if encoded else None)
 
     def save_grid(self, image: Image.Image, pnginfo=None) -> Path:
         return self._publish(image, self.root, r"grid-(\d{4,})\.png", "grid-{:04}.png", pnginfo)

@@ -32,6 +32,46 @@ def png_bytes(image: Image.Image, infotext: str | None = None) -> bytes:
     return buf.getvalue()
 
 
+USER_COMMENT, EXIF_IFD = 0x9286, 0x8769
+UNICODE = b"UNICODE\0"  # EXIF's character code for UTF-16 text (big-endian, as piexif and A1111 write it)
+
+
+def encode_image(image: Image.Image, fmt: str, quality: int = 80, infotext: str | None = None) -> tuple[bytes, str]:
+    """(the file's bytes, its extension) as A1111 saves samples of this format: PNG with the parameters chunk;
+    JPEG or WebP at `quality` with the parameters in EXIF UserComment."""
+    if fmt == "png":
+        return png_bytes(image, infotext), "png"
+    exif = _exif_user_comment(infotext) if infotext else b""
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        image.convert("RGB").save(buf, format="JPEG", quality=quality, exif=exif)
+    elif fmt == "webp":
+        image.save(buf, format="WEBP", quality=quality, exif=exif)
+    else:
+        raise KilnError(f"image format must be png, jpg or webp, not {fmt!r}")
+    return buf.getvalue(), fmt
+
+
+def _exif_user_comment(text: str) -> bytes:
+    """An EXIF block holding only UserComment (type UNDEFINED, as piexif writes it and A1111 reads it back):
+    a little-endian TIFF with IFD0 pointing to the Exif IFD."""
+    import struct
+
+    data = UNICODE + text.encode("utf-16-be")
+    ifd0 = struct.pack("<H", 1) + struct.pack("<HHII", EXIF_IFD, 4, 1, 26) + struct.pack("<I", 0)
+    exif_ifd = struct.pack("<H", 1) + struct.pack("<HHII", USER_COMMENT, 7, len(data), 44) + struct.pack("<I", 0)
+    return b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd0 + exif_ifd + data
+
+
+def exif_comment(image: Image.Image) -> str | None:
+    """The text of a JPEG's or WebP's EXIF UserComment (where A1111 keeps the parameters of such files)."""
+    raw = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT)
+    if not isinstance(raw, bytes) or len(raw) < 8:
+        return None
+    body = raw[8:]
+    return body.decode("utf-16-be" if raw[:8] == UNICODE else "latin-1", errors="replace").rstrip("\0")
+
+
 def _json_to_infotext(params: dict) -> str:
     fields = generation_fields(params, params["seed"], params.get("model"), params.get("model_hash"))
     return format_infotext(params.get("prompt", ""), params.get("negative_prompt", ""), fields)

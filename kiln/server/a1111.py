@@ -70,32 +70,35 @@ def skip(s: Server = Depends(server)):
     return {}
 
 
+def chosen_entry(s: Server):
+    """The model jobs run on (the sd_model_checkpoint setting; the loaded one on a Ray ingress)."""
+    worker = s.worker
+    return s.models.find(worker.options.get("sd_model_checkpoint") or worker.model_title) or worker.entry
+
+
 @router.get("/options")
 def get_options(s: Server = Depends(server)):
-    worker = s.worker
-    return {**worker.options, "sd_model_checkpoint": worker.model_title, "sd_checkpoint_hash": worker.entry.sha256}
+    entry = chosen_entry(s)
+    return {**s.worker.options, "sd_model_checkpoint": entry.title, "sd_checkpoint_hash": entry.sha256}
 
 
 @router.post("/options")
 def set_options(body: dict = Body(...), s: Server = Depends(server)):
-    worker, layers = s.worker, s.facts.clip_layers
-    if "CLIP_stop_at_last_layers" in body:
-        v = body["CLIP_stop_at_last_layers"]
-        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= layers:
-            raise RequestError(f"CLIP_stop_at_last_layers must be an integer from 1 to {layers}")
-    if "return_grid" in body and body["return_grid"]:
-        raise RequestError("return_grid is not supported: responses hold the images only")
-    model = body.get("sd_model_checkpoint")
-    if model is not None and (not isinstance(model, str) or s.models.find(model) is None):
-        raise RequestError(f"unknown model {model!r}; GET /sdapi/v1/sd-models lists them", 404)
-    for k, v in body.items():  # A1111 keeps unknown keys out too; nothing here names a path
-        if k in worker.options and k != "sd_model_checkpoint":
-            worker.options[k] = v
+    """Every setting checked first (options.py: unknown keys and paths refused), then the model loaded, then the
+    rest stored: a refused request changes nothing."""
+    from .options import Context, validate
+
+    worker = s.worker
+    values = validate(body, Context(s.facts, s.models, chosen_entry(s).sha256))
+    values.pop("sd_checkpoint_hash", None)
+    model = values.pop("sd_model_checkpoint", None)
     if model is not None:
         job = worker.submit(Job("load", {}, model=model))
         job.done_event.wait()
         if job.state == "failed":
             raise RequestError(job.error, 422 if job.user_error else 500)
+        worker.options["sd_model_checkpoint"] = model
+    worker.options.update(values)
     return None
 
 
@@ -198,22 +201,65 @@ def script_info():
 
 
 @router.get("/prompt-styles")
-def prompt_styles():
-    return []
+def prompt_styles(s: Server = Depends(server)):
+    """The styles of `--styles-file`, as A1111 lists its styles.csv."""
+    return [{"name": x.name, "prompt": x.prompt, "negative_prompt": x.negative_prompt}
+            for x in s.styles.styles.values()]
+
+
+@router.get("/cmd-flags")
+def cmd_flags(s: Server = Depends(server)):
+    """A1111's command-line flags that have a kiln meaning, from the server's settings (credentials are never
+    shown: `api_auth` says only whether there are any)."""
+    c = s.config
+    host = c.host or "127.0.0.1"
+    return {"ckpt": c.ckpt, "ckpt_dir": c.ckpt_dir, "lora_dir": c.lora_dir, "embeddings_dir": c.embeddings_dir,
+            "hypernetwork_dir": None, "styles_file": [c.styles_file] if c.styles_file else [],
+            "listen": host not in ("127.0.0.1", "localhost", "::1"), "server_name": host, "port": c.port,
+            "api": True, "nowebui": False, "api_auth": "***" if c.api_auth else None,
+            "medvram": c.offload == "medvram", "lowvram": c.offload == "lowvram", "no_half": c.precision == "fp32",
+            "use_cpu": ["all"] if c.device == "cpu" else [], "disable_safe_unpickle": False}
+
+
+@router.get("/hypernetworks")
+def hypernetworks():
+    return []  # kiln loads no hypernetworks ({name, path} each in A1111)
+
+
+@router.get("/face-restorers")
+def face_restorers():
+    return []  # kiln has no face-restorer model ({name, cmd_dir} each in A1111)
+
+
+@router.get("/realesrgan-models")
+def realesrgan_models():
+    return []  # kiln has no Real-ESRGAN models ({name, path, scale} each in A1111)
+
+
+@router.get("/extensions")
+def extensions():
+    return []  # kiln has no extensions ({name, remote, branch, commit_hash, version, commit_date, enabled})
 
 
 @router.post("/png-info")
 def png_info(req: PngInfoRequest, s: Server = Depends(server)):
-    from ..output.pnginfo import infotext_from_chunks
+    """A PNG's parameters chunk (or a JPEG's or WebP's EXIF UserComment), parsed; the server's styles found in
+    its prompts are listed as "Styles array" and taken out of them, as A1111 does."""
+    from ..output.pnginfo import exif_comment, infotext_from_chunks
     from ..pipeline.infotext import parse_infotext
 
     if not req.image:
         raise RequestError("image: empty")
     im = decode_image(req.image, s.limits, "image")
     chunks = {k: v for k, v in im.info.items() if isinstance(k, str) and isinstance(v, str)}
-    text = infotext_from_chunks(chunks) or ""
+    text = infotext_from_chunks(chunks) or exif_comment(im) or ""
     items = {k: v for k, v in chunks.items() if k != "parameters"}
-    return {"info": text, "items": items, "parameters": parse_infotext(text) if text else {}}
+    parameters = parse_infotext(text) if text else {}
+    if parameters:
+        found, prompt, negative = s.styles.extract(parameters["prompt"], parameters["negative_prompt"])
+        if found:
+            parameters.update({"prompt": prompt, "negative_prompt": negative, "Styles array": found})
+    return {"info": text, "items": items, "parameters": parameters}
 
 
 @router.get("/memory")

@@ -10,7 +10,7 @@ import time
 from fastapi import FastAPI, Request
 
 from .. import __version__
-from . import a1111, jobs, webui
+from . import a1111, extras, jobs, webui
 from .context import RequestError, Server, ServerConfig, authorized, error_response, parse_api_auth
 from .worker import ModelIndex, QueueFull, Worker
 
@@ -32,11 +32,14 @@ def make_worker(config: ServerConfig) -> Worker:
 
 def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
     """The ASGI app. The worker (model + queue) starts here unless one is given."""
+    from ..styles import read_styles
+
+    styles = read_styles(config.styles_file)  # before the model loads: a bad file is a quick one-line error
     worker = worker or make_worker(config)
     app = FastAPI(title="kiln", version=__version__,
                   description="Stable Diffusion: AUTOMATIC1111-compatible API (/sdapi/v1), job API (/api/v1), web UI.")
     app.state.worker, app.state.config = worker, config
-    app.state.server = Server(config, worker)
+    app.state.server = Server(config, worker, styles)
     limits, protected = config.limits, bool(config.api_auth or config.token)
 
     @app.middleware("http")
@@ -62,6 +65,7 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
         return error_response(503, "the queue is full; retry later", "QueueFull", {"Retry-After": str(exc.retry_after)})
 
     app.include_router(a1111.router)
+    app.include_router(extras.router)
     app.include_router(jobs.router)
     webui.mount(app)
     return app

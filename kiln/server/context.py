@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -28,6 +29,9 @@ class ServerConfig:
     safety_checker: str | None = None
     lora_dir: str | None = None  # <lora:name:weight> tags in prompts are looked up here
     embeddings_dir: str | None = None  # textual-inversion files, used in prompts by file name
+    styles_file: str | None = None  # A1111's styles.csv: requests' `styles` are looked up here
+    host: str | None = None  # where `kiln serve` listens (reported by /sdapi/v1/cmd-flags)
+    port: int | None = None
 
 
 class RequestError(Exception):
@@ -42,6 +46,7 @@ class RequestError(Exception):
 class Server:
     config: ServerConfig
     worker: Worker
+    styles: Any = None  # kiln.styles.StyleTable, read from config.styles_file when the app is made
 
     @property
     def limits(self) -> Limits:
@@ -56,11 +61,19 @@ class Server:
         return self.worker.facts
 
     def submit(self, req, mode: str, native: bool = False) -> Job:
-        from .schemas import to_job
+        from .schemas import request_settings, to_job
 
-        job = to_job(req, mode, self.limits, self.facts, self.worker.options, self.models)
-        job.save = job.save or (native and self.config.save)
-        return self.worker.submit(job)
+        options = self.worker.options
+        # the web UI and the job API save by the server's --no-save; A1111 requests by save_images
+        job = to_job(req, mode, self.limits, self.facts, options, self.models, self.styles,
+                     save_default=native and self.config.save)
+        if self.worker.get(job.id) is not None:
+            raise RequestError(f"force_task_id {job.id!r} is already a job's id")
+        self.worker.submit(job)
+        if req.override_settings and req.override_settings_restore_afterwards is False:
+            # A1111 keeps such overrides as the server's settings
+            options.update(request_settings(req, self.facts, options, self.models))
+        return job
 
     def job(self, job_id: str) -> Job:
         job = self.worker.get(job_id)

@@ -1,11 +1,13 @@
-"""Request bodies as AUTOMATIC1111 names them (unknown fields accepted and ignored, as A1111 does), and their
-translation into a validated `Job` for the worker. The native API takes the same bodies."""
+"""Request bodies as AUTOMATIC1111 names them (every field of A1111's, sorted in `fields.py` into honoured,
+UI-only and refused-unless-a-no-op; a field A1111 does not have is refused), and their translation into a
+validated `Job` for the worker. The native API takes the same bodies."""
 from __future__ import annotations
 
 import base64
 import binascii
 import io
 import math
+import re
 import secrets
 from typing import Any
 
@@ -14,12 +16,29 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KilnError
 from ..samplers import SAMPLERS, parse
+from ..styles import StyleTable
 from .context import RequestError
+from .fields import REFUSED, UI_ONLY, check_fields, show
+from .options import Context, validate
 from .worker import Job, Limits
 
 
-class Txt2ImgRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def _refused(default, name: str):
+    """A field accepted only at a value that does nothing: its accepted values in the schema (so generated and
+    documented requests stay valid), the reason in its description (fields.REFUSED)."""
+    r = REFUSED[name]
+    return Field(default=default, description=f"accepted: {show(r.accepted)}{r.also if r.same_as else ''}; "
+                                              f"any other value is refused (422): {r.why}",
+                 json_schema_extra={"enum": list(r.accepted)} if r.same_as is None else None)
+
+
+def _ui_only(default, name: str):
+    return Field(default=default, description=f"accepted, no effect: {UI_ONLY[name]}")
+
+
+class GenerationRequest(BaseModel):
+    """The fields A1111's txt2img and img2img requests share (fields.py sorts them into groups)."""
+    model_config = ConfigDict(extra="allow")  # unknown fields are refused by name in `to_job`, not dropped
 
     prompt: str | list[str] = ""
     negative_prompt: str | None = ""
@@ -38,39 +57,65 @@ class Txt2ImgRequest(BaseModel):
     cfg_scale: float | None = 7.0
     width: int | None = 512
     height: int | None = 512
-    restore_faces: bool | None = None
+    restore_faces: bool | None = _refused(None, "restore_faces")
     tiling: bool | None = None
+    do_not_save_samples: bool | None = _ui_only(False, "do_not_save_samples")
+    do_not_save_grid: bool | None = _ui_only(False, "do_not_save_grid")
     eta: float | None = None
-    s_noise: float | None = None
     denoising_strength: float | None = None
+    s_min_uncond: float | None = _refused(None, "s_min_uncond")
+    s_churn: float | None = _refused(None, "s_churn")
+    s_tmax: float | None = _refused(None, "s_tmax")
+    s_tmin: float | None = _refused(None, "s_tmin")
+    s_noise: float | None = None
     override_settings: dict[str, Any] | None = None
     override_settings_restore_afterwards: bool | None = True
+    refiner_checkpoint: str | None = None  # a model of GET /sd-models that runs the last steps (SDXL refiner)
+    refiner_switch_at: float | None = None  # the fraction of the steps before it takes over (0.8 when not given)
+    disable_extra_networks: bool | None = _refused(False, "disable_extra_networks")
+    firstpass_image: str | None = _refused(None, "firstpass_image")
+    comments: dict[str, Any] | None = _ui_only(None, "comments")
+    force_task_id: str | None = None
+    script_name: str | None = None  # one of GET /sdapi/v1/scripts (case-insensitive), run with script_args
+    script_args: list[Any] | None = None
+    send_images: bool | None = True
+    save_images: bool | None = False
+    alwayson_scripts: dict[str, Any] | None = None  # none is implemented yet: only {} is accepted
+    infotext: str | None = _refused(None, "infotext")
+
+
+class Txt2ImgRequest(GenerationRequest):
     enable_hr: bool | None = False
+    firstphase_width: int | None = _refused(0, "firstphase_width")
+    firstphase_height: int | None = _refused(0, "firstphase_height")
     hr_scale: float | None = 2.0
     hr_upscaler: str | None = None
     hr_second_pass_steps: int | None = 0
     hr_resize_x: int | None = 0
     hr_resize_y: int | None = 0
-    send_images: bool | None = True
-    save_images: bool | None = False
-    force_task_id: str | None = None
-    script_name: str | None = None  # one of GET /sdapi/v1/scripts (case-insensitive), run with script_args
-    script_args: list[Any] | None = None
-    alwayson_scripts: dict[str, Any] | None = None  # none is implemented yet: only {} is accepted
+    hr_checkpoint_name: str | None = _refused(None, "hr_checkpoint_name")
+    hr_sampler_name: str | None = _refused(None, "hr_sampler_name")
+    hr_scheduler: str | None = _refused(None, "hr_scheduler")
+    hr_prompt: str | None = _refused("", "hr_prompt")
+    hr_negative_prompt: str | None = _refused("", "hr_negative_prompt")
 
 
-class Img2ImgRequest(Txt2ImgRequest):
+class Img2ImgRequest(GenerationRequest):
     init_images: list[str] | None = None
     resize_mode: int | None = 0
     denoising_strength: float | None = 0.75
+    image_cfg_scale: float | None = _ui_only(None, "image_cfg_scale")
     mask: str | None = None
-    mask_blur: float | None = None
     mask_blur_x: float | None = 4
     mask_blur_y: float | None = 4
+    mask_blur: float | None = None
+    mask_round: bool | None = _refused(None, "mask_round")
     inpainting_fill: int | None = 0
     inpaint_full_res: bool | None = True
     inpaint_full_res_padding: int | None = 0
     inpainting_mask_invert: int | None = 0
+    initial_noise_multiplier: float | None = _refused(None, "initial_noise_multiplier")
+    latent_mask: str | None = _refused(None, "latent_mask")
     include_init_images: bool | None = Field(default=False)
 
 
@@ -130,24 +175,16 @@ def _random_seed() -> int:
     return secrets.randbelow(4294967294)
 
 
-def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, facts, options: dict, models=None) -> Job:
-    """Validate an A1111-style request against the limits and the loaded model (its `ModelFacts`); the worker's
-    job for it: `GenerationParams` fields, with the init image and mask as images."""
-    prompts = req.prompt
-    if isinstance(prompts, list):
-        if not prompts:
-            raise RequestError("prompt: an empty list")
-        n_chars = sum(len(p) for p in prompts)
-    else:
-        n_chars = len(prompts)
-    negative = req.negative_prompt or ""
-    if n_chars + len(negative) > limits.max_prompt_chars:
-        raise RequestError(f"the prompts are longer than the server's limit of {limits.max_prompt_chars} characters")
+def to_job(req: GenerationRequest, mode: str, limits: Limits, facts, options: dict, models=None,
+           styles=None, save_default: bool = False) -> Job:
+    """Validate an A1111-style request against the limits, the server's settings (`options`, with the request's
+    `override_settings`) and styles, and the loaded model (its `ModelFacts`); the worker's job for it:
+    `GenerationParams` fields, with the init image and mask as images."""
+    check_fields(req, mode)
     steps = _int("steps", req.steps if req.steps is not None else 50, 1, limits.max_steps)
     batch_size = _int("batch_size", req.batch_size or 1, 1, limits.max_batch_size)
     n_iter = _int("n_iter", req.n_iter or 1, 1, limits.max_n_iter)
-    if isinstance(prompts, list) and len(prompts) != batch_size:
-        raise RequestError(f"a list of prompts needs one per image of a batch ({batch_size}), got {len(prompts)}")
+    prompts, negative = _prompts(req, limits, styles, batch_size)
     unit = facts.size_unit
     size = {}
     for name in ("width", "height"):
@@ -171,16 +208,12 @@ def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, facts, options: dict,
     if seed == -1:
         seed = _random_seed()
     seed = _int("seed", seed, 0, MAX_SEED - limits.max_batch_size * limits.max_n_iter)
-    overrides = req.override_settings or {}
-    clip_skip = overrides.get("CLIP_stop_at_last_layers", options.get("CLIP_stop_at_last_layers", 1))
-    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool):
-        raise RequestError("CLIP_stop_at_last_layers must be an integer")
-    clip_skip = _int("CLIP_stop_at_last_layers", clip_skip, 1, facts.clip_layers)
+    settings = {**options, **request_settings(req, facts, options, models)}
     params = dict(prompt=prompts, negative_prompt=negative, steps=steps, sampler=spec.name, schedule=schedule,
                   cfg_scale=_finite("cfg_scale", req.cfg_scale if req.cfg_scale is not None else 7.0, 0.0, 100.0),
                   width=size["width"], height=size["height"], seed=seed, batch_size=batch_size, n_iter=n_iter,
                   eta=eta, s_noise=_finite("s_noise", req.s_noise if req.s_noise is not None else 1.0, 0.0, 10.0),
-                  clip_skip=clip_skip, seamless=bool(req.tiling))
+                  clip_skip=settings["CLIP_stop_at_last_layers"], seamless=bool(req.tiling))
     strength = _finite("subseed_strength", req.subseed_strength or 0.0, 0.0, 1.0)
     if strength:
         subseed = req.subseed if req.subseed not in (None, -1) else _random_seed()
@@ -192,20 +225,63 @@ def to_job(req: Txt2ImgRequest, mode: str, limits: Limits, facts, options: dict,
             if v % unit or v > limits.max_size:
                 raise RequestError(f"{name} must be a multiple of {unit} up to {limits.max_size}, got {v}")
         params["seed_resize_from"] = (req.seed_resize_from_w, req.seed_resize_from_h)
-    model = overrides.get("sd_model_checkpoint")
-    if model is not None:
-        if not isinstance(model, str) or models is None or models.find(model) is None:
-            raise RequestError(f"unknown model {model!r} in override_settings; GET /sdapi/v1/sd-models lists them")
     if mode == "txt2img":
         if req.enable_hr:
             _hires(req, params, limits, unit, facts)
     else:
         _img2img(req, params, limits)
     plan = _script(req, mode, params, limits, facts, models)
-    return Job(mode, params, model=model, save=bool(req.save_images), script=plan)
+    params.update(_refiner(req, models))
+    job = Job(mode, params, model=settings.get("sd_model_checkpoint"),
+              save=bool(req.save_images or save_default) and settings["samples_save"],
+              save_as=(settings["samples_format"], settings["jpeg_quality"]), styles=list(req.styles or []),
+              script=plan)
+    if req.force_task_id:
+        job.id = _task_id(req.force_task_id)
+    return job
 
 
-def _script(req: Txt2ImgRequest, mode: str, params: dict, limits: Limits, facts, models):
+def _prompts(req, limits, styles, batch_size):
+    """The prompts (one, or one per image of a batch) and the negative prompt, with the request's styles applied
+    (A1111 applies them to every prompt of the batch, and to the negative prompt)."""
+    prompts, negative = req.prompt, req.negative_prompt or ""
+    if isinstance(prompts, list):
+        if not prompts:
+            raise RequestError("prompt: an empty list")
+        if len(prompts) != batch_size:
+            raise RequestError(f"a list of prompts needs one per image of a batch ({batch_size}), got {len(prompts)}")
+    if sum(map(len, prompts if isinstance(prompts, list) else [prompts])) + len(negative) > limits.max_prompt_chars:
+        raise RequestError(f"the prompts are longer than the server's limit of {limits.max_prompt_chars} characters")
+    if req.styles:
+        styles = styles or StyleTable()
+        try:
+            if isinstance(prompts, list):
+                prompts = [styles.apply(req.styles, p, "")[0] for p in prompts]
+                negative = styles.apply(req.styles, "", negative)[1]
+            else:
+                prompts, negative = styles.apply(req.styles, prompts, negative)
+        except KilnError as e:
+            raise RequestError(f"styles: {e}") from None
+    return prompts, negative
+
+
+def request_settings(req, facts, options: dict, models) -> dict:
+    """The request's `override_settings`, checked as POST /options checks them (an unknown model: 422)."""
+    chosen = models.find(options["sd_model_checkpoint"]) if models and options.get("sd_model_checkpoint") else None
+    ctx = Context(facts, models, chosen.sha256 if chosen else None, unknown_model_status=422)
+    return validate(req.override_settings or {}, ctx, "override_settings")
+
+
+_TASK_ID = re.compile(r"[A-Za-z0-9_().:-]{1,64}")
+
+
+def _task_id(value: str) -> str:
+    if not _TASK_ID.fullmatch(value):
+        raise RequestError("force_task_id must be 1 to 64 letters, digits or _ ( ) . : -")
+    return value
+
+
+def _script(req: GenerationRequest, mode: str, params: dict, limits: Limits, facts, models):
     """The request's A1111 script, checked and planned (`kiln.scripts`), or None."""
     from ..pipeline import GenerationParams
     from .. import scripts
@@ -234,6 +310,23 @@ def _script(req: Txt2ImgRequest, mode: str, params: dict, limits: Limits, facts,
         raise RequestError(f"{req.script_name}: {e}" if not str(e).startswith("Script '") else str(e)) from None
 
 
+NO_REFINER = (None, "", "None", "none")
+
+
+def _refiner(req, models) -> dict:
+    """{"refiner": (model title, switch)} for A1111's refiner_checkpoint/refiner_switch_at; {} without one (A1111
+    ignores the switch then). The worker checks on loading that the refiner shares the model's latent space."""
+    if req.refiner_checkpoint in NO_REFINER:
+        return {}
+    entry = models.find(req.refiner_checkpoint) if models is not None else None
+    if entry is None:
+        raise RequestError(f"refiner_checkpoint: unknown model {req.refiner_checkpoint!r}; GET /sdapi/v1/sd-models "
+                           "lists them")
+    switch = _finite("refiner_switch_at", req.refiner_switch_at if req.refiner_switch_at is not None else 0.8,
+                     0.0, 1.0)
+    return {"refiner": (entry.title, switch)}
+
+
 def _hires(req, params, limits, unit, facts):
     w, h = params["width"] or facts.native_size, params["height"] or facts.native_size
     if (req.hr_resize_x or 0) > 0 or (req.hr_resize_y or 0) > 0:
@@ -257,6 +350,8 @@ def _hires(req, params, limits, unit, facts):
 def _img2img(req: Img2ImgRequest, params, limits):
     if not req.init_images:
         raise RequestError("init_images: at least one image is needed", 422)
+    if len(req.init_images) > 1:  # A1111 would make a batch of them: one image each
+        raise RequestError(f"init_images: kiln takes one init image per request, got {len(req.init_images)}")
     init = decode_image(req.init_images[0], limits, "init_images[0]")
     if req.resize_mode not in RESIZE:
         raise RequestError(f"resize_mode must be 0, 1, 2 or 3, got {req.resize_mode}")

@@ -5,6 +5,8 @@ submits `Job`s and reads their state. Cancelling a running job takes effect at t
 """
 from __future__ import annotations
 
+import contextlib
+
 import itertools
 import logging
 import secrets
@@ -63,6 +65,8 @@ class Job:
     model: str | None = None  # a model title to switch to first (override_settings / options)
     save: bool = False
     script: Any = None  # a prepared A1111 script (`kiln.scripts.Plan`) that makes the images instead
+    save_as: tuple = ("png", 80)  # (file type, JPEG/WebP quality) of saved files: the samples_format option
+    styles: list = field(default_factory=list)  # the style names the request asked for (its prompts hold them)
     id: str = field(default_factory=lambda: secrets.token_hex(8))
     created: float = field(default_factory=time.time)
     state: str = "queued"
@@ -109,7 +113,8 @@ class Job:
                 "eta": None if self.eta() is None else round(self.eta(), 2), "created": self.created,
                 "started": self.started, "finished": self.finished, "error": self.error,
                 "images": len(self.images), "seeds": list(self.seeds), "infotexts": list(self.infotexts),
-                "files": list(self.files), "model": self.model_title, "grids": self.grids}
+                "files": list(self.files), "model": self.model_title, "grids": self.grids,
+                "styles": list(self.styles)}
 
 
 
@@ -224,8 +229,10 @@ class Worker:
         self.load_options = load_options or {}  # more `kiln.load` arguments: offload, prepack
         self.pipe = None
         self.entry: ModelEntry | None = None
+        self._refiner_pipe = None  # (path, Pipeline) of the last refiner a job asked for
         self._init_queue()
         self._switch(models.entry_for(first_model))
+        self.options["sd_model_checkpoint"] = self.model_title
         self.start_threads(1)
 
     def _init_queue(self):
@@ -233,8 +240,9 @@ class Worker:
         self.queue: deque[Job] = deque()
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.running: list[Job] = []  # one job here; a Ray Serve ingress dispatches several at once
-        self.options = {"CLIP_stop_at_last_layers": 1, "return_grid": False, "samples_format": "png",
-                        "eta_noise_seed_delta": 0, "sd_vae": "Automatic", "randn_source": "CPU"}
+        from .options import defaults
+
+        self.options = defaults()  # A1111's settings (options.py); "sd_model_checkpoint": the model jobs run on
         self._durations = deque(maxlen=20)
         self._stopping = False
 
@@ -386,7 +394,31 @@ class Worker:
         job.model_title = self.model_title
         if job.mode == "load":
             return
-        self._generate(job)
+        with self._refiner(job.params.get("refiner")):
+            self._generate(job)
+
+    @contextlib.contextmanager
+    def _refiner(self, refiner):
+        """The job's refiner (title, switch) set on the model for the job (A1111's `refiner_checkpoint`); the last
+        one used stays loaded for the next job."""
+        if refiner is None:
+            yield
+            return
+        title, switch = refiner
+        entry = self.models.find(title)
+        if entry is None:
+            raise KilnError(f"refiner_checkpoint: unknown model {title!r}; GET /sdapi/v1/sd-models lists them")
+        if self._refiner_pipe is None or self._refiner_pipe[0] != entry.path:
+            self._refiner_pipe = None
+            log.info("loading the refiner %s", entry.path)
+            self._refiner_pipe = (entry.path, self._load(str(entry.path), device=self.device,
+                                                         precision=self.precision, **self.load_options))
+        pipe = self.pipe
+        pipe.set_refiner(self._refiner_pipe[1], switch)
+        try:
+            yield
+        finally:
+            pipe.set_refiner(None)
 
     def _watch(self, job: Job, pipe, params: dict, fraction):
         """The step callback (progress as `fraction(part of this generation done)` says, cancel, skip) and
@@ -423,6 +455,7 @@ class Worker:
             return self._run_script(job)
         pipe = self.pipe
         kw = dict(job.params)
+        kw.pop("refiner", None)  # set on the model by `_run`
         mode = job.mode
         n_iter, batch_size, seed = kw.pop("n_iter"), kw["batch_size"], kw.pop("seed")
         prompt = kw.pop("prompt")
@@ -487,7 +520,7 @@ class Worker:
         out = None
         if job.save and self.outdir:
             from ..output import OutputDir
-            from ..output.pnginfo import pnginfo_for
+            from ..output.pnginfo import encode_image, pnginfo_for
 
             out = OutputDir(self.outdir)
         for pixels, text, seed, prompt, flagged in itertools.zip_longest(
@@ -499,7 +532,9 @@ class Worker:
             job.prompts.append(prompt)
             job.flagged.append(bool(flagged))
             if out is not None:
-                path = out.save_sample(image, pnginfo_for("a1111", text, {}))
+                fmt, quality = job.save_as
+                path = (out.save_sample(image, pnginfo_for("a1111", text, {})) if fmt == "png" else
+                        out.save_sample(image, encoded=encode_image(image, fmt, quality, text)))
                 job.files.append(str(path.relative_to(out.root)))
         job.result_params = result.params
         job.notices = result.notices  # all of the request's so far

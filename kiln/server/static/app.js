@@ -155,6 +155,7 @@
     try {
       const info = await (await api("/api/v1/info")).json();
       applyInfo(info);
+      applyStyles(await (await api("/sdapi/v1/prompt-styles")).json());
     } catch (e) {
       $("model").textContent = "not connected";
       fail(e, loadInfo);
@@ -193,6 +194,24 @@
     setRunning(!!state.job);
   }
 
+  /** The server's prompt styles (--styles-file) in the picker; hidden when there are none. */
+  function applyStyles(styles) {
+    const select = $("styles");
+    const chosen = new Set(selectedStyles());
+    select.replaceChildren(...styles.map((s) => {
+      const o = option(s.name, s.name);
+      o.title = [s.prompt, s.negative_prompt && `negative: ${s.negative_prompt}`].filter(Boolean).join("\n");
+      o.selected = chosen.has(s.name);
+      return o;
+    }));
+    select.size = Math.min(6, Math.max(2, styles.length));
+    $("styles-field").hidden = styles.length === 0;
+  }
+
+  function selectedStyles() {
+    return [...$("styles").selectedOptions].map((o) => o.value);
+  }
+
   // ------------------------------------------------------------------ the request
   function readInt(id, what) {
     const text = $(id).value.trim();
@@ -227,6 +246,8 @@
       batch_size: readInt("batch-size", "Batch size"),
       n_iter: readInt("batch-count", "Batch count"),
     };
+    const styles = selectedStyles();
+    if (styles.length) body.styles = styles;
     if (mode === "img2img") {
       if (!state.hasInit) throw new ApiError("Choose an init image first (img2img tab).", 0);
       body.init_images = [$("init-canvas").toDataURL("image/png")];
@@ -560,6 +581,8 @@
     const prompt = Array.isArray(p.prompt) ? p.prompt[sel.index % p.prompt.length] : p.prompt;
     setValue("prompt", prompt);
     setValue("negative-prompt", p.negative_prompt);
+    // the job's prompts already hold the styles it asked for: choosing them again would apply them twice
+    for (const o of $("styles").options) o.selected = false;
     const samplers = (state.info && state.info.samplers) || [];
     const spec = samplers.find((s) => s.name === p.sampler) || samplers.find((s) => s.label === p.sampler);
     if (spec) setValue("sampler", spec.label);
