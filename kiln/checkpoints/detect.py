@@ -21,7 +21,9 @@ def _indices(keys, pattern):
     return sorted({int(m[1]) for k in keys if (m := re.match(pattern, k))})
 
 
-def unet_config(src, prefix=UNET) -> UNetConfig:
+def unet_config(src, prefix=UNET, out_channels: int | None = None) -> UNetConfig:
+    """The UNet's layout from its tensors' names and shapes; `out_channels` given: an encoder alone (a ControlNet),
+    which has no output layer to read it from."""
     keys = [k[len(prefix):] for k in src.keys() if k.startswith(prefix)]
     shape = lambda k: src.shape(prefix + k)
     if "input_blocks.0.0.weight" not in keys:
@@ -57,7 +59,7 @@ def unet_config(src, prefix=UNET) -> UNetConfig:
     # Heads do not show in shapes: SD 1.x uses 8 heads; SD 2.x and SDXL use 64-channel heads.
     heads = dict(num_heads=8) if context_dim == 768 and not linear else dict(num_heads=-1, num_head_channels=64)
     return UNetConfig(
-        in_channels=in_ch, out_channels=shape("out.2.weight")[0], model_channels=mc,
+        in_channels=in_ch, out_channels=out_channels or shape("out.2.weight")[0], model_channels=mc,
         attention_resolutions=tuple(2 ** lv for lv in sorted(attn_levels, reverse=True)), num_res_blocks=res_blocks[0],
         channel_mult=tuple(mults), transformer_depth=per_level if len(set(per_level)) > 1 else per_level[0],
         context_dim=context_dim, use_linear_in_transformer=linear, adm_in_channels=adm, **heads)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import KilnError
+from .control import add_control_flags, control_units
 from .common import PREPACK, add_memory_flags, add_precision_flag, say
 from .scripts import Default, add_script_flags, counts, run_script, script_request
 
@@ -62,6 +63,7 @@ def txt2img_parser(sub, command="txt2img"):
     p.add_argument("--from-file", dest="from_file", type=str, help="read prompts from this file, one per line")
     p.add_argument("--seed", type=int, default=42, help="image i of the run uses seed + i")
     _model_flags(p)
+    add_control_flags(p)
     _output_flags(p)
     add_script_flags(p, command)
     return p
@@ -246,7 +248,7 @@ def params_from_cli(opt, prompts: list[str], loras: list):
     kw["watermark"] = False if opt.no_watermark else (opt.watermark if opt.watermark is not None else True)
     prompts, kw["negative_prompt"] = apply_styles(opt, prompts, kw["negative_prompt"])
     kw.update(prompt=prompts, sampler=opt.sampler or ("plms" if opt.plms else "ddim"), loras=loras,
-              seed_resize_from=parse_size(opt.seed_resize_from, "--seed-resize-from"))
+              seed_resize_from=parse_size(opt.seed_resize_from, "--seed-resize-from"), controlnets=control_units(opt))
     if opt.command == "inpaint":
         kw["outpaint"] = outpaint = parse_outpaint(opt.outpaint)
         if opt.mask is None and outpaint is None:

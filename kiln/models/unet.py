@@ -205,43 +205,59 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def build_encoder(m: nn.Module, cfg: UNetConfig):
+    """The UNet's time (and label) embedding, input blocks and middle block, set on `m` under the checkpoint's
+    names: shared by the UNet and a ControlNet, its trainable copy. Returns (the skips' channels, the channels
+    after the middle block, the downsampling factor there, the attention-block factory)."""
+    mc = cfg.model_channels
+    emb_ch = mc * 4
+    m.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+    if cfg.adm_in_channels is not None:
+        m.label_emb = nn.Sequential(
+            nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
+
+    def attention(ch, level):
+        if cfg.num_head_channels == -1:
+            heads, dim_head = cfg.num_heads, ch // cfg.num_heads
+        else:
+            heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
+        return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim,
+                                  cfg.use_linear_in_transformer, cfg.upcast_attention)
+
+    m.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
+    skip_chans, ch, ds = [mc], mc, 1
+    for level, mult in enumerate(cfg.channel_mult):
+        for _ in range(cfg.num_res_blocks):
+            layers = [ResBlock(ch, emb_ch, mult * mc)]
+            ch = mult * mc
+            if ds in cfg.attention_resolutions:
+                layers.append(attention(ch, level))
+            m.input_blocks.append(TimestepEmbedSequential(*layers))
+            skip_chans.append(ch)
+        if level != len(cfg.channel_mult) - 1:
+            m.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+            skip_chans.append(ch)
+            ds *= 2
+    last = len(cfg.channel_mult) - 1
+    m.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch), attention(ch, last), ResBlock(ch, emb_ch, ch))
+    return skip_chans, ch, ds, attention
+
+
+def embed(m: nn.Module, cfg: UNetConfig, t, y, dtype):
+    """The timestep (and SDXL's vector) embedding of a UNet or ControlNet built by `build_encoder`."""
+    emb = m.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype))
+    if cfg.adm_in_channels is not None:
+        emb = emb + m.label_emb(y.to(dtype))
+    return emb
+
+
 class UNetModel(nn.Module):
     def __init__(self, cfg: UNetConfig = UNetConfig()):
         super().__init__()
         self.cfg = cfg
         mc = cfg.model_channels
         emb_ch = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
-        if cfg.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
-
-        def attention(ch, level):
-            if cfg.num_head_channels == -1:
-                heads, dim_head = cfg.num_heads, ch // cfg.num_heads
-            else:
-                heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
-            return SpatialTransformer(ch, heads, dim_head, cfg.depth(level), cfg.context_dim,
-                                      cfg.use_linear_in_transformer, cfg.upcast_attention)
-
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_chans, ch, ds = [mc], mc, 1
-        for level, mult in enumerate(cfg.channel_mult):
-            for _ in range(cfg.num_res_blocks):
-                layers = [ResBlock(ch, emb_ch, mult * mc)]
-                ch = mult * mc
-                if ds in cfg.attention_resolutions:
-                    layers.append(attention(ch, level))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_chans.append(ch)
-                ds *= 2
-
-        last = len(cfg.channel_mult) - 1
-        self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_ch, ch), attention(ch, last), ResBlock(ch, emb_ch, ch))
+        skip_chans, ch, ds, attention = build_encoder(self, cfg)
 
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
@@ -261,12 +277,12 @@ class UNetModel(nn.Module):
     def dtype(self):
         return self.time_embed[0].weight.dtype
 
-    def forward(self, x, t, context, y=None, cache: "FeatureCache | None" = None):
+    def forward(self, x, t, context, y=None, cache: "FeatureCache | None" = None, control=None):
         """x: [B, C, h, w] latents; t: [B] timesteps (may be fractional); context: [B, n, context_dim];
-        y: [B, adm_in_channels] vector conditioning (SDXL only); cache: DeepCache-style feature reuse."""
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(self.dtype))
-        if self.cfg.adm_in_channels is not None:
-            emb = emb + self.label_emb(y.to(self.dtype))
+        y: [B, adm_in_channels] vector conditioning (SDXL only); cache: DeepCache-style feature reuse;
+        control: ControlNet residuals (one per input block, then the middle block's), added to the skips and to
+        the middle block's output."""
+        emb = embed(self, self.cfg, t, y, self.dtype)
         h = like_weights(x.to(self.dtype), self.input_blocks[0][0])
         context = context.to(self.dtype)
         reuse = cache is not None and cache.reuse(h)
@@ -279,12 +295,17 @@ class UNetModel(nn.Module):
             h = cache.h
         else:
             h = self.middle_block(h, emb, context)
+            if control is not None:
+                h = h + control[-1]
         for i, block in enumerate(self.output_blocks):
             if reuse and i < shallow:
                 continue
             if i == shallow:
                 cache.h = h  # what the deep part hands to the last `depth` output blocks
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
+            skip = hs.pop()
+            if control is not None:
+                skip = skip + control[len(hs)]
+            h = block(torch.cat([h, skip], dim=1), emb, context, hs[-1].shape[-2:] if hs else None)
         return self.out(h).to(x.dtype)
 
 

@@ -21,11 +21,12 @@ from .text import Cond, conditioning
 @dataclass
 class Clock:
     step: int = 0  # the sampler step about to run, from 0
+    total: int = 1  # the steps this pass runs
 
     def ticking(self, on_step):
         """`on_step` (a sampler callback), advancing the clock after every step."""
         def tick(i, total, x, pred_x0):
-            self.step = i + 1
+            self.step, self.total = i + 1, total
             if on_step is not None:
                 on_step(i, total, x, pred_x0)
         return tick
@@ -43,8 +44,10 @@ class Mix:
     plain: bool = field(init=False)  # one weight-1 part per image, in image order after the negatives
 
     def __post_init__(self):
-        self.cond = Cond(self.cond.context, self.cond.vector, self.sources)
         first = 0 if self.uncond is None else len(self.parts)
+        marks = torch.ones(len(self.sources))
+        marks[:first] = 0
+        self.cond = Cond(self.cond.context, self.cond.vector, self.sources, marks)
         self.plain = all(ps == [(first + i, 1.0)] for i, ps in enumerate(self.parts))
 
     def combine(self, out: torch.Tensor, scale: float) -> torch.Tensor:

@@ -19,7 +19,9 @@ import torch
 
 from ..models.unet import FeatureCache
 from ..tiling import tiled_cover
+from ..errors import KilnError
 from .conds import fixed_mix
+from .control import with_control
 from .text import Cond
 from .vae import tiled
 
@@ -31,10 +33,12 @@ def unet_call(pipe, tile: str = "auto", deepcache=None):
     ks = pipe.native_size // pipe.cfg.downscale
     cache = FeatureCache(*deepcache) if deepcache else None
 
-    def call(x, t, c: Cond):
+    def call(x, t, c: Cond, control=None):
         if tiled(pipe, tile, x.shape[-2:]):
+            if control is not None:
+                raise KilnError("ControlNet does not run on a tiled UNet yet: pass tile off (--tile off)")
             return tiled_cover(lambda z: unet(z, t, c.context, c.vector), x, ks, ks * 3 // 4)
-        return unet(x, t, c.context, c.vector, cache=cache)
+        return unet(x, t, c.context, c.vector, cache=cache, control=control)
 
     return call
 
@@ -46,10 +50,10 @@ def external_call(fn):
 
 def with_channels(call, extra: torch.Tensor):
     """Inpainting models: `extra` (mask and masked-image latents, [B, 5, h, w]) appended to the input channels."""
-    def channels(x, t, c):
+    def channels(x, t, c, **kw):
         e = extra.to(x.device, x.dtype)
         e = e.repeat(x.shape[0] // e.shape[0], 1, 1, 1) if c.images is None else e[c.images.to(e.device)]
-        return call(torch.cat([x, e], dim=1), t, c)
+        return call(torch.cat([x, e], dim=1), t, c, **kw)
 
     return channels
 
@@ -82,8 +86,8 @@ def call_rows(call, x, t: float, c: Cond, device):
         if x.shape[0] == 1:
             raise
     half = x.shape[0] // 2
-    part = lambda a, b: Cond(c.context[a:b], None if c.vector is None else c.vector[a:b],
-                             None if c.images is None else c.images[a:b])
+    rows = lambda t, a, b: None if t is None else t[a:b]
+    part = lambda a, b: Cond(c.context[a:b], rows(c.vector, a, b), rows(c.images, a, b), rows(c.prompt_rows, a, b))
     return torch.cat([call_rows(call, x[:half], t, part(0, half), device),
                       call_rows(call, x[half:], t, part(half, None), device)])
 
@@ -97,7 +101,7 @@ def v_to_eps(eps, disc):
     return converted
 
 
-def build(pipe, cond, uncond, scale, *, concat=None, tile="auto", model_call=None):
+def build(pipe, cond, uncond, scale, *, concat=None, tile="auto", model_call=None, control=None):
     """The guided noise predictor of `pipe` for this conditioning (`cond` and `uncond` Conds, or `cond` a per-step
     `conds(t)`): the wrappers above, in order."""
     if callable(cond):  # a per-step source (`kiln.pipeline.conds.prompt_conds`)
@@ -109,5 +113,7 @@ def build(pipe, cond, uncond, scale, *, concat=None, tile="auto", model_call=Non
     call = model_call or unet_call(pipe, tile, pipe.deepcache)
     if concat is not None:
         call = with_channels(call, concat)
+    if control is not None:  # (units, clock): outside the inpainting channels, as ControlNets see 4 channels
+        call = with_control(call, *control)
     eps = guided(call, conds, scale, pipe.dtype, pipe.device)
     return v_to_eps(eps, pipe.discrete) if pipe.cfg.parameterization == "v" else eps

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..samplers.run import sample
+from ..samplers.run import sample, steps_run
 from . import denoiser
 from .canvas import Canvas, img2img_canvas, txt2img_canvas
 from .lora import apply_networks
 from .noise import randn, start_noise
 from .params import Checked, GenerationParams, check, infotext_fields, record
 from .conds import Clock, prompt_conds
+from .control import activate, control_fields
 from .vae import decode_latents, encode_images, latent_preview, to_model_input, to_uint8
 
 
@@ -95,11 +96,14 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
     used = {}
     clean, lora_fields = apply_networks(pipe, batch, p.loras)
     noise = lambda like: randn(like.shape[1:], gens, like.device, torch.float32)
-    size, clock = (canvas.width, canvas.height), Clock()
+    size = (canvas.width, canvas.height)
+    clock = Clock(total=steps_run(c.spec, pipe.discrete, c.schedule, p.steps, p.strength if init is not None else 1.0))
     with torch.no_grad():
         conds = prompt_conds(pipe, clean, p.negative_prompt, p.steps, guidance=p.scale != 1.0,
                              clip_skip=p.clip_skip, size=size, used=used, clock=clock)
-        eps = denoiser.build(pipe, conds, None, p.scale, tile=p.tile,
+        control = (activate(pipe, p.controlnets, *size), clock) if p.controlnets else None
+        unit_fields = control_fields(control[0]) if control else {}
+        eps = denoiser.build(pipe, conds, None, p.scale, tile=p.tile, control=control,
                              concat=None if canvas.concat is None else canvas.concat.expand(n, -1, -1, -1))
         refine = _refiner(pipe, p, clean, size, clock) if pipe.refiner is not None else None
         bar = tqdm(total=p.steps, desc="sampling", unit="step", disable=not hooks.progress, leave=False)
@@ -119,7 +123,7 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
         pixels = _watermark(pipe, p, pixels, notices)
     ti = {"TI hashes": ", ".join(f"{e.name}: {e.short_hash}" for e in used.values())} if used else {}
     return Result([Image.fromarray(px) for px in pixels], seeds, list(batch), {}, z, pixels, [], flagged,
-                  list(notices)), {**lora_fields, **ti}
+                  list(notices)), {**lora_fields, **ti, **unit_fields}
 
 
 def _watermark(pipe, p: GenerationParams, pixels, notices):
@@ -158,10 +162,12 @@ def _hires(pipe, p, c, z, clean, size, gens, noise, callback):
         big = np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.LANCZOS)) for x in px])
         init = encode_images(pipe, to_model_input(big), tile=p.tile).float()
     start = randn((z.shape[1], *lat), gens, pipe.device)
-    steps, clock = p.hires_steps or p.steps, Clock()
+    steps = p.hires_steps or p.steps
+    clock = Clock(total=steps_run(c.spec, pipe.discrete, c.schedule, steps, p.hires_strength))
     conds = prompt_conds(pipe, clean, p.negative_prompt, p.steps, guidance=p.scale != 1.0, clip_skip=p.clip_skip,
                          size=size, clock=clock, hires_steps=steps)
-    eps = denoiser.build(pipe, conds, None, p.scale, tile=p.tile)
+    control = (activate(pipe, p.controlnets, w, h), clock) if p.controlnets else None  # again, at the hires size
+    eps = denoiser.build(pipe, conds, None, p.scale, tile=p.tile, control=control)
     return sample(c.spec, eps, start, disc=pipe.discrete, schedule=c.schedule, steps=steps, eta=c.eta,
                   s_noise=p.s_noise, noise=noise, callback=clock.ticking(callback), init=init,
                   strength=p.hires_strength)

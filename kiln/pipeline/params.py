@@ -47,6 +47,7 @@ class GenerationParams:
     hires_strength: float = 0.7
     loras: list = field(default_factory=list)  # [(file or name, weight)], besides <lora:…> tags in the prompt
     watermark: bool | str = True  # the invisible watermark: True the model's text, a text, or False for none
+    controlnets: list = field(default_factory=list)  # [kiln.pipeline.control.ControlUnit], applied in order
     # img2img and inpainting: with an init image
     init_image: Any = None  # a path or a PIL image
     strength: float = 0.75

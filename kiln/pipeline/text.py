@@ -18,6 +18,7 @@ class Cond:
     context: torch.Tensor
     vector: torch.Tensor | None = None
     images: torch.Tensor | None = None
+    prompt_rows: torch.Tensor | None = None  # [B] 1 for a prompt's rows, 0 for a negative prompt's (None: all 1)
 
 
 @torch.no_grad()

@@ -22,6 +22,14 @@ def keeping(denoise, known_mask, init):
     return lambda z, sigma: known_mask * init + (1 - known_mask) * denoise(z, sigma)
 
 
+def steps_run(spec, disc, schedule: str, steps: int, strength: float = 1.0) -> int:
+    """How many steps `sample` runs for these arguments (its callbacks' total): DDIM/PLMS count CompVis'
+    sub-steps (30 steps run 31), img2img only the last int(strength · n)."""
+    n = len(ddim_timesteps(steps, len(disc.alphas_cumprod), COMPVIS_DISCRETIZE[schedule])) if spec.kind == "eps" \
+        else steps
+    return n if strength >= 1.0 else int(strength * n)
+
+
 def _staged(cb, offset, steps):
     return None if cb is None else (lambda i, n, *a: cb(i + offset, steps, *a))
 

@@ -1,0 +1,144 @@
+"""ControlNet on the embedded demo model with a random ControlNet in lllyasviel's layout: loading (layouts, errors),
+the denoiser wrapper (weight, start/end, control modes, several units, batches, AND, hires fix, img2img), the CLI
+flags and the infotext. Parity with diffusers on full-size weights: tests/test_parity_controlnet.py."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from kiln.checkpoints.controlnet import load_controlnet
+from kiln.errors import CheckpointError, KilnError
+from kiln.models.controlnet import ControlNetConfig, ControlNetModel
+from kiln.pipeline.control import ControlUnit
+
+KW = dict(steps=6, sampler="euler", seed=1, watermark=False)
+PROMPT = "a red circle on a white background"
+
+
+def write_controlnet(path, unet_cfg, seed=0, prefix="control_model.", dtype=torch.float32):
+    torch.manual_seed(seed)
+    net = ControlNetModel(ControlNetConfig(unet_cfg))
+    state = {prefix + k: v.to(dtype).contiguous() for k, v in net.state_dict().items()}
+    if str(path).endswith(".safetensors"):
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cn(pipe, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cn")
+    return [write_controlnet(root / f"cn{k}.safetensors", pipe.cfg.unet, seed=k) for k in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def square():
+    im = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(im).rectangle([10, 10, 40, 40], outline="white", width=2)
+    return im
+
+
+def moved(a, b, level=8):
+    return (np.abs(a.astype(int) - b.astype(int)).max(axis=-1) > level).mean()
+
+
+@pytest.fixture(scope="module")
+def plain(pipe):
+    return pipe.txt2img(PROMPT, **KW).pixels
+
+
+def test_every_layout_loads_the_same_tensors(pipe, cn, tmp_path):
+    ref = load_controlnet(cn[0]).state_dict()
+    for path, prefix, dtype in ((tmp_path / "bare.safetensors", "", torch.float32),
+                                (tmp_path / "half.pth", "control_model.", torch.float16)):
+        write_controlnet(path, pipe.cfg.unet, seed=0, prefix=prefix, dtype=dtype)
+        got = load_controlnet(path).state_dict()
+        assert got.keys() == ref.keys()
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k].to(dtype).float(), atol=0, rtol=0)
+
+
+def test_clear_errors_for_files_that_are_not_controlnets(pipe, tmp_path):
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(CheckpointError, match="not a ControlNet"):
+        load_controlnet(tmp_path / "x.safetensors")
+    save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(1)}, str(tmp_path / "d.safetensors"))
+    with pytest.raises(CheckpointError, match="diffusers' layout"):
+        load_controlnet(tmp_path / "d.safetensors")
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_controlnet(tmp_path / "missing.safetensors")
+
+
+def test_a_controlnet_for_another_base_model_is_refused(pipe, square, tmp_path):
+    from dataclasses import replace
+
+    other = write_controlnet(tmp_path / "other.safetensors", replace(pipe.cfg.unet, context_dim=96))
+    with pytest.raises(KilnError, match="made for"):
+        pipe.txt2img(PROMPT, controlnets=[ControlUnit(other, square)], **KW)
+
+
+def test_weight_start_end_and_modes(pipe, cn, square, plain):
+    run = lambda **kw: pipe.txt2img(PROMPT, controlnets=[ControlUnit(cn[0], square, **kw)], **KW)
+    full = run().pixels
+    assert moved(plain, full) > 0.5  # a random ControlNet moves most pixels
+    assert np.array_equal(run(weight=0.0).pixels, plain)  # weight 0: no control at all
+    late = run(start=0.5).pixels
+    assert 0 < moved(plain, late) < moved(plain, full)
+    for mode in (1, 2, "ControlNet is more important"):
+        assert moved(full, run(control_mode=mode).pixels) > 0.1, mode
+    with pytest.raises(KilnError, match="start and end"):
+        run(start=0.6, end=0.4)
+    with pytest.raises(KilnError, match="control mode"):
+        run(control_mode="loud")
+
+
+def test_two_units_add_up(pipe, cn, square, plain):
+    circle = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(circle).ellipse([20, 20, 60, 60], outline="white", width=2)
+    one = pipe.txt2img(PROMPT, controlnets=[ControlUnit(cn[0], square)], **KW)
+    both = pipe.txt2img(PROMPT, controlnets=[ControlUnit(cn[0], square), ControlUnit(cn[1], circle, 0.7)], **KW)
+    assert moved(one.pixels, both.pixels) > 0.2
+    assert "ControlNet 0: " in both.infotexts[0] and "ControlNet 1: " in both.infotexts[0]
+    assert "Weight: 0.7" in both.infotexts[0]
+
+
+def test_batches_and_and_prompts_get_the_control_on_every_row(pipe, cn, square):
+    unit = [ControlUnit(cn[0], square)]
+    single = pipe.txt2img(PROMPT, controlnets=unit, **KW).pixels
+    batch = pipe.txt2img(PROMPT, controlnets=unit, **{**KW, "batch_size": 2}).pixels
+    assert np.abs(batch[0].astype(int) - single[0].astype(int)).max() <= 1
+    zero = pipe.txt2img(PROMPT + " AND a blue star :0", controlnets=unit, **KW).pixels
+    assert np.abs(zero.astype(int) - single.astype(int)).max() <= 1
+
+
+def test_hires_fix_and_img2img_with_a_unit(pipe, cn, square):
+    unit = [ControlUnit(cn[0], square, module="canny")]
+    hires = pipe.txt2img(PROMPT, controlnets=unit, hires_scale=2.0, hires_steps=2, **KW)
+    assert hires.pixels.shape[1:3] == (128, 128)
+    init = Image.new("RGB", (64, 64), "white")
+    plain = pipe.img2img(PROMPT, init, strength=0.8, **KW).pixels
+    ruled = pipe.img2img(PROMPT, init, strength=0.8, controlnets=unit, **KW).pixels
+    assert moved(plain, ruled) > 0.3
+    assert "Module: canny" in hires.infotexts[0]
+
+
+def test_cli_flags(cn, square, tmp_path, capsys):
+    from kiln.cli import main
+
+    square.save(tmp_path / "square.png")
+    base = ["txt2img", "--prompt", PROMPT, "--outdir", str(tmp_path / "out"), "--n_samples", "1", "--n_iter", "1",
+            "--ddim_steps", "4", "--no-watermark"]
+    args = base + ["--controlnet", str(cn[0]), "--controlnet", str(cn[1]), "--control-image",
+                   str(tmp_path / "square.png"), "--control-weight", "0.5", "--control-weight", "0.8"]
+    assert main(args) == 0
+    text = Image.open(tmp_path / "out" / "samples" / "00000.png").text["parameters"]
+    assert 'ControlNet 0: "Module: none, Model: cn0 [' in text and "Weight: 0.8" in text
+    assert main(base + ["--control-image", "x.png"]) == 1
+    assert "needs --controlnet" in capsys.readouterr().err
+    assert main(args + ["--control-end", "0.5", "--control-end", "0.6", "--control-end", "0.7"]) == 1
+    assert "given 3 times for 2 ControlNet units" in capsys.readouterr().err
+    assert main(base + ["--controlnet", str(cn[0]), "--control-image", str(tmp_path / "square.png"),
+                        "--control-preprocessor", "openpose"]) == 1
+    assert "openpose" in capsys.readouterr().err
