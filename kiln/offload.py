@@ -49,6 +49,12 @@ class Offloader:
             for m in part.modules():
                 self._handles.append(m.register_forward_pre_hook(lambda mod, args, part=part: self.bring(part)))
 
+    def add(self, part: nn.Module) -> None:
+        """One more part, kept in CPU memory until it runs (a ControlNet loaded for a generation)."""
+        self.parts.append(part)
+        for m in part.modules():
+            self._handles.append(m.register_forward_pre_hook(lambda mod, args, part=part: self.bring(part)))
+
     def bring(self, part: nn.Module) -> None:
         if self.resident is part:
             return

@@ -17,9 +17,16 @@ PROMPT = "a red circle on a white background"
 
 
 def write_controlnet(path, unet_cfg, seed=0, prefix="control_model.", dtype=torch.float32):
-    torch.manual_seed(seed)
-    net = ControlNetModel(ControlNetConfig(unet_cfg))
-    state = {prefix + k: v.to(dtype).contiguous() for k, v in net.state_dict().items()}
+    """A random ControlNet (sdref's 1/sqrt(fan_in) weights, so that the hint reaches the residuals)."""
+    import sdref
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ControlNetModel(ControlNetConfig(unet_cfg)).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, shape in shapes.items():  # the hint block ×1.5 per conv (against SiLU): the hint must reach h
+        gain = 1.5 if "input_hint_block" in k and k.endswith("weight") else 1.0
+        state[prefix + k] = (sdref.random_tensor(k, shape, gen) * gain).to(dtype)
     if str(path).endswith(".safetensors"):
         save_file(state, str(path))
     else:
@@ -64,8 +71,9 @@ def test_clear_errors_for_files_that_are_not_controlnets(pipe, tmp_path):
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(CheckpointError, match="not a ControlNet"):
         load_controlnet(tmp_path / "x.safetensors")
-    save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(1)}, str(tmp_path / "d.safetensors"))
-    with pytest.raises(CheckpointError, match="diffusers' layout"):
+    save_file({"controlnet_cond_embedding.conv_in.weight": torch.zeros(1), "unet.x": torch.zeros(1)},
+              str(tmp_path / "d.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'unet.x'"):
         load_controlnet(tmp_path / "d.safetensors")
     with pytest.raises(CheckpointError, match="no such file"):
         load_controlnet(tmp_path / "missing.safetensors")
@@ -142,3 +150,64 @@ def test_cli_flags(cn, square, tmp_path, capsys):
     assert main(base + ["--controlnet", str(cn[0]), "--control-image", str(tmp_path / "square.png"),
                         "--control-preprocessor", "openpose"]) == 1
     assert "openpose" in capsys.readouterr().err
+
+
+def test_diffusers_layout_folder_and_file_load_the_same_tensors(pipe, cn, tmp_path):
+    """A diffusers ControlNetModel written by diffusers itself (its own converter from the lllyasviel file, then
+    save_pretrained) loads to exactly the lllyasviel file's tensors: folder and single file."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, \
+        create_unet_diffusers_config_from_ldm
+    from safetensors.torch import load_file
+
+    u = pipe.cfg.unet
+    unet_params = dict(in_channels=u.in_channels, out_channels=u.out_channels, model_channels=u.model_channels,
+                       attention_resolutions=list(u.attention_resolutions), num_res_blocks=u.num_res_blocks,
+                       channel_mult=list(u.channel_mult), num_heads=u.num_heads, context_dim=u.context_dim,
+                       transformer_depth=1, use_linear_in_transformer=u.use_linear_in_transformer)
+    original = {"model": {"params": {"unet_config": {"params": unet_params}, "first_stage_config": {"params": {
+        "ddconfig": {"ch_mult": [1, 2, 2]}}}}}}
+    checkpoint = load_file(str(cn[0]))
+    unet_like = {"model.diffusion_model." + k[len("control_model."):]: v for k, v in checkpoint.items()}
+    cfg = create_unet_diffusers_config_from_ldm(original, unet_like)
+    keep = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+            "attention_head_dim", "use_linear_projection")
+    ref = diffusers.ControlNetModel(conditioning_channels=3, **{k: cfg[k] for k in keep})
+    ref.load_state_dict(convert_controlnet_checkpoint(checkpoint, cfg), strict=True)
+    ref.save_pretrained(tmp_path / "folder")
+    want = load_controlnet(cn[0]).state_dict()
+    for path in (tmp_path / "folder", tmp_path / "folder" / "diffusion_pytorch_model.safetensors"):
+        got = load_controlnet(path).state_dict()
+        assert got.keys() == want.keys()
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
+
+
+def test_under_medvram_the_controlnet_is_one_more_offloaded_part(cn, square):
+    import kiln
+    from kiln.demo.report import EMBEDDED
+
+    pipe = kiln.load(EMBEDDED, device="cpu")
+    want = pipe.txt2img(PROMPT, controlnets=[ControlUnit(cn[0], square)], **KW).pixels
+    pipe = kiln.load(EMBEDDED, device="cpu")
+    pipe.offload("medvram")
+    got = pipe.txt2img(PROMPT, controlnets=[ControlUnit(cn[0], square)], **KW)
+    net = next(iter(pipe._controlnets.values()))
+    assert any(part is net for part in pipe.offloader.parts)
+    assert np.array_equal(got.pixels, want)
+
+
+def test_inpaint_units_get_the_masked_input(pipe, cn, square, tmp_path):
+    from kiln.pipeline.control import control_map
+
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).rectangle([0, 0, 31, 63], fill=255)
+    hint, _ = control_map(ControlUnit(cn[0], square, module="inpaint"), 0, 64, 64, mask)
+    assert (hint[:, :32] == -1).all() and (hint[:, 32:] >= 0).all()
+    init = Image.new("RGB", (64, 64), "white")
+    kw = dict(KW, strength=0.9, mask=mask)
+    plain = pipe.img2img(PROMPT, init, controlnets=[ControlUnit(cn[0], init)], **kw).pixels
+    inpaint = pipe.img2img(PROMPT, init, controlnets=[ControlUnit(cn[0], init, module="inpaint")], **kw).pixels
+    assert moved(plain, inpaint) > 0.1
+    with pytest.raises(KilnError, match="needs a mask"):
+        pipe.txt2img(PROMPT, controlnets=[ControlUnit(cn[0], init, module="inpaint")], **KW)

@@ -1,8 +1,11 @@
 """ControlNet files: lllyasviel's layout (`control_model.*`, or the same names without the prefix; `.pth`/`.ckpt`
-through the restricted unpickler, or `.safetensors`; fp32 or the fp16 "pruned" files of ControlNet 1.0/1.1), read
-into `kiln.models.controlnet.ControlNetModel`, and checked against the model they are to steer."""
+through the restricted unpickler, or `.safetensors`; fp32 or the fp16 "pruned" files of ControlNet 1.0/1.1) and
+diffusers' `ControlNetModel` (a folder with `diffusion_pytorch_model.safetensors`, or that file alone: SD 1.x/2.x and
+SDXL ControlNets), read into `kiln.models.controlnet.ControlNetModel`, and checked against the model they are to
+steer."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -21,10 +24,63 @@ def controlnet_prefix(src) -> str:
     for prefix in (CONTROL, ""):
         if f"{prefix}input_hint_block.0.weight" in src and f"{prefix}zero_convs.0.0.weight" in src:
             return prefix
-    if "controlnet_cond_embedding.conv_in.weight" in src:
-        raise CheckpointError(f"{src.name}: a ControlNet in diffusers' layout; kiln reads lllyasviel's layout "
-                              "(control_model.*) so far")
-    raise CheckpointError(f"{src.name}: not a ControlNet (no 'control_model.input_hint_block.*' tensors)")
+    raise CheckpointError(f"{src.name}: not a ControlNet (no 'control_model.input_hint_block.*' tensors, nor "
+                          "diffusers' 'controlnet_cond_embedding.*')")
+
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+          "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+         "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+         "conv_in": "input_blocks.0.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+         "controlnet_cond_embedding.conv_out": "input_hint_block.14", "controlnet_mid_block": "middle_block_out.0"}
+
+
+def _resnet(rest: str) -> str:
+    name, _, param = rest.partition(".")
+    return f"{RESNET[name]}.{param}"
+
+
+def lllyasviel_key(key: str, layers: int) -> str | None:
+    """The lllyasviel name of a diffusers ControlNet tensor (`layers`: ResBlocks per level), None if it has none."""
+    for theirs, ours in FIXED.items():
+        if key.startswith(theirs + "."):
+            return ours + key[len(theirs):]
+    per_level = layers + 1
+    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", key):
+        b, what, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        if what == "downsamplers":
+            return f"input_blocks.{1 + b * per_level + layers}.0.op.{rest.removeprefix('conv.')}"
+        i = 1 + b * per_level + j
+        return f"input_blocks.{i}.0.{_resnet(rest)}" if what == "resnets" else f"input_blocks.{i}.1.{rest}"
+    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
+        return f"middle_block.{2 * int(m[2])}.{_resnet(m[3])}" if m[1] == "resnets" else f"middle_block.1.{m[3]}"
+    if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)\.(.+)", key):
+        return f"input_hint_block.{2 * (int(m[1]) + 1)}.{m[2]}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)\.(.+)", key):
+        return f"zero_convs.{m[1]}.0.{m[2]}"
+    return None
+
+
+def open_controlnet(path: Path):
+    """(the file or folder as a source under lllyasviel's names, their prefix)."""
+    if path.is_dir():
+        files = [path / f"diffusion_pytorch_model{s}" for s in (".safetensors", ".bin")]
+        found = [f for f in files if f.is_file()]
+        if not found:
+            raise CheckpointError(f"ControlNet {path}: a folder without diffusion_pytorch_model.safetensors (or .bin)")
+        path = found[0]
+    src = open_file(path)
+    if "controlnet_cond_embedding.conv_in.weight" not in src:
+        return src, controlnet_prefix(src)
+    layers = len({int(m[1]) for k in src.keys() if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", k))})
+    mapping = {}
+    for key in src.keys():
+        ours = lllyasviel_key(key, layers)
+        if ours is None:
+            raise CheckpointError(f"ControlNet {path}: an unexpected tensor {key!r} for diffusers' ControlNetModel")
+        mapping[ours] = key
+    return src.renamed(mapping, str(path)), ""
 
 
 def controlnet_config(src, prefix: str) -> ControlNetConfig:
@@ -33,12 +89,12 @@ def controlnet_config(src, prefix: str) -> ControlNetConfig:
 
 
 def load_controlnet(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> ControlNetModel:
-    """A ControlNet file as a model on `device` in `dtype`; errors name the file and what is wrong."""
+    """A ControlNet file (or diffusers folder) as a model on `device` in `dtype`; errors name the file and what is
+    wrong."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"ControlNet {path}: no such file")
-    src = open_file(path)
-    prefix = controlnet_prefix(src)
+    src, prefix = open_controlnet(path)
     cfg = controlnet_config(src, prefix)
     with torch.device("meta"):
         model = ControlNetModel(cfg)

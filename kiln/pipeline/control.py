@@ -11,10 +11,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import CheckpointError, KilnError
-from ..images import load_image
+from ..images import load_image, load_mask
 
 
 @dataclass
@@ -31,6 +30,7 @@ class ControlUnit:
     threshold_a: float | None = None  # the preprocessor's sliders (None: its defaults)
     threshold_b: float | None = None
     control_mode: Any = "Balanced"  # or "My prompt is more important", "ControlNet is more important" (0, 1, 2)
+    mask: Any = None  # inpaint preprocessors: white = repaint (default: the generation's inpainting mask)
 
     def check(self, k: int):
         if not 0.0 <= self.start < self.end <= 1.0:
@@ -97,7 +97,11 @@ def load_unit_model(pipe, model):
         if key not in cache:
             from ..checkpoints.hashes import legacy_hash
 
-            cache[key] = load_controlnet(model, dtype=pipe.dtype, device=pipe.device)
+            # --medvram/--lowvram: in CPU memory, on the device only while it runs (one more offloaded part)
+            offloaded = pipe.offloader is not None
+            cache[key] = load_controlnet(model, dtype=pipe.dtype, device="cpu" if offloaded else pipe.device)
+            if offloaded:
+                pipe.offloader.add(cache[key])
             # sd-webui-controlnet names models "name [hash]" with A1111's old 8-digit hash
             cache[key].title = f"{Path(model).stem} [{legacy_hash(model)}]"
         net = cache[key]
@@ -108,18 +112,20 @@ def load_unit_model(pipe, model):
     return net
 
 
-def activate(pipe, units: list[ControlUnit], width: int, height: int) -> list[Active]:
-    """The units for a picture of width × height: models loaded, control images read and fitted to the size. The
-    hint encoder downsamples by 8: a model whose VAE downsamples less (the embedded demo model: 4) gets its hint at
-    8 × the latent's size."""
+def activate(pipe, units: list[ControlUnit], width: int, height: int, mask=None) -> list[Active]:
+    """The units for a picture of width × height: models loaded, control images read, preprocessed and fitted to the
+    size (`mask`: the generation's inpainting mask, for inpaint units without their own). The hint encoder
+    downsamples by 8: a model whose VAE downsamples less (the embedded demo model: 4) gets its hint at 8 × the
+    latent's size."""
     out = []
     f = pipe.cfg.downscale
     for k, u in enumerate(units):
         u.check(k)
-        image, res = control_map(u, k, width, height)
+        hint, res = control_map(u, k, width, height, mask)
+        hint = torch.from_numpy(hint).permute(2, 0, 1)[None]
         if f != 8:
-            image = image.resize((width // f * 8, height // f * 8), Image.BICUBIC)
-        hint = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+            hint = torch.nn.functional.interpolate(hint, size=(height // f * 8, width // f * 8), mode="bicubic",
+                                                   align_corners=False)
         net = load_unit_model(pipe, u.model)
         out.append(Active(net, hint.to(pipe.device), float(u.weight), u.start, u.end, _record(u, net, res),
                           soft=u.control_mode != CONTROL_MODES[0], prompt_only=u.control_mode == CONTROL_MODES[2]))
@@ -146,18 +152,25 @@ def control_fields(units: list[Active]) -> dict:
     return {f"ControlNet {k}": u.record for k, u in enumerate(units)}
 
 
-def control_map(u: ControlUnit, k: int, width: int, height: int) -> tuple[Image.Image, int]:
-    """(The unit's control map at width × height, the preprocessor's resolution): the image read, preprocessed
-    (at `processor_res`, or pixel perfect: the resolution the image has once fitted) and fitted as its resize mode
-    says."""
+def control_map(u: ControlUnit, k: int, width: int, height: int, mask=None) -> tuple[np.ndarray, int]:
+    """(The unit's control map at width × height, float32 [H, W, 3] in 0..1, the preprocessor's resolution): the
+    image read, preprocessed (at `processor_res`, or pixel perfect: the resolution the image has once fitted) and
+    fitted as its resize mode says. Inpaint units: the masked pixels are −1 (ControlNet 1.1's inpaint input)."""
     from .. import preprocessors
 
     image = load_image(u.image, f"ControlNet unit {k}'s control image")
     try:
         mode = preprocessors.resize_mode(u.resize_mode)
         res = u.processor_res or preprocessors.pixel_perfect_resolution(image.size, width, height, mode)
-        image = preprocessors.run(u.module, image, res, u.threshold_a, u.threshold_b)
-        return preprocessors.resize_for(image, width, height, mode).convert("RGB"), res
+        module = preprocessors.find(u.module).name
+        image = preprocessors.resize_for(preprocessors.run(module, image, res, u.threshold_a, u.threshold_b),
+                                         width, height, mode).convert("RGB")
+        if not module.startswith("inpaint"):
+            return np.asarray(image, dtype=np.float32) / 255.0, res
+        if u.mask is None and mask is None:
+            raise KilnError(f"the {module} preprocessor needs a mask (the unit's, or the inpainting mask)")
+        m = load_mask(u.mask if u.mask is not None else mask, image.size)
+        return preprocessors.inpaint_hint(image, m), res
     except KilnError as e:
         raise KilnError(f"ControlNet unit {k}: {e}") from None
 

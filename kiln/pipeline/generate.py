@@ -101,7 +101,7 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
     with torch.no_grad():
         conds = prompt_conds(pipe, clean, p.negative_prompt, p.steps, guidance=p.scale != 1.0,
                              clip_skip=p.clip_skip, size=size, used=used, clock=clock)
-        control = (activate(pipe, p.controlnets, *size), clock) if p.controlnets else None
+        control = (activate(pipe, p.controlnets, *size, p.mask), clock) if p.controlnets else None
         unit_fields = control_fields(control[0]) if control else {}
         eps = denoiser.build(pipe, conds, None, p.scale, tile=p.tile, control=control,
                              concat=None if canvas.concat is None else canvas.concat.expand(n, -1, -1, -1))
@@ -166,7 +166,7 @@ def _hires(pipe, p, c, z, clean, size, gens, noise, callback):
     clock = Clock(total=steps_run(c.spec, pipe.discrete, c.schedule, steps, p.hires_strength))
     conds = prompt_conds(pipe, clean, p.negative_prompt, p.steps, guidance=p.scale != 1.0, clip_skip=p.clip_skip,
                          size=size, clock=clock, hires_steps=steps)
-    control = (activate(pipe, p.controlnets, w, h), clock) if p.controlnets else None  # again, at the hires size
+    control = (activate(pipe, p.controlnets, w, h), clock) if p.controlnets else None  # again, at its size
     eps = denoiser.build(pipe, conds, None, p.scale, tile=p.tile, control=control)
     return sample(c.spec, eps, start, disc=pipe.discrete, schedule=c.schedule, steps=steps, eta=c.eta,
                   s_noise=p.s_noise, noise=noise, callback=clock.ticking(callback), init=init,
