@@ -80,13 +80,16 @@ def _stop(server, thread):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, pipe):
     from kiln.server import Limits, ServerConfig, create_app
+    from test_controlnet import write_controlnet
 
     styles = tmp_path_factory.mktemp("styles") / "styles.csv"
     styles.write_text(STYLES_CSV, encoding="utf-8")
+    controlnets = tmp_path_factory.mktemp("controlnets")
+    write_controlnet(controlnets / "edges.safetensors", pipe.cfg.unet)
     config = ServerConfig(outdir=str(tmp_path_factory.mktemp("serve")), limits=Limits(max_size=256),
-                          styles_file=str(styles))
+                          styles_file=str(styles), controlnet_dir=str(controlnets))
     app = create_app(config)
     srv, thread, base = _serve(app)
     yield SimpleNamespace(base=base, app=app, config=config)
@@ -473,6 +476,34 @@ def test_img2img_with_a_painted_mask(page, server, tmp_path):
     assert page.locator("#mask-canvas").evaluate(
         "c => c.getContext('2d').getImageData(0, 0, c.width, c.height).data.some((v, i) => i % 4 == 3 && v)") is False
     shot(page, "img2img")
+
+
+def test_controlnet_panel(page, server, tmp_path):
+    square = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(square).rectangle([10, 10, 40, 40], outline="white", width=2)
+    square.save(tmp_path / "square.png")
+    open_ui(page, server.base)
+    page.click("#controlnet summary")
+    expect(page.locator("#cn-model option")).to_have_count(1)
+    assert page.locator("#cn-model").input_value().startswith("edges [")
+    page.set_input_files("#cn-image", str(tmp_path / "square.png"))
+    page.select_option("#cn-module", "invert")
+    with page.expect_response(lambda r: r.url.endswith("/controlnet/detect")) as detected:
+        page.click("#cn-detect")
+    assert detected.value.status == 200
+    expect(page.locator("#cn-preview")).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
+    shown = decode_data_url(page.locator("#cn-preview").get_attribute("src")).convert("RGB")
+    assert np.array_equal(np.asarray(shown), 255 - np.asarray(square))  # the inverted map, not the upload
+    page.check("#cn-enabled")
+    page.fill("#cn-weight", "1.5")
+    fill_form(page, seed=5)
+    with page.expect_request(lambda r: r.url.endswith("/api/v1/txt2img") and r.method == "POST") as request:
+        page.click("#generate")
+    unit = request.value.post_data_json["alwayson_scripts"]["controlnet"]["args"][0]
+    assert unit["model"].startswith("edges [") and unit["module"] == "invert" and unit["weight"] == 1.5
+    wait_results(page, 1)
+    expect(page.locator("#infotext")).to_contain_text('ControlNet 0: "Module: invert, Model: edges [')
+    shot(page, "controlnet")
 
 
 def test_errors_show_the_servers_detail(page, server):

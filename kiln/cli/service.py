@@ -33,6 +33,9 @@ def serve_parser(sub):
                    help="folder where <lora:name:weight> tags in prompts are looked up (listed at /sdapi/v1/loras)")
     p.add_argument("--embeddings-dir", dest="embeddings_dir", default=None,
                    help="textual-inversion embeddings, used in prompts by file name (listed at /sdapi/v1/embeddings)")
+    p.add_argument("--controlnet-dir", dest="controlnet_dir", default=None, metavar="DIR",
+                   help="ControlNet files requests' units may name (listed at /controlnet/model_list; "
+                        "default: models/ControlNet when it exists)")
     p.add_argument("--styles-file", dest="styles_file", default=None, metavar="PATH",
                    help="A1111's styles.csv (name, prompt, negative_prompt): the styles requests may name "
                         "(listed at /sdapi/v1/prompt-styles)")
@@ -84,6 +87,8 @@ def run_serve(opt):
         raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
     if opt.embeddings_dir and not Path(opt.embeddings_dir).is_dir():
         raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
+    if opt.controlnet_dir and not Path(opt.controlnet_dir).is_dir():
+        raise KilnError(f"--controlnet-dir {opt.controlnet_dir}: not a folder")
     if opt.styles_file:
         from ..styles import read_styles
 
@@ -99,7 +104,7 @@ def run_serve(opt):
                           api_auth=auth, token=token, preview_every=opt.preview_every,
                           safety_checker=opt.safety_checker, lora_dir=opt.lora_dir,
                           embeddings_dir=opt.embeddings_dir, styles_file=opt.styles_file, host=opt.host,
-                          port=opt.port)
+                          port=opt.port, controlnet_dir=opt.controlnet_dir)
     if opt.ray is not None:
         from ..distributed.serve import run
 

@@ -214,7 +214,8 @@ def cmd_flags(s: Server = Depends(server)):
     c = s.config
     host = c.host or "127.0.0.1"
     return {"ckpt": c.ckpt, "ckpt_dir": c.ckpt_dir, "lora_dir": c.lora_dir, "embeddings_dir": c.embeddings_dir,
-            "hypernetwork_dir": None, "styles_file": [c.styles_file] if c.styles_file else [],
+            "hypernetwork_dir": None, "controlnet_dir": s.controlnets.folder if s.controlnets else c.controlnet_dir,
+            "styles_file": [c.styles_file] if c.styles_file else [],
             "listen": host not in ("127.0.0.1", "localhost", "::1"), "server_name": host, "port": c.port,
             "api": True, "nowebui": False, "api_auth": "***" if c.api_auth else None,
             "medvram": c.offload == "medvram", "lowvram": c.offload == "lowvram", "no_half": c.precision == "fp32",

@@ -10,7 +10,7 @@ import time
 from fastapi import FastAPI, Request
 
 from .. import __version__
-from . import a1111, extras, jobs, webui
+from . import a1111, controlnet, extras, jobs, webui
 from .context import RequestError, Server, ServerConfig, authorized, error_response, parse_api_auth
 from .worker import ModelIndex, QueueFull, Worker
 
@@ -39,7 +39,7 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
     app = FastAPI(title="kiln", version=__version__,
                   description="Stable Diffusion: AUTOMATIC1111-compatible API (/sdapi/v1), job API (/api/v1), web UI.")
     app.state.worker, app.state.config = worker, config
-    app.state.server = Server(config, worker, styles)
+    app.state.server = Server(config, worker, styles, controlnet.ControlNetIndex.for_config(config.controlnet_dir))
     limits, protected = config.limits, bool(config.api_auth or config.token)
 
     @app.middleware("http")
@@ -67,6 +67,7 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
     app.include_router(a1111.router)
     app.include_router(extras.router)
     app.include_router(jobs.router)
+    app.include_router(controlnet.router)
     webui.mount(app)
     return app
 

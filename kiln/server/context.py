@@ -32,6 +32,7 @@ class ServerConfig:
     styles_file: str | None = None  # A1111's styles.csv: requests' `styles` are looked up here
     host: str | None = None  # where `kiln serve` listens (reported by /sdapi/v1/cmd-flags)
     port: int | None = None
+    controlnet_dir: str | None = None  # ControlNet files (sd-webui-controlnet's units); None: models/ControlNet
 
 
 class RequestError(Exception):
@@ -47,6 +48,7 @@ class Server:
     config: ServerConfig
     worker: Worker
     styles: Any = None  # kiln.styles.StyleTable, read from config.styles_file when the app is made
+    controlnets: Any = None  # controlnet.ControlNetIndex of config.controlnet_dir
 
     @property
     def limits(self) -> Limits:
@@ -66,7 +68,7 @@ class Server:
         options = self.worker.options
         # the web UI and the job API save by the server's --no-save; A1111 requests by save_images
         job = to_job(req, mode, self.limits, self.facts, options, self.models, self.styles,
-                     save_default=native and self.config.save)
+                     save_default=native and self.config.save, controlnets=self.controlnets)
         if self.worker.get(job.id) is not None:
             raise RequestError(f"force_task_id {job.id!r} is already a job's id")
         self.worker.submit(job)

@@ -30,7 +30,13 @@ def job_status(s: Server, job: Job) -> dict:
 
 def public_params(job: Job) -> dict:
     """A job's parameters without images (what the UI's "reuse parameters" fills in)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in job.params.items() if k not in ("init_image", "mask")}
+    from .controlnet import public_units
+
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in job.params.items()
+           if k not in ("init_image", "mask", "controlnets")}
+    if job.params.get("controlnets"):
+        out["controlnets"] = public_units(job.params["controlnets"])
+    return out
 
 
 @router.post("/txt2img", status_code=202)

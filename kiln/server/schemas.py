@@ -80,7 +80,9 @@ class GenerationRequest(BaseModel):
     script_args: list[Any] | None = None
     send_images: bool | None = True
     save_images: bool | None = False
-    alwayson_scripts: dict[str, Any] | None = None  # none is implemented yet: only {} is accepted
+    alwayson_scripts: dict[str, Any] | None = Field(default=None, description=(
+        "{\"controlnet\": {\"args\": [unit, ...]}}: sd-webui-controlnet's units (docs/controlnet.md); "
+        "no other always-on script is available"))
     infotext: str | None = _refused(None, "infotext")
 
 
@@ -176,10 +178,13 @@ def _random_seed() -> int:
 
 
 def to_job(req: GenerationRequest, mode: str, limits: Limits, facts, options: dict, models=None,
-           styles=None, save_default: bool = False) -> Job:
+           styles=None, save_default: bool = False, controlnets=None) -> Job:
     """Validate an A1111-style request against the limits, the server's settings (`options`, with the request's
     `override_settings`) and styles, and the loaded model (its `ModelFacts`); the worker's job for it:
-    `GenerationParams` fields, with the init image and mask as images."""
+    `GenerationParams` fields, with the init image and mask as images; `controlnets`: the ControlNet files'
+    index (`controlnet.ControlNetIndex`) the request's units name."""
+    from .controlnet import alwayson
+
     check_fields(req, mode)
     steps = _int("steps", req.steps if req.steps is not None else 50, 1, limits.max_steps)
     batch_size = _int("batch_size", req.batch_size or 1, 1, limits.max_batch_size)
@@ -230,6 +235,7 @@ def to_job(req: GenerationRequest, mode: str, limits: Limits, facts, options: di
             _hires(req, params, limits, unit, facts)
     else:
         _img2img(req, params, limits)
+    params.update(alwayson(req, mode, params, limits, controlnets))  # before the script: its runs use the units
     plan = _script(req, mode, params, limits, facts, models)
     params.update(_refiner(req, models))
     job = Job(mode, params, model=settings.get("sd_model_checkpoint"),
@@ -286,9 +292,6 @@ def _script(req: GenerationRequest, mode: str, params: dict, limits: Limits, fac
     from ..pipeline import GenerationParams
     from .. import scripts
 
-    if req.alwayson_scripts:  # a client asking for one expects it to act: refuse rather than ignore it
-        name = next(iter(req.alwayson_scripts))
-        raise RequestError(f"alwayson_scripts: {name!r} is not available (kiln has no always-on scripts yet)")
     if not req.script_name:
         if req.script_args:
             raise RequestError("script_args: given without a script_name")
@@ -396,6 +399,7 @@ def echo_parameters(req: Txt2ImgRequest) -> dict:
 def info_json(job: Job, req: Txt2ImgRequest, facts, model_title: str | None) -> dict:
     """A1111's `Processed.js()`: the JSON string clients read from `info`."""
     from .. import __version__
+    from .controlnet import infotext_units
 
     p = job.params
     rp = job.result_params or {}
@@ -415,7 +419,9 @@ def info_json(job: Job, req: Txt2ImgRequest, facts, model_title: str | None) -> 
         "sd_model_title": model_title, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": (p.get("seed_resize_from") or (-1, -1))[0],
         "seed_resize_from_h": (p.get("seed_resize_from") or (-1, -1))[1],
-        "denoising_strength": p.get("strength", p.get("hires_strength")), "extra_generation_params": {},
+        "denoising_strength": p.get("strength", p.get("hires_strength")),
+        "extra_generation_params": infotext_units(job.infotexts[job.grids] if len(job.infotexts) > job.grids
+                                                  else None),
         "index_of_first_image": job.grids, "infotexts": job.infotexts, "styles": req.styles or [],
         "job_timestamp": _timestamp(job.created), "clip_skip": p["clip_skip"],
         "is_using_inpainting_conditioning": facts.inpainting,

@@ -18,6 +18,7 @@
     results: new Map(), // job id -> final job status (with params, infotexts, seeds, image_urls)
     selected: null, // {jobId, index}
     hasInit: false,
+    cnImage: null, // the ControlNet panel's control image, a data URL
     pendingRetry: null, // what to run again once credentials are given
   };
 
@@ -156,6 +157,8 @@
       const info = await (await api("/api/v1/info")).json();
       applyInfo(info);
       applyStyles(await (await api("/sdapi/v1/prompt-styles")).json());
+      applyControlNet(await (await api("/controlnet/model_list")).json(),
+        await (await api("/controlnet/module_list")).json());
     } catch (e) {
       $("model").textContent = "not connected";
       fail(e, loadInfo);
@@ -206,6 +209,69 @@
     }));
     select.size = Math.min(6, Math.max(2, styles.length));
     $("styles-field").hidden = styles.length === 0;
+  }
+
+  /** The ControlNet panel's model and preprocessor choices; without models the panel says how to add some. */
+  function applyControlNet(models, modules) {
+    const names = models.model_list.filter((m) => m !== "None");
+    const model = $("cn-model");
+    const previous = model.value;
+    model.replaceChildren(...names.map((m) => option(m, m)));
+    if (names.includes(previous)) model.value = previous;
+    $("cn-empty").hidden = names.length > 0;
+    $("cn-enabled").disabled = names.length === 0;
+    if (!names.length) $("cn-enabled").checked = false;
+    const module = $("cn-module");
+    const chosen = module.value || "none";
+    module.replaceChildren(...modules.module_list.map((m) => option(m, m)));
+    module.value = modules.module_list.includes(chosen) ? chosen : "none";
+  }
+
+  /** The ControlNet unit of the request (sd-webui-controlnet's fields), or null when the panel is off. */
+  function controlNetUnit(mode) {
+    if (!$("cn-enabled").checked) return null;
+    if (!$("cn-model").value) throw new ApiError("ControlNet: choose a model.", 0);
+    if (!state.cnImage && mode !== "img2img") throw new ApiError("ControlNet: choose a control image.", 0);
+    const unit = {
+      enabled: true, model: $("cn-model").value, module: $("cn-module").value,
+      weight: readFloat("cn-weight", "ControlNet weight"),
+      guidance_start: readFloat("cn-start", "ControlNet guidance start"),
+      guidance_end: readFloat("cn-end", "ControlNet guidance end"),
+      control_mode: $("cn-control-mode").value, resize_mode: "Crop and Resize", pixel_perfect: true,
+    };
+    if (state.cnImage) unit.image = state.cnImage; // img2img without one: the server takes the init image
+    return unit;
+  }
+
+  async function onControlImage() {
+    const file = $("cn-image").files[0];
+    if (!file) return;
+    clearError();
+    state.cnImage = await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(file);
+    });
+    const preview = $("cn-preview");
+    preview.src = state.cnImage;
+    preview.hidden = false;
+    $("cn-detect").disabled = false;
+  }
+
+  /** The control map the chosen preprocessor makes of the control image (POST /controlnet/detect). */
+  async function detectControlMap() {
+    if (!state.cnImage) return;
+    clearError();
+    try {
+      const res = await api("/controlnet/detect", { json: JSON.stringify({
+        controlnet_module: $("cn-module").value, controlnet_input_images: [state.cnImage],
+        controlnet_processor_res: Math.max(64, Math.min(readInt("width", "Width"), readInt("height", "Height"))),
+      }) });
+      $("cn-preview").src = "data:image/png;base64," + (await res.json()).images[0];
+    } catch (e) {
+      fail(e, detectControlMap);
+    }
   }
 
   function selectedStyles() {
@@ -260,6 +326,8 @@
         body.inpaint_full_res = $("inpaint-full-res").checked;
       }
     }
+    const unit = controlNetUnit(mode);
+    if (unit) body.alwayson_scripts = { controlnet: { args: [unit] } };
     const json = JSON.stringify(body);
     // seeds beyond 2^53 keep every digit: JSON numbers, not JS doubles
     return seedExact ? json : json.replace('"__kiln_seed__"', seedText);
@@ -769,6 +837,8 @@
     $("auth-box").addEventListener("submit", saveAuth);
     $("init-image").addEventListener("change", onInitFile);
     $("clear-mask").addEventListener("click", clearMask);
+    $("cn-image").addEventListener("change", () => onControlImage().catch((e) => fail(e, onControlImage)));
+    $("cn-detect").addEventListener("click", detectControlMap);
     $("tab-txt2img").addEventListener("click", () => switchTab("txt2img"));
     $("tab-img2img").addEventListener("click", () => switchTab("img2img"));
     document.querySelector(".tabs").addEventListener("keydown", (e) => {
