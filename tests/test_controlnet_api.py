@@ -112,7 +112,7 @@ def test_a_disabled_unit_changes_nothing_and_names_resolve(client, square, plain
     ({"module": "openpose"}, "runs a network whose weights kiln does not have"),
     ({"colour": 1}, "args[0]: unknown field colour: not part of sd-webui-controlnet's unit"),
     ({"image": ""}, "no control image (image or input_image); txt2img has no init image"),
-    ({"mask": "x"}, "args[0].mask: masks for ControlNet units"),
+    ({"mask": "x"}, "args[0].mask: not valid base64"),
     ({"advanced_weighting": [1.0] * 13}, "per-layer weights are not supported"),
     ({"save_detected_map": True}, "kiln does not add the detected maps"),
     ({"guidance_start": 0.6, "guidance_end": 0.4}, "guidance start and end"),
@@ -149,6 +149,12 @@ def test_img2img_takes_the_init_image_without_a_unit_image(client, square):
     assert np.array_equal(wrapped, given)
     listed = pixels(client.post("/sdapi/v1/img2img", json={**body, **cn(unit(square, image=[b64(square), None]))}))
     assert np.array_equal(listed, given)
+    # an inpaint unit with its own mask: ControlNet 1.1's masked input (masked pixels -1) changes the picture
+    half = Image.new("L", square.size, 0)
+    half.paste(255, (0, 0, square.size[0] // 2, square.size[1]))
+    masked = pixels(client.post("/sdapi/v1/img2img", json={**body, **cn(
+        unit(square, module="inpaint", image={"image": b64(square), "mask": b64(half)}))}))
+    assert not np.array_equal(masked, given)
 
 
 def test_the_job_api_takes_the_same_units(client, square, plain):

@@ -207,8 +207,9 @@ def _unit(d, where: str, mode, params, limits, index, hires: bool, only_masked: 
     except KilnError as e:
         raise RequestError(f"{where}.{e}") from None
     pixel_perfect = _flag(d.get("pixel_perfect", False), f"{where}.pixel_perfect")
+    image, mask = _image(d, where, limits, mode, params, module)
     return ControlUnit(
-        model=entry.path, image=_image(d, where, limits, mode, params, module), resize_mode=resize,
+        model=entry.path, image=image, mask=mask, resize_mode=resize,
         weight=_number(d, "weight", 1.0, where), start=_number(d, "guidance_start", 0.0, where),
         end=_number(d, "guidance_end", 1.0, where), module=module.name,
         processor_res=None if pixel_perfect else _resolution(d.get("processor_res"), f"{where}.processor_res"),
@@ -218,8 +219,9 @@ def _unit(d, where: str, mode, params, limits, index, hires: bool, only_masked: 
 
 
 def _image(d: dict, where: str, limits, mode: str, params: dict, module):
-    """The unit's control image (base64; {"image", "mask"}; [image, mask]); in img2img without one, the init
-    image, as sd-webui-controlnet takes it."""
+    """(The unit's control image, its mask or None) from base64, {"image", "mask"} or [image, mask]; in img2img
+    without an image, the init image, as sd-webui-controlnet takes it (inpaint units: with the img2img mask, which
+    the pipeline uses for a unit without its own)."""
     from .schemas import decode_image
 
     image, mask = d.get("image"), d.get("mask")
@@ -235,19 +237,19 @@ def _image(d: dict, where: str, limits, mode: str, params: dict, module):
                                "[image, mask]")
         image, mask = image[0], image[1] if image[1] not in (None, "") else mask
     if mask not in (None, ""):
-        raise RequestError(f"{where}.mask: masks for ControlNet units (the inpaint ControlNet's) are not supported "
-                           "yet")
+        if not isinstance(mask, str):
+            raise RequestError(f"{where}.mask: expected a base64 image, got {_short(mask)}")
+        mask = decode_image(mask, limits, f"{where}.mask")
+    else:
+        mask = None
     if image in (None, ""):
         if mode != "img2img":
             raise RequestError(f"{where}.image: no control image (image or input_image); txt2img has no init "
                                "image to fall back on")
-        if module.inpaint and params.get("mask") is not None:
-            raise RequestError(f"{where}.image: the {module.name} preprocessor would take the img2img mask as the "
-                               "unit's mask, which kiln does not support yet; send the unit's own image")
-        return params["init_image"]
+        return params["init_image"], mask
     if not isinstance(image, str):
         raise RequestError(f"{where}.image: expected a base64 image, got {_short(image)}")
-    return decode_image(image, limits, f"{where}.image").convert("RGB")
+    return decode_image(image, limits, f"{where}.image").convert("RGB"), mask
 
 
 def _flag(v, name: str) -> bool:
