@@ -84,7 +84,9 @@ def test_webuiapi_controlnet_unit_steers_the_image(app, square, plain):
     assert api.controlnet_version() == 2
     assert api.controlnet_model_list() == ["None", title(app, "edges"), title(app, "other")]
     u = webuiapi.ControlNetUnit(image=square, model=title(app, "edges"), weight=2.0)  # webuiapi's defaults else
-    r = api.txt2img(prompt=BASE["prompt"], width=64, height=64, seed=3, controlnet_units=[u])
+    # alwayson_scripts given: webuiapi's default {} is one shared dict its txt2img writes the units into, so every
+    # later call in this process (other test modules' too) would carry them
+    r = api.txt2img(prompt=BASE["prompt"], width=64, height=64, seed=3, controlnet_units=[u], alwayson_scripts={})
     got = np.asarray(r.image.convert("RGB")).astype(int)
     assert np.abs(got - plain).max() > 20  # the unit changed the picture
     text = r.info["infotexts"][0]
