@@ -32,7 +32,10 @@ def test_the_controlnet_starts_as_a_copy_of_the_encoder_with_zero_outputs(traine
     assert copied and all(torch.equal(start[k], unet[k].half().float()) for k in copied)
     zeroed = [k for k in start if k.startswith(("zero_convs.", "middle_block_out.", "input_hint_block.14."))]
     assert len(zeroed) == 2 * (len(t.net.zero_convs) + 2) and all(not start[k].any() for k in zeroed)
-    assert start["input_hint_block.0.weight"].abs().sum() > 0  # the rest of the hint block is random, not zero
+    # the rest of the hint block: Gaussian (He-normal) weights, zero biases; fp16 in the file the trainer starts from
+    w = start["input_hint_block.0.weight"]
+    assert abs(w.std().item() - (2 / w[0].numel()) ** 0.5) < 0.15 * (2 / w[0].numel()) ** 0.5
+    assert not start["input_hint_block.0.bias"].any()
 
 
 def test_a_few_steps_train_and_export_a_loadable_fp16_file(trained):
@@ -119,3 +122,15 @@ def test_the_cli_refuses_the_other_trainers_flags(tmp_path, capsys):
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
         assert not (tmp_path / "w").exists()
+
+
+def test_cubic_timesteps_lean_to_high_noise():
+    from kiln.demo.train_controlnet import sample_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    uniform, cubic = (sample_timesteps(k, 20000, 1000, g).float() for k in ("uniform", "cubic"))
+    assert 0 <= cubic.min() and cubic.max() <= 999 and abs(uniform.mean() - 499.5) < 10
+    # E[1 - u³] = 3/4, and t >= 500 when u³ <= 1/2: probability 0.5^(1/3) = 0.794
+    assert abs(cubic.mean() - 750) < 10 and abs((cubic >= 500).float().mean() - 0.794) < 0.02
+    with pytest.raises(Exception, match="uniform"):
+        sample_timesteps("linear", 2, 1000, g)

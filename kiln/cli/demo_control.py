@@ -9,7 +9,7 @@ from .common import say
 
 # Flags of `kiln train` that only one of its trainers reads (dest names).
 DEMO_ONLY = ("vae_steps", "unet_steps", "caption_noise", "caption_noise_colors", "color_jitter", "init", "wise_ft")
-CONTROL_ONLY = ("steps", "batch", "base", "ema_decay", "caption_dropout")
+CONTROL_ONLY = ("steps", "batch", "base", "ema_decay", "caption_dropout", "timesteps", "hint_init")
 EVAL_DEMO_ONLY = ("deepcache",)
 EVAL_CONTROL_ONLY = ("controlnet", "cases", "weight")
 
@@ -23,6 +23,10 @@ def add_train_flags(p):
                    help="EMA of the weights (default 0: off)")
     g.add_argument("--caption-dropout", dest="caption_dropout", type=float, default=None,
                    help="share of empty prompts (default 0.5)")
+    g.add_argument("--timesteps", choices=["uniform", "cubic"], default=None,
+                   help="how training timesteps are drawn (default uniform; cubic: T2I-Adapter's, mostly high noise)")
+    g.add_argument("--hint-init", dest="hint_init", choices=["gaussian", "torch"], default=None,
+                   help="the hint block's initial weights (default gaussian: He-normal; torch: PyTorch's default)")
 
 
 def add_eval_flags(p):
@@ -58,8 +62,9 @@ def run_train(opt):
         if not ok(value):
             raise KilnError(f"--{field.replace('_', '-')} must be {what}, not {value:g}")
         o = replace(o, **{field: value})
-    if opt.base:
-        o = replace(o, base=opt.base)
+    for field in ("base", "timesteps", "hint_init"):
+        if getattr(opt, field):
+            o = replace(o, **{field: getattr(opt, field)})
     try:
         trainer = ControlTrainer(opt.workdir or "kiln-demo-controlnet-train", o, log=lambda m: say(f"kiln: {m}"))
     except CheckpointError as e:  # only --base reads a model: missing, unreadable, not a model

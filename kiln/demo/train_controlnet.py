@@ -56,6 +56,11 @@ class ControlTrainOptions:
     # Timesteps: "uniform" (Zhang et al.), or "cubic", t = (1 − u³)·T as T2I-Adapter samples them, most of them at
     # high noise, where the layout is decided and where ε-MSE alone gives a structure control little to learn from.
     timesteps: str = "uniform"
+    # The hint block's first convolutions: "gaussian", He-normal weights and zero biases (the paper: "initialized
+    # with Gaussian weights"), or "torch", PyTorch's default uniform init, under which seven conv + SiLU layers
+    # shrink the outline's spatial signal to ~0.5% of the input's and the hint path barely learns
+    # (docs/controlnet.md, "Demo ControlNet").
+    hint_init: str = "gaussian"
     save_every: int = 100
 
 
@@ -81,7 +86,7 @@ def sample_timesteps(kind: str, n: int, steps: int, g: torch.Generator) -> torch
     raise KilnError(f"timesteps must be 'uniform' or 'cubic', not {kind!r}")
 
 
-def init_controlnet(unet, workdir: Path) -> ControlNetModel:
+def init_controlnet(unet, workdir: Path, hint_init: str = "gaussian") -> ControlNetModel:
     """A ControlNet for `unet`: its encoder copied, zero convolutions and the hint block's last conv zeroed. Built
     through `load_controlnet` from a file of its own, so it has exactly the layout the loader will give the export
     (the loader reads the layout from tensor shapes, which do not show the number of attention heads)."""
@@ -90,7 +95,14 @@ def init_controlnet(unet, workdir: Path) -> ControlNetModel:
     copied = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in ("time_embed", "input_blocks",
                                                                               "middle_block") and k in own}
     net.load_state_dict(copied, strict=False)
+    if hint_init not in ("gaussian", "torch"):
+        raise KilnError(f"hint_init must be 'gaussian' or 'torch', not {hint_init!r}")
     with torch.no_grad():
+        if hint_init == "gaussian":
+            for conv in net.input_hint_block[:-1]:
+                if isinstance(conv, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+                    conv.bias.zero_()
         for module in (*net.zero_convs, net.middle_block_out, net.input_hint_block[-1:]):
             for p in module.parameters():
                 p.zero_()
@@ -124,7 +136,7 @@ class ControlTrainer:
         if self.cfg.native_size != shapes.IMAGE_SIZE or shapes.IMAGE_SIZE // self.cfg.downscale * 8 != HINT_SIZE:
             raise KilnError(f"{self.opt.base}: not a demo model (64 px, f = 4); the demo ControlNet steers only those")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.net = init_controlnet(self.base.unet, self.workdir)
+        self.net = init_controlnet(self.base.unet, self.workdir, self.opt.hint_init)
         self.optim = torch.optim.AdamW(self.net.parameters(), lr=self.opt.lr, weight_decay=0.01)
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if self.opt.ema_decay else None
         self.rng = torch.Generator().manual_seed(self.opt.seed)
