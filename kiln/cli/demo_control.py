@@ -80,6 +80,8 @@ def run_eval(opt):
 
     refuse(opt, EVAL_DEMO_ONLY, opt.what)
     controlnet = opt.controlnet or EMBEDDED_CONTROLNET
+    if not opt.controlnet and not EMBEDDED_CONTROLNET.is_file():
+        raise KilnError("no embedded demo ControlNet ships yet: pass --controlnet FILE (kiln train demo-controlnet)")
     if not Path(controlnet).is_file():
         raise KilnError(f"--controlnet {controlnet}: no such file")
     pipe = load(opt.ckpt or EMBEDDED, device=opt.device, precision="full")
