@@ -6,6 +6,7 @@ steer."""
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -88,14 +89,29 @@ def controlnet_config(src, prefix: str) -> ControlNetConfig:
     return ControlNetConfig(unet, hint_channels=src.shape(f"{prefix}input_hint_block.0.weight")[1])
 
 
-def load_controlnet(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> ControlNetModel:
-    """A ControlNet file (or diffusers folder) as a model on `device` in `dtype`; errors name the file and what is
-    wrong."""
+def with_heads(cfg: ControlNetConfig, src, base=None) -> ControlNetConfig:
+    """Attention heads do not show in tensor shapes: the file's own `kiln_config` (kiln's demo ControlNets) says
+    them, else the base model the ControlNet is a copy of (`base`, its UNetConfig), whose encoder must match."""
+    import json
+
+    heads = None
+    if "kiln_config" in src.metadata:
+        unet = json.loads(src.metadata["kiln_config"]).get("unet", {})
+        heads = {k: unet[k] for k in ("num_heads", "num_head_channels") if k in unet}
+    elif base is not None and (base.model_channels, base.context_dim, base.channel_mult) == \
+            (cfg.unet.model_channels, cfg.unet.context_dim, cfg.unet.channel_mult):
+        heads = dict(num_heads=base.num_heads, num_head_channels=base.num_head_channels)
+    return replace(cfg, unet=replace(cfg.unet, **heads)) if heads else cfg
+
+
+def load_controlnet(path, *, dtype: torch.dtype = torch.float32, device="cpu", base=None) -> ControlNetModel:
+    """A ControlNet file (or diffusers folder) as a model on `device` in `dtype` (`base`: the UNetConfig of the
+    model it is to steer, for what shapes do not show); errors name the file and what is wrong."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"ControlNet {path}: no such file")
     src, prefix = open_controlnet(path)
-    cfg = controlnet_config(src, prefix)
+    cfg = with_heads(controlnet_config(src, prefix), src, base)
     with torch.device("meta"):
         model = ControlNetModel(cfg)
     expected = model.state_dict()

@@ -5,15 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError, KilnError
+from . import demo_control
 from .common import say
 
 
 def train_parser(sub):
     p = sub.add_parser("train", help="train the embedded demo model", description="Train kiln's tiny demo model "
                        "(the SD v1 architecture at a tiny size) on the procedural captioned-shapes data.")
-    p.add_argument("what", choices=["demo"])
-    p.add_argument("--out", default="kiln-demo.safetensors", help="where to write the trained model")
-    p.add_argument("--workdir", default="kiln-demo-train", help="training state (resumable), loss log")
+    p.add_argument("what", choices=["demo", "demo-controlnet"])
+    p.add_argument("--out", default=None, help="where to write the trained model (default kiln-demo.safetensors, "
+                   "kiln-demo-controlnet.safetensors)")
+    p.add_argument("--workdir", default=None, help="training state (resumable), loss log (default kiln-demo-train, "
+                   "kiln-demo-controlnet-train)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=None)
     p.add_argument("--unet-steps", type=int, default=None)
@@ -34,21 +37,24 @@ def train_parser(sub):
     p.add_argument("--wise-ft", type=float, default=None, metavar="W",
                    help="with --init: write (1 - W) x the starting model + W x the fine-tune (a weight-space "
                    "ensemble, 0 < W <= 1; default 1: the fine-tune alone)")
+    demo_control.add_train_flags(p)
     return p
 
 
 def eval_parser(sub):
     p = sub.add_parser("eval", help="measure prompt adherence of the demo model",
                        description="Generate the held-out shapes prompts and judge them with the pixel analyzer.")
-    p.add_argument("what", choices=["demo"])
+    p.add_argument("what", choices=["demo", "demo-controlnet"])
     p.add_argument("--ckpt", default=None, help="model to evaluate (default: the embedded demo model)")
-    p.add_argument("--samplers", default="ddim,plms", help="comma-separated sampler names, or 'all'")
-    p.add_argument("--scales", default="1,5")
+    p.add_argument("--samplers", default=None, help="comma-separated sampler names, or 'all' (default ddim,plms; "
+                   "demo-controlnet: ddim)")
+    p.add_argument("--scales", default=None, help="comma-separated guidance scales (default 1,5; demo-controlnet: 5)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--deepcache", type=int, default=None, metavar="N", help="evaluate with DeepCache interval N")
     p.add_argument("--deepcache-depth", dest="deepcache_depth", type=int, default=3, metavar="D")
+    demo_control.add_eval_flags(p)
     return p
 
 
@@ -57,6 +63,9 @@ def run_train(opt):
 
     from ..demo.train import Trainer, TrainOptions
 
+    if opt.what == "demo-controlnet":
+        return demo_control.run_train(opt)
+    demo_control.refuse(opt, demo_control.CONTROL_ONLY, opt.what)
     o = TrainOptions(seed=opt.seed)
     for field, value in (("vae_steps", opt.vae_steps), ("unet_steps", opt.unet_steps), ("images", opt.images),
                          ("lr", opt.lr), ("offset_noise", opt.offset_noise), ("caption_noise", opt.caption_noise),
@@ -78,26 +87,30 @@ def run_train(opt):
             raise KilnError("--wise-ft must be above 0 and at most 1")
         o = replace(o, wise_ft=opt.wise_ft)
     try:
-        trainer = Trainer(opt.workdir, o, log=lambda m: say(f"kiln: {m}"))
+        trainer = Trainer(opt.workdir or "kiln-demo-train", o, log=lambda m: say(f"kiln: {m}"))
     except CheckpointError as e:  # only --init reads a model here: missing, unreadable, or not a kiln demo model
         raise KilnError(f"--init: {e}") from None
-    trainer.run(Path(opt.out))
+    trainer.run(Path(opt.out or "kiln-demo.safetensors"))
 
 
 def run_eval(opt):
     from ..demo.report import EMBEDDED, table
     from ..pipeline import load
 
+    if opt.what == "demo-controlnet":
+        return demo_control.run_eval(opt)
+    demo_control.refuse(opt, demo_control.EVAL_CONTROL_ONLY, opt.what)
     pipe = load(opt.ckpt or EMBEDDED, device=opt.device, precision="full")
     if opt.deepcache:
         pipe.set_deepcache(opt.deepcache, opt.deepcache_depth)
     try:
-        scales = [float(s) for s in opt.scales.split(",")]
+        scales = [float(s) for s in (opt.scales or "1,5").split(",")]
     except ValueError:
         raise KilnError(f"--scales must be comma-separated numbers, not {opt.scales!r}") from None
     from ..samplers import SAMPLERS
 
-    samplers = list(SAMPLERS) if opt.samplers == "all" else [x.strip() for x in opt.samplers.split(",") if x.strip()]
+    names = opt.samplers or "ddim,plms"
+    samplers = list(SAMPLERS) if names == "all" else [x.strip() for x in names.split(",") if x.strip()]
     text, _ = table(pipe, samplers=samplers, scales=scales, steps=opt.steps, seed=opt.seed)
     print(text)
 

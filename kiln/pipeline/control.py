@@ -99,7 +99,8 @@ def load_unit_model(pipe, model):
 
             # --medvram/--lowvram: in CPU memory, on the device only while it runs (one more offloaded part)
             offloaded = pipe.offloader is not None
-            cache[key] = load_controlnet(model, dtype=pipe.dtype, device="cpu" if offloaded else pipe.device)
+            cache[key] = load_controlnet(model, dtype=pipe.dtype, device="cpu" if offloaded else pipe.device,
+                                         base=pipe.cfg.unet)
             if offloaded:
                 pipe.offloader.add(cache[key])
             # sd-webui-controlnet names models "name [hash]" with A1111's old 8-digit hash
