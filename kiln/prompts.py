@@ -214,8 +214,9 @@ class _Alternate:  # [a|b|…]
     options: list
 
 
-def _parse_seq(s: str, i: int) -> tuple[list, int]:
-    """A bracket's inner prompt from i: text, nested constructs; stops at a character it cannot take."""
+def _parse_seq(s: str, i: int, top: bool = False) -> tuple[list, int]:
+    """Text and constructs from i. Inside a bracket (`top` False) it stops at a character it cannot take; the whole
+    prompt (`top`) keeps stray brackets and colons as text and is `_Unparsable` at any other such character."""
     out = []
     while i < len(s):
         m = _PLAIN.match(s, i)
@@ -224,10 +225,16 @@ def _parse_seq(s: str, i: int) -> tuple[list, int]:
             i = m.end()
             continue
         node = _parse_bracket(s, i) if s[i] in "[(" else None
-        if node is None:
+        if node is not None:
+            out.append(node[0])
+            i = node[1]
+        elif not top:
             break
-        out.append(node[0])
-        i = node[1]
+        elif s[i] in "[]():":
+            out.append(s[i])
+            i += 1
+        else:  # "|" outside brackets, or a backslash ending the prompt
+            raise _Unparsable
     return out, i
 
 
@@ -260,27 +267,6 @@ def _parse_bracket(s: str, i: int):
         if m:
             return _Edit(first, second, m.group(1)), m.end()
     return None
-
-
-def _parse_schedule(s: str) -> list:
-    """The whole prompt: constructs and text, with stray brackets and colons as text."""
-    out, i = [], 0
-    while i < len(s):
-        m = _PLAIN.match(s, i)
-        if m:
-            out.append(m.group(0))
-            i = m.end()
-            continue
-        node = _parse_bracket(s, i) if s[i] in "[(" else None
-        if node is not None:
-            out.append(node[0])
-            i = node[1]
-        elif s[i] in "[]():":
-            out.append(s[i])
-            i += 1
-        else:  # "|" outside brackets, or a backslash ending the prompt
-            raise _Unparsable
-    return out
 
 
 def _walk(tree, fn):
@@ -319,7 +305,7 @@ def schedule(prompt: str, steps: int, hires_steps: int | None = None) -> list[tu
     counts on from the first pass, a fraction from 1.0 (A1111's default since 1.6)."""
     int_offset, float_offset, n = (0, 0.0, steps) if hires_steps is None else (steps, 1.0, hires_steps)
     try:
-        tree = _parse_schedule(prompt)
+        tree, _ = _parse_seq(prompt, 0, top=True)
     except _Unparsable:
         return [(n, prompt)]
     ends, whens = {n}, {}

@@ -69,13 +69,8 @@ class Mix:
 
 def fixed_mix(cond: Cond, uncond: Cond | None) -> Mix:
     """The mix of one conditioning per image, with or without its negative (the same at every step)."""
-    n = cond.context.shape[0]
-    images = list(range(n))
-    if uncond is None:
-        return Mix(cond, torch.arange(n), None, [[(i, 1.0)] for i in images])
-    both = Cond(torch.cat([uncond.context, cond.context]),
-                None if cond.vector is None else torch.cat([uncond.vector, cond.vector]))
-    return Mix(both, torch.arange(n).repeat(2), images, [[(n + i, 1.0)] for i in images])
+    images = range(cond.context.shape[0])
+    return _mix(cond, uncond, None if uncond is None else tuple(images), tuple(((i, 1.0),) for i in images))
 
 
 def prompt_conds(pipe, prompts: list[str], negative: str | list[str], steps: int, *, guidance: bool,

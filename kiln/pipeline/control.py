@@ -93,7 +93,7 @@ def load_unit_model(pipe, model):
         net = model
     else:
         key = str(Path(model).resolve())
-        cache = pipe.__dict__.setdefault("_controlnets", {})
+        cache = pipe._controlnets
         if key not in cache:
             from ..checkpoints.hashes import legacy_hash
 

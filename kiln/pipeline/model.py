@@ -47,6 +47,7 @@ class Pipeline:
         self.lora_dir = None  # where <lora:name:w> tags are looked up
         self.embeddings_dir = None  # textual-inversion files, used in prompts by file name
         self._lora_cache, self._lora_applied, self._lora_backup, self._emb_cache = {}, (), {}, {}
+        self._controlnets = {}  # ControlNet file → its model, loaded once (`control.load_unit_model`)
         self.refiner = None  # a second Pipeline that finishes the last steps (SDXL refiner)
         self.refiner_switch = 0.8
         self.offloader = None  # see `offload`
