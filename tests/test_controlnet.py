@@ -152,6 +152,78 @@ def test_cli_flags(cn, square, tmp_path, capsys):
     assert "openpose" in capsys.readouterr().err
 
 
+def test_from_png_makes_the_image_again_with_its_units(cn, square, tmp_path, capsys):
+    """The infotext names each unit's model and settings, not its control image: --from-png takes the settings,
+    finds the models by title in --controlnet-dir, and asks for the control images."""
+    import shutil
+
+    from kiln.cli import main
+
+    square.save(tmp_path / "square.png")
+    models = tmp_path / "models"
+    models.mkdir()
+    for f in cn:
+        shutil.copy(f, models)
+    out = tmp_path / "out"
+    base = ["txt2img", "--prompt", PROMPT, "--n_samples", "1", "--n_iter", "1", "--ddim_steps", "4",
+            "--no-watermark", "--seed", "3"]
+    assert main(base + ["--outdir", str(out), "--controlnet", str(models / cn[0].name), "--controlnet",
+                        str(models / cn[1].name), "--control-image", str(tmp_path / "square.png"),
+                        "--control-weight", "0.7", "--control-weight", "1.2", "--control-end", "0.5",
+                        "--control-end", "1", "--control-mode", "control", "--control-mode", "0",
+                        "--control-preprocessor", "invert", "--control-preprocessor", "none"]) == 0
+    first = out / "samples" / "00000.png"
+    text = Image.open(first).text["parameters"]
+    assert "Control Mode: ControlNet is more important" in text and "Module: invert" in text
+    again = ["txt2img", "--from-png", str(first), "--outdir", str(tmp_path / "again"),
+             "--controlnet-dir", str(models), "--control-image", str(tmp_path / "square.png")]
+    assert main(again) == 0
+    remade = Image.open(tmp_path / "again" / "samples" / "00000.png")
+    assert np.array_equal(np.asarray(remade), np.asarray(Image.open(first)))
+    assert remade.text["parameters"] == text
+    assert main(again[:-2]) == 1
+    assert "does not keep control images: pass --control-image" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(again[:3] + ["--outdir", str(tmp_path / "x"), "--controlnet-dir", str(tmp_path / "empty"),
+                             "--control-image", str(tmp_path / "square.png")]) == 1
+    assert "ControlNet 0: cn0 [" in capsys.readouterr().err
+
+
+def test_batch_rows_name_control_images(pipe, cn, square, tmp_path):
+    """`kiln batch`: a row's control_image (relative to the prompts file) with the run's --controlnet, several
+    units from a JSONL row's lists, and one-line errors for rows that cannot run."""
+    import json
+
+    from kiln.demo.report import EMBEDDED
+    from kiln.distributed.batch import run_batch
+    from kiln.pipeline import GenerationParams
+
+    square.save(tmp_path / "square.png")
+    rows = [{"prompt": PROMPT, "seed": 5, "control_image": "square.png"},
+            {"prompt": PROMPT, "seed": 5},
+            {"prompt": PROMPT, "seed": 5, "controlnet": [str(cn[0]), str(cn[1])], "control_image": "square.png",
+             "control_weight": [0.5, 1.5], "control_mode": 2},
+            {"prompt": PROMPT, "control_image": "missing.png"},
+            {"prompt": PROMPT, "control_image": "square.png", "control_end": 2}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = run_batch(tmp_path / "rows.jsonl", str(tmp_path / "out"), ckpt=str(EMBEDDED), progress=False,
+                  defaults=GenerationParams.make(steps=4, sampler="euler"), controlnets=[str(cn[1])])
+    assert (s.ok, s.errors) == (3, 2)
+    entries = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert "missing.png: no such file" in entries[3]["error"]
+    assert "guidance start and end" in entries[4]["error"]
+    got = [np.asarray(Image.open(tmp_path / "out" / e["file"])) for e in entries[:3]]
+    unit = dict(image=tmp_path / "square.png")
+    same = dict(steps=4, sampler="euler", seed=5)
+    assert np.array_equal(got[0], pipe.txt2img(PROMPT, controlnets=[ControlUnit(cn[1], **unit)], **same).pixels[0])
+    assert moved(got[0], got[1]) > 0.1
+    two = [ControlUnit(cn[0], weight=0.5, control_mode=2, **unit), ControlUnit(cn[1], weight=1.5, control_mode=2,
+                                                                                **unit)]
+    assert np.array_equal(got[2], pipe.txt2img(PROMPT, controlnets=two, **same).pixels[0])
+    assert 'ControlNet 1: "Module: none, Model: cn1 [' in Image.open(tmp_path / "out" / entries[2]["file"]).text[
+        "parameters"]
+
+
 def test_diffusers_layout_folder_and_file_load_the_same_tensors(pipe, cn, tmp_path):
     """A diffusers ControlNetModel written by diffusers itself (its own converter from the lllyasviel file, then
     save_pretrained) loads to exactly the lllyasviel file's tensors: folder and single file."""

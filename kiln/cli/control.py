@@ -11,6 +11,8 @@ PER_UNIT = (  # (flag, dest, type, unit field, help)
     ("--control-end", "control_end", float, "end", "the fraction of the steps a unit ends at (default 1)"),
     ("--control-preprocessor", "control_preprocessor", str, "module",
      "turns the image into the control map first: none (default), canny, invert, threshold, tile_resample …"),
+    ("--control-mode", "control_mode", str, "control_mode",
+     "'Balanced' (default), 'My prompt is more important' or 'ControlNet is more important' (or 0, 1, 2)"),
     ("--control-resize", "control_resize", str, "resize_mode",
      "how the control map is fitted to the picture: 'Crop and Resize' (default), 'Just Resize', 'Resize and Fill'"),
     ("--control-res", "control_res", int, "processor_res", "the preprocessor's resolution (default: pixel perfect)"),
@@ -25,6 +27,9 @@ def add_control_flags(p):
     g = p.add_argument_group("ControlNet (repeat --controlnet for several units)")
     g.add_argument("--controlnet", action="append", default=[], metavar="FILE",
                    help="a ControlNet file (lllyasviel's layout, .safetensors or .pth): one unit each")
+    g.add_argument("--controlnet-dir", dest="controlnet_dir", default=None, metavar="DIR",
+                   help="where --from-png looks up the ControlNets an image names (default: models/ControlNet "
+                        "when it exists)")
     for flag, dest, kind, _, help_ in PER_UNIT:
         g.add_argument(flag, dest=dest, action="append", type=kind, default=[], help=help_)
 
@@ -52,3 +57,38 @@ def control_units(opt) -> list:
             if values:
                 unit[field] = values[k if len(values) > 1 else 0]
     return [ControlUnit(**u) for u in units]
+
+
+def units_from_png(opt, info: dict, say) -> None:
+    """--from-png: the units the image's infotext records become the unit flags (module, weight, start/end, resize,
+    resolution, thresholds, control mode); their models are `--controlnet` (one per unit) or found by the recorded
+    title in --controlnet-dir. The infotext keeps no control image: --control-image must give them again."""
+    from ..checkpoints.controlnet_index import ControlNetIndex
+    from ..pipeline.control import units_from_infotext
+
+    units = units_from_infotext(info)
+    if not units:
+        return
+    n, images = len(units), opt.control_image
+    if len(images) not in (1, n):
+        raise KilnError(f"the image was made with {n} ControlNet unit{'s' * (n > 1)}; its infotext does not keep "
+                        f"control images: pass --control-image once {'per unit, in order' if n > 1 else ''}".rstrip())
+    files = opt.controlnet
+    if files and len(files) != n:
+        raise KilnError(f"the image was made with {n} ControlNet units: give --controlnet {n} times, or none (they "
+                        "are then looked up by name in --controlnet-dir)")
+    if not files:
+        index = ControlNetIndex.for_config(opt.controlnet_dir)
+        files = []
+        for k, u in enumerate(units):
+            entry = index.find(u["model"])
+            if entry is None:
+                where = f"in {index.folder}" if index.folder else "(no --controlnet-dir, and no models/ControlNet)"
+                raise KilnError(f"ControlNet {k}: {u['model']} is not found {where}; pass --controlnet FILE")
+            if entry.title != u["model"]:
+                say(f"kiln: note: ControlNet {k} was {u['model']}; using {entry.title}")
+            files.append(entry.path)
+    opt.controlnet = list(files)
+    for _, dest, _, field, _ in PER_UNIT:  # a field a unit does not record: None, the unit's default
+        if field != "image":
+            setattr(opt, dest, [u.get(field) for u in units])

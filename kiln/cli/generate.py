@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import KilnError
-from .control import add_control_flags, control_units
+from .control import add_control_flags, control_units, units_from_png
 from .common import PREPACK, add_memory_flags, add_precision_flag, say
 from .scripts import Default, add_script_flags, counts, run_script, script_request
 
@@ -227,6 +227,7 @@ def apply_png_parameters(opt):
     if "hires_scale" in fields and opt.command == "txt2img":
         for name in keys:
             _set_flag(opt, name, fields[name])
+    units_from_png(opt, info, say)
     if opt.command != "txt2img" and "strength" in fields:
         opt.strength = fields["strength"]
     # The image's whole batch is made again (same size, same prompt, consecutive seeds) and only its own

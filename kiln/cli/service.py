@@ -130,7 +130,8 @@ def batch_parser(sub):
     p = sub.add_parser("batch", help="generate one image per row of a prompts file (in-process or on Ray)",
                        description="Generate one image per row of a prompts file: text (one prompt per line), "
                                    "JSONL or CSV with per-row prompt, negative_prompt, seed, steps, sampler, "
-                                   "schedule, cfg_scale, width, height. Writes OUTDIR/images/NNNNNN.png (with "
+                                   "schedule, cfg_scale, width, height (and ControlNet units: controlnet, "
+                                   "control_image, control_weight, …). Writes OUTDIR/images/NNNNNN.png (with "
                                    "infotext) and OUTDIR/manifest.jsonl; re-running skips finished rows.")
     p.add_argument("prompts", help="the prompts file (.txt, .jsonl or .csv)")
     p.add_argument("--outdir", default="outputs/batch", help="a folder, or a pyarrow filesystem URI (s3://…)")
@@ -153,6 +154,9 @@ def batch_parser(sub):
     p.add_argument("--W", type=int, default=None, help="width (default: the model's native size)")
     p.add_argument("--H", type=int, default=None, help="height (default: the model's native size)")
     p.add_argument("--negative-prompt", dest="negative_prompt", default=None)
+    p.add_argument("--controlnet", action="append", default=[], metavar="FILE",
+                   help="the ControlNet of rows that name a control_image but no controlnet (repeatable: one unit "
+                        "each; docs/controlnet.md)")
     p.add_argument("--retry-errors", dest="retry_errors", action="store_true",
                    help="run rows again whose earlier attempt failed")
     p.add_argument("--device", default="auto")
@@ -175,9 +179,12 @@ def run_batch_command(opt):
     given = dict(seed=opt.seed, steps=opt.steps, sampler=opt.sampler, schedule=opt.schedule, cfg_scale=opt.scale,
                  width=opt.W, height=opt.H, negative_prompt=opt.negative_prompt)
     defaults = GenerationParams.make(**{k: v for k, v in given.items() if v is not None})
+    for f in opt.controlnet:
+        if not Path(f).is_file():
+            raise KilnError(f"--controlnet {f}: no such file")
     s = run_batch(opt.prompts, opt.outdir, ckpt=ckpt, defaults=defaults, use_ray=opt.ray is not None,
                   ray_address=opt.ray or None, workers=opt.workers, device=opt.device, precision=opt.precision,
-                  retry_errors=opt.retry_errors, threads_per_worker=opt.threads)
+                  retry_errors=opt.retry_errors, threads_per_worker=opt.threads, controlnets=opt.controlnet)
     say(f"kiln: {s.rows} rows: {s.ok} written, {s.errors} failed (see manifest.jsonl), {s.skipped} already done "
         f"before this run; {s.seconds:.1f} s")
     return 1 if s.errors else 0

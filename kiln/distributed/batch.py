@@ -29,6 +29,13 @@ ROW_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule
 FIELDS = {**{k: v for k, v in scalar_fields().items() if k in ROW_FIELDS}, "id": str}
 ALIASES = {"negative": "negative_prompt", "scale": "cfg_scale", "cfg": "cfg_scale", "W": "width", "H": "height",
            "ddim_steps": "steps", "sampler_name": "sampler", "scheduler": "schedule", "n": None}
+# ControlNet units of a row, as `kiln txt2img`'s flags: one unit per `controlnet` (a list in JSONL rows for several;
+# the run's `--controlnet` when the row names none), each other field once (every unit) or once per unit
+CONTROL_FIELDS = {"controlnet": ("model", str), "control_image": ("image", str), "control_weight": ("weight", float),
+                  "control_start": ("start", float), "control_end": ("end", float),
+                  "control_preprocessor": ("module", str), "control_mode": ("control_mode", str),
+                  "control_resize": ("resize_mode", str), "control_res": ("processor_res", int),
+                  "control_threshold_a": ("threshold_a", float), "control_threshold_b": ("threshold_b", float)}
 ALWAYS = ("prompt", "negative_prompt", "seed", "steps", "sampler", "schedule", "cfg_scale", "width", "height")
 MANIFEST = "manifest.jsonl"
 Defaults = GenerationParams  # a run's defaults (`kiln batch`'s flags); each row's fields override them
@@ -93,10 +100,47 @@ def _value(kind, value):
     return v
 
 
-def row_params(raw: dict, row: int, defaults: GenerationParams) -> dict:
+def row_units(control: dict, folder: Path, default_models: list[str]) -> list[dict]:
+    """The ControlNet units of a row (its `control_*` fields) as ControlUnit fields, files resolved against the
+    prompts file's folder and checked; KilnError names what is wrong."""
+    from ..pipeline.control import ControlUnit
+
+    listed = {k: v if isinstance(v, list) else [v] for k, v in control.items()}
+    models = listed.pop("controlnet", None) or default_models
+    if not models:
+        raise KilnError("control_image needs a ControlNet: a controlnet field, or kiln batch --controlnet FILE")
+    if "control_image" not in listed:
+        raise KilnError("controlnet needs a control_image")
+    units = [{} for _ in models]
+    for key, values in [("controlnet", models), *listed.items()]:
+        field, kind = CONTROL_FIELDS[key]
+        if len(values) not in (1, len(units)):
+            raise KilnError(f"{key} has {len(values)} values for {len(units)} ControlNet units: give one (for "
+                            "every unit) or one per unit")
+        for k, unit in enumerate(units):
+            try:
+                unit[field] = _value(kind, values[k if len(values) > 1 else 0])
+            except (TypeError, ValueError):
+                raise KilnError(f"{key}: {values!r} is not a valid {kind.__name__}") from None
+            if field in ("model", "image"):
+                path = Path(unit[field]).expanduser()
+                path = path if path.is_absolute() else folder / path
+                if not path.is_file():
+                    raise KilnError(f"{key} {unit[field]}: no such file")
+                unit[field] = str(path.resolve())
+    for k, unit in enumerate(units):
+        ControlUnit(**unit).check(k)
+    return units
+
+
+def row_params(raw: dict, row: int, defaults: GenerationParams, folder: Path = Path("."),
+               controlnets: list[str] = ()) -> dict:
     """Validated generation parameters of one row (`GenerationParams` fields); KilnError names what is wrong.
-    A row without a seed takes the run's seed + its row index."""
+    A row without a seed takes the run's seed + its row index; a row with `control_*` fields gets `controlnets`
+    (ControlUnit fields, paths resolved against `folder`, the prompts file's)."""
     params = {}
+    control = {k: v for k, v in raw.items() if k in CONTROL_FIELDS}
+    raw = {k: v for k, v in raw.items() if k not in CONTROL_FIELDS}
     for key, value in raw.items():
         name = ALIASES.get(key, key)
         if name is None:
@@ -114,12 +158,14 @@ def row_params(raw: dict, row: int, defaults: GenerationParams) -> dict:
     out["seed"] = params.get("seed", defaults.seed + row)
     out["cfg_scale"] = params.get("cfg_scale", defaults.scale)
     out.update({k: v for k, v in params.items() if k not in out})
+    if control:
+        out["controlnets"] = row_units(control, folder, list(controlnets))
     if not 0 <= out["seed"] < 2 ** 63:
         raise KilnError(f"seed must be between 0 and 2^63-1, got {out['seed']}")
     return out
 
 
-def plan(rows: list[dict], defaults: GenerationParams) -> list[dict]:
+def plan(rows: list[dict], defaults: GenerationParams, folder: Path = Path("."), controlnets=()) -> list[dict]:
     """Tasks: `{"row", "params"}` for good rows, `{"row", "error"}` for rows that cannot run."""
     tasks = []
     for r in rows:
@@ -127,7 +173,7 @@ def plan(rows: list[dict], defaults: GenerationParams) -> list[dict]:
             tasks.append({"row": r["row"], "error": r["error"]})
             continue
         try:
-            tasks.append({"row": r["row"], "params": row_params(r["raw"], r["row"], defaults)})
+            tasks.append({"row": r["row"], "params": row_params(r["raw"], r["row"], defaults, folder, controlnets)})
         except KilnError as e:
             tasks.append({"row": r["row"], "error": str(e)})
     return tasks
@@ -191,7 +237,10 @@ class RowRenderer:
         entry["id"] = params.pop("id", None)
         entry["seed"], entry["params"] = params["seed"], params
         try:
-            result = self.pipe.txt2img(**params)
+            from ..pipeline.control import ControlUnit
+
+            units = [ControlUnit(**u) for u in params.get("controlnets", ())]
+            result = self.pipe.txt2img(**{**params, "controlnets": units})
         except KilnError as e:
             entry["error"] = str(e)
             return entry
@@ -224,12 +273,14 @@ class Summary:
 def run_batch(prompts_file, outdir, *, ckpt: str, defaults: GenerationParams | None = None, ray_address=None,
               use_ray: bool = False, workers: int = 1, device: str = "auto", precision: str = "auto",
               retry_errors: bool = False, progress: bool = True, pid_dir: str | None = None,
-              threads_per_worker: int | None = None) -> Summary:
+              threads_per_worker: int | None = None, controlnets=()) -> Summary:
+    """`controlnets`: the ControlNet files of rows that name a control image but no `controlnet`."""
     from tqdm.auto import tqdm
 
     start = time.time()
     defaults = defaults or GenerationParams()
-    tasks = plan(read_rows(prompts_file), defaults)
+    tasks = plan(read_rows(prompts_file), defaults, Path(prompts_file).resolve().parent,
+                 [str(Path(f).resolve()) for f in controlnets])
     out = Output(outdir)
     entries = load_manifest(out)
     done = finished(out, entries, retry_errors)

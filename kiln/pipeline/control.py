@@ -51,6 +51,8 @@ def control_mode(mode, k: int = 0) -> str:
         return CONTROL_MODES[int(mode)]
     if isinstance(mode, str):
         key = mode.strip().lower()
+        if key in ("0", "1", "2"):
+            return CONTROL_MODES[int(key)]
         for i, name in enumerate(CONTROL_MODES):
             if key == name.lower() or short.get(key) == i:
                 return name
@@ -151,6 +153,50 @@ def _record(u: ControlUnit, net, res: int) -> str:
 def control_fields(units: list[Active]) -> dict:
     """The infotext fields of the units (\"ControlNet 0\": …)."""
     return {f"ControlNet {k}": u.record for k, u in enumerate(units)}
+
+
+# sd-webui-controlnet's infotext keys → ControlUnit fields; keys it writes that change nothing here
+RECORD_FIELDS = {"Module": "module", "Model": "model", "Weight": "weight", "Resize Mode": "resize_mode",
+                 "Processor Res": "processor_res", "Threshold A": "threshold_a", "Threshold B": "threshold_b",
+                 "Guidance Start": "start", "Guidance End": "end", "Pixel Perfect": "pixel_perfect",
+                 "Control Mode": "control_mode"}
+RECORD_NO_EFFECT = {"Save Detected Map": None, "Hr Option": "Both", "Low Vram": None}
+
+
+def units_from_infotext(info: dict) -> list[dict]:
+    """The units an infotext records (`ControlNet 0: "Module: canny, Model: name [hash], Weight: 1, …"`, as
+    sd-webui-controlnet and kiln write it), in order, as ControlUnit fields with the model's title in `model`
+    (a name to look up: the file is not in the infotext, nor is the control image). KilnError names a unit it
+    cannot read."""
+    units = []
+    while (record := info.get(f"ControlNet {len(units)}")) is not None:
+        k = len(units)
+        where = f"ControlNet {k}"
+        fields = {}
+        for part in record.split(", "):
+            key, sep, value = part.partition(": ")
+            key, value = key.strip(), value.strip()
+            if not sep or (key not in RECORD_FIELDS and key not in RECORD_NO_EFFECT):
+                raise KilnError(f"{where}: cannot read {part!r} (known: {', '.join(RECORD_FIELDS)})")
+            if key in RECORD_NO_EFFECT:
+                if RECORD_NO_EFFECT[key] is not None and value != RECORD_NO_EFFECT[key]:
+                    raise KilnError(f"{where}: {key}: {value} is not supported (kiln's units act in both passes)")
+                continue
+            fields[RECORD_FIELDS[key]] = value
+        try:
+            unit = dict(model=fields["model"], module=fields.get("module", "none"),
+                        weight=float(fields.get("weight", 1)), start=float(fields.get("start", 0)),
+                        end=float(fields.get("end", 1)), resize_mode=fields.get("resize_mode", "Crop and Resize"),
+                        control_mode=fields.get("control_mode", "Balanced"))
+            if fields.get("pixel_perfect", "False") != "True" and "processor_res" in fields:
+                unit["processor_res"] = int(float(fields["processor_res"]))
+            for name in ("threshold_a", "threshold_b"):
+                if name in fields and float(fields[name]) != -1:
+                    unit[name] = float(fields[name])
+        except (KeyError, ValueError) as e:
+            raise KilnError(f"{where}: cannot read {record!r} ({type(e).__name__}: {e})") from None
+        units.append(unit)
+    return units
 
 
 def control_map(u: ControlUnit, k: int, width: int, height: int, mask=None) -> tuple[np.ndarray, int]:
