@@ -19,20 +19,24 @@ from kiln.checkpoints.upscaler import load_upscaler, upscaler_arch
 from kiln.errors import CheckpointError
 from kiln.models.upscalers.compact import SRVGGNetCompact
 from kiln.models.upscalers.esrgan import RRDBNet
+from kiln.models.upscalers.swinir import SwinIR
 
 TOL = 1 / 255
 
 
-def randomize(state: dict, seed: int = 0, special=None) -> dict:
+def randomize(state: dict, seed: int = 0, special=None, gain: float = 2.0) -> dict:
     """Random weights of the shapes in `state`: ≥2-D weights N(0, gain/fan_in) (gain 2 against ReLU-like halving),
     biases N(0, 0.05²); 1-D weights as `special(key)` says (PReLU slopes, norm scales) or 1 + N(0, 0.1²)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in state.items():
+        if not v.is_floating_point() or k.endswith("attn_mask"):  # derived buffers: index tables, the shift mask
+            out[k] = v
+            continue
         shape = tuple(v.shape)
         noise = torch.randn(shape, generator=gen)
         if len(shape) >= 2:
-            out[k] = noise * math.sqrt(2.0 / math.prod(shape[1:]))
+            out[k] = noise * math.sqrt(gain / math.prod(shape[1:]))
         elif k.endswith("bias"):
             out[k] = noise * 0.05
         else:
@@ -147,6 +151,39 @@ def test_compact(tmp_path, scale, wrapper, suffix):
     path = compact_file(tmp_path / f"realesr-general-x{scale}v3{suffix}", scale=scale, wrapper=wrapper)
     model = check_parity(path, "RealESRGAN compact", "Compact", scale, sizes=[(40, 48), (5, 3)])
     assert isinstance(model, SRVGGNetCompact) and len(model.body) == 2 + 2 * 4 + 1
+
+
+# ---------------------------------------------------------------------------------------------------- SwinIR
+
+def swinir_file(path, wrapper="params_ema", seed=0, **hyper):
+    """A small SwinIR from spandrel's class (its tensor names and buffers, as the released files have them)."""
+    args = dict(img_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=8, mlp_ratio=2.0)
+    net = ref.network("SwinIR", **{**args, **hyper})
+    return ref.save(randomize(net.state_dict(), seed, gain=1.0), path, wrapper)  # gain 1: residual stacks, GELU
+
+
+SWINIR_VARIANTS = {
+    # name: (spandrel's hyperparameters, scale)
+    "classical_x2": (dict(upscale=2, upsampler="pixelshuffle"), 2),
+    "classical_x3_3conv": (dict(upscale=3, upsampler="pixelshuffle", resi_connection="3conv"), 3),
+    "classical_x8": (dict(upscale=8, upsampler="pixelshuffle"), 8),
+    "lightweight_x4": (dict(upscale=4, upsampler="pixelshuffledirect"), 4),
+    "realSR_x4_GAN": (dict(upscale=4, upsampler="nearest+conv", resi_connection="3conv"), 4),
+    "realSR_x2": (dict(upscale=2, upsampler="nearest+conv"), 2),
+    "denoise_x1": (dict(upscale=1, upsampler=""), 1),
+    "jpeg_w7": (dict(upscale=1, upsampler="", window_size=7, img_size=28, img_range=255.0), 1),
+}
+
+
+@pytest.mark.parametrize("variant", list(SWINIR_VARIANTS))
+def test_swinir(tmp_path, variant):
+    hyper, scale = SWINIR_VARIANTS[variant]
+    suffix = ".safetensors" if "x2" in variant else ".pth"
+    path = swinir_file(tmp_path / f"SwinIR_{variant}{suffix}", None if suffix == ".safetensors" else "params", **hyper)
+    sizes = [(40, 48), (5, 3)] + ([(29, 37)] if scale < 8 else [])  # padded to whole windows, and to 16 pixels
+    model = check_parity(path, "SwinIR", "SwinIR", scale, sizes=sizes)
+    assert isinstance(model, SwinIR) and model.window == hyper.get("window_size", 8)
+    assert [len(layer.residual_group.blocks) for layer in model.layers] == [2, 2]
 
 
 # ---------------------------------------------------------------------------------------------------- bad files

@@ -136,4 +136,4 @@ def load_upscaler(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> 
     state = {k: src.get(names[k]).to(device=device, dtype=dtype) for k in expected}
     model.load_state_dict(state, strict=True, assign=True)
     model.name = Path(path).stem
-    return model.requires_grad_(False).eval()
+    return model.to(device).requires_grad_(False).eval()  # .to: the derived buffers, made on the CPU

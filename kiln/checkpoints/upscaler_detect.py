@@ -11,6 +11,7 @@ import re
 
 from ..models.upscalers.compact import SRVGGNetCompact
 from ..models.upscalers.esrgan import RRDBNet
+from ..models.upscalers.swinir import SwinIR
 
 
 def seq_len(shapes, prefix: str) -> int:
@@ -106,8 +107,69 @@ def compact_model(shapes):
     return model, {k: k for k in shapes}
 
 
+# ------------------------------------------------------------------------------------------------ SwinIR
+
+SWIN_BLOCK = "layers.0.residual_group.blocks.0."
+# Buffers the files carry that kiln derives instead (the shifted-window mask is for the training size only).
+DERIVED = re.compile(r".*\.(attn_mask|relative_position_index)$")
+
+
+def is_swinir(shapes) -> bool:
+    return (has_all(shapes, SWIN_BLOCK + "norm1.weight", SWIN_BLOCK + "mlp.fc1.bias", SWIN_BLOCK + "attn.qkv.weight",
+                    SWIN_BLOCK + "attn.relative_position_bias_table")
+            and ("conv_first.weight" in shapes or "conv_first.1.weight" in shapes))
+
+
+def pixelshuffle_scale(shapes, prefix: str = "upsample") -> tuple[int, int]:
+    """(scale, features) of a chain `prefix.0`, `prefix.2`… of (conv to r²·C, pixel shuffle r)."""
+    scale, nf, i = 1, 64, 0
+    while f"{prefix}.{i}.weight" in shapes:
+        out, nf = shapes[f"{prefix}.{i}.weight"][:2]
+        scale *= math.isqrt(out // nf)
+        i += 2
+    return scale, nf
+
+
+def swin_window(shapes, key: str) -> int:
+    """The window side from a relative-position bias table of (2w-1)² rows."""
+    return (math.isqrt(shapes[key][0]) + 1) // 2
+
+
+def swinir_model(shapes):
+    first = "conv_first.1.weight" if "conv_first.1.weight" in shapes else "conv_first.weight"
+    dim, in_ch = shapes[first][:2]
+    unshuffle = math.isqrt(in_ch // 3) if first == "conv_first.1.weight" else 1
+    in_nc = in_ch // unshuffle**2
+    nf = 64
+    if "conv_before_upsample.0.weight" in shapes:
+        nf = shapes["conv_before_upsample.0.weight"][0]
+        if "conv_up1.weight" in shapes:
+            upsampler = "nearest+conv"
+            upscale = 2 ** sum(1 for k in shapes if re.fullmatch(r"conv_up\d\.weight", k))
+        else:
+            upsampler = "pixelshuffle"
+            upscale = pixelshuffle_scale(shapes)[0]
+    elif "upsample.0.weight" in shapes:
+        upsampler = "pixelshuffledirect"
+        upscale = math.isqrt(shapes["upsample.0.weight"][0] // in_nc)
+    else:
+        upsampler, upscale = "", 1
+    window = swin_window(shapes, SWIN_BLOCK + "attn.relative_position_bias_table")
+    layers = seq_len(shapes, "layers")
+    depths = [seq_len(shapes, f"layers.{i}.residual_group.blocks") for i in range(layers)]
+    heads = [shapes[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"][1] for i in range(layers)]
+    model = SwinIR(in_nc=in_nc, dim=dim, depths=depths, heads=heads, window=window,
+                   mlp_hidden=shapes[SWIN_BLOCK + "mlp.fc1.bias"][0], upscale=upscale, upsampler=upsampler,
+                   resi="1conv" if "conv_after_body.weight" in shapes else "3conv", unshuffle=unshuffle, nf=nf,
+                   patch_norm="patch_embed.norm.weight" in shapes,
+                   # the JPEG-artifact models alone use 7×7 windows, and they work on 0..255 values
+                   img_range=255.0 if window == 7 else 1.0)
+    return model, {k: k for k in shapes if not DERIVED.fullmatch(k)}
+
+
 #: (test, builder) in the order tried: the loose compact test last.
 ARCHITECTURES = [
     ("ESRGAN", is_esrgan, esrgan_model),
+    ("SwinIR", is_swinir, swinir_model),
     ("RealESRGAN compact", is_compact, compact_model),
 ]
