@@ -18,6 +18,7 @@ import upscaler_ref as ref
 from kiln.checkpoints.upscaler import load_upscaler, upscaler_arch
 from kiln.errors import CheckpointError
 from kiln.models.upscalers.compact import SRVGGNetCompact
+from kiln.models.upscalers.dat import DAT
 from kiln.models.upscalers.esrgan import RRDBNet
 from kiln.models.upscalers.swinir import SwinIR
 
@@ -30,7 +31,8 @@ def randomize(state: dict, seed: int = 0, special=None, gain: float = 2.0) -> di
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in state.items():
-        if not v.is_floating_point() or k.endswith("attn_mask"):  # derived buffers: index tables, the shift mask
+        if not v.is_floating_point() or k.endswith(("attn_mask", "attn_mask_0", "attn_mask_1", "rpe_biases")):
+            # derived buffers (index and offset tables, the shifted windows' masks) stay as the class made them
             out[k] = v
             continue
         shape = tuple(v.shape)
@@ -184,6 +186,33 @@ def test_swinir(tmp_path, variant):
     model = check_parity(path, "SwinIR", "SwinIR", scale, sizes=sizes)
     assert isinstance(model, SwinIR) and model.window == hyper.get("window_size", 8)
     assert [len(layer.residual_group.blocks) for layer in model.layers] == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------------- DAT
+
+DAT_VARIANTS = {
+    # name: (spandrel's hyperparameters, scale). Narrow (64 channels: DAT's position-bias MLP is dim/32 wide) and
+    # shallow, but each group deep enough for the shifted-window blocks (block 2 of even groups, 0 of odd ones).
+    "DAT_x4": (dict(split_size=[8, 32], expansion_factor=4.0, upscale=4), 4),
+    "DAT_S_x2": (dict(split_size=[8, 16], expansion_factor=4.0, upscale=2), 2),
+    "DAT_2_x3": (dict(split_size=[8, 32], expansion_factor=2.0, upscale=3, resi_connection="3conv"), 3),
+    "DAT_light_x4": (dict(split_size=[8, 32], expansion_factor=2.0, upscale=4, resi_connection="3conv",
+                          upsampler="pixelshuffledirect"), 4),
+}
+
+
+@pytest.mark.parametrize("variant", list(DAT_VARIANTS))
+def test_dat(tmp_path, variant):
+    hyper, scale = DAT_VARIANTS[variant]
+    args = dict(img_size=64, embed_dim=64, depth=[3, 2], num_heads=[2, 4], **hyper)
+    net = ref.network("DAT", **args)
+    suffix = ".safetensors" if "S" in variant else ".pth"
+    path = ref.save(randomize(net.state_dict(), gain=1.0), tmp_path / f"{variant}{suffix}",
+                    None if suffix == ".safetensors" else "params")
+    model = check_parity(path, "DAT", "DAT", scale, sizes=[(40, 48), (5, 3)])
+    assert isinstance(model, DAT) and model.layers[0].blocks[0].attn.split == tuple(hyper["split_size"])
+    assert [b.attn.shifted for b in model.layers[0].blocks[::2]] == [False, True]
+    assert model.layers[1].blocks[0].attn.shifted
 
 
 # ---------------------------------------------------------------------------------------------------- bad files

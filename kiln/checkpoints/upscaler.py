@@ -121,7 +121,7 @@ def load_upscaler(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> 
     arch, build, shapes = _detect(src, path)
     try:
         with torch.device("meta"):
-            model, names = build(shapes)
+            model, names = build(shapes, src.get)
     except (ValueError, KeyError, IndexError) as e:
         reason = f"no tensor {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"upscaler {path}: looks like {arch} but does not fit its layout ({reason})") from None
