@@ -23,6 +23,8 @@ from kiln.models.upscalers.esrgan import RRDBNet
 from kiln.models.upscalers.swinir import SwinIR
 
 TOL = 1 / 255
+# spandrel's SwinIR and DAT call torch.meshgrid without indexing= (their code, not kiln's)
+pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
 
 
 def randomize(state: dict, seed: int = 0, special=None, gain: float = 2.0) -> dict:
@@ -213,6 +215,30 @@ def test_dat(tmp_path, variant):
     assert isinstance(model, DAT) and model.layers[0].blocks[0].attn.split == tuple(hyper["split_size"])
     assert [b.attn.shifted for b in model.layers[0].blocks[::2]] == [False, True]
     assert model.layers[1].blocks[0].attn.shifted
+
+
+def test_dtype_device_and_flags(tmp_path):
+    """dtype= converts the weights (bfloat16 here: CPU float16 convs are slow); the derived buffers follow; float16
+    is flagged unsafe for the transformers, as spandrel flags it."""
+    path = compact_file(tmp_path / "c.safetensors")
+    full, half = load_upscaler(path), load_upscaler(path, dtype=torch.bfloat16, device="cpu")
+    assert half.dtype == torch.bfloat16 and full.supports_half
+    x = image(20, 16)
+    with torch.no_grad():
+        err = (half(x.bfloat16()).float() - full(x)).abs().mean().item()
+    assert err < 0.05
+    swin = load_upscaler(swinir_file(tmp_path / "s.pth", upscale=2, upsampler="pixelshuffle"), dtype=torch.bfloat16)
+    index = swin.layers[0].residual_group.blocks[0].attn.relative_position_index
+    assert not swin.supports_half and not index.is_meta
+    with torch.no_grad():
+        assert swin(image(9, 11).bfloat16()).shape == (1, 3, 18, 22)
+
+
+def test_grayscale_model_is_refused(tmp_path):
+    net = ref.network("Compact", num_in_ch=1, num_out_ch=1, num_feat=8, num_conv=2, upscale=2)
+    path = ref.save(randomize(net.state_dict()), tmp_path / "gray.pth")
+    with pytest.raises(CheckpointError, match=r"gray\.pth: a RealESRGAN compact model for 1-channel images"):
+        load_upscaler(path)
 
 
 # ---------------------------------------------------------------------------------------------------- bad files

@@ -116,7 +116,8 @@ def upscaler_arch(path) -> str:
 
 def load_upscaler(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> SRModule:
     """The upscaler in `path` as an eval-mode network on `device` in `dtype`: `.scale`, `.arch`, `.name` (the file's
-    stem), `.dtype`, and `forward(x)`: [B, 3, H, W] in [0, 1] → [B, 3, scale·H, scale·W], unclamped."""
+    stem), `.dtype`, `.supports_half`, and `forward(x)`: [B, 3, H, W] in [0, 1] → [B, 3, scale·H, scale·W],
+    unclamped, for any H, W ≥ 1."""
     src = open_upscaler_file(path)
     arch, build, shapes = _detect(src, path)
     try:
@@ -125,6 +126,9 @@ def load_upscaler(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> 
     except (ValueError, KeyError, IndexError) as e:
         reason = f"no tensor {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"upscaler {path}: looks like {arch} but does not fit its layout ({reason})") from None
+    if (model.in_channels, model.out_channels) != (3, 3):
+        raise CheckpointError(f"upscaler {path}: a {arch} model for {model.in_channels}-channel images "
+                              f"({model.out_channels} out); kiln upscales RGB images")
     expected = model.state_dict()
     missing = [k for k in expected if k not in names]
     extra = [names[k] for k in names if k not in expected]

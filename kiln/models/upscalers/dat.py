@@ -208,12 +208,13 @@ class ResidualGroup(nn.Module):
 
 class DAT(SRModule):
     arch = "DAT"
+    supports_half = False
     minimum = 16  # spandrel's size requirement for DAT (the windows pad themselves)
 
     def __init__(self, *, in_nc: int = 3, dim: int = 180, depths=(6, 6, 6, 6, 6, 6), heads=(6, 6, 6, 6, 6, 6),
                  split=(8, 32), hidden: int = 360, qkv_bias: bool = True, upscale: int = 4,
                  upsampler: str = "pixelshuffle", resi: str = "1conv", nf: int = 64):
-        super().__init__(scale=upscale)
+        super().__init__(upscale, in_nc, in_nc)
         self.upsampler = upsampler
         mean = torch.tensor(RGB_MEAN if in_nc == 3 else (0.0,) * in_nc, device="cpu").view(1, in_nc, 1, 1)
         self.register_buffer("mean", mean, persistent=False)

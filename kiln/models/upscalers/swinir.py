@@ -119,11 +119,12 @@ class PatchEmbed(nn.Module):
 
 class SwinIR(SRModule):
     arch = "SwinIR"
+    supports_half = False
 
     def __init__(self, *, in_nc: int = 3, dim: int = 96, depths=(6, 6, 6, 6), heads=(6, 6, 6, 6), window: int = 8,
                  mlp_hidden: int = 192, upscale: int = 2, upsampler: str = "", resi: str = "1conv",
                  unshuffle: int = 1, nf: int = 64, patch_norm: bool = True, img_range: float = 1.0):
-        super().__init__(scale=upscale // unshuffle)
+        super().__init__(upscale // unshuffle, in_nc, in_nc)
         self.upscale, self.upsampler, self.window, self.unshuffle = upscale, upsampler, window, unshuffle
         self.img_range = img_range
         self.minimum, self.multiple = 16, unshuffle * unshuffle  # spandrel's size requirements for SwinIR
