@@ -176,6 +176,8 @@ SWINIR_VARIANTS = {
     "realSR_x2": (dict(upscale=2, upsampler="nearest+conv"), 2),
     "denoise_x1": (dict(upscale=1, upsampler=""), 1),
     "jpeg_w7": (dict(upscale=1, upsampler="", window_size=7, img_size=28, img_range=255.0), 1),
+    # a first conv behind a pixel-unshuffle (`conv_first.1`, as neosr writes it): a 4× body gives 2×
+    "unshuffle_x2": (dict(upscale=4, upsampler="pixelshuffle", start_unshuffle=2), 2),
 }
 
 
@@ -185,8 +187,16 @@ def test_swinir(tmp_path, variant):
     suffix = ".safetensors" if "x2" in variant else ".pth"
     path = swinir_file(tmp_path / f"SwinIR_{variant}{suffix}", None if suffix == ".safetensors" else "params", **hyper)
     sizes = [(40, 48), (5, 3)] + ([(29, 37)] if scale < 8 else [])  # padded to whole windows, and to 16 pixels
+    if "unshuffle" in variant:
+        # spandrel's class names that conv `conv_first` and pads before unshuffling, so that only sizes whose halves
+        # are whole windows run there
+        state = {k.replace("conv_first.", "conv_first.1."): v for k, v in ref.read(path).items()}
+        path, sizes = ref.save(state, path), [(48, 64)]
     model = check_parity(path, "SwinIR", "SwinIR", scale, sizes=sizes)
     assert isinstance(model, SwinIR) and model.window == hyper.get("window_size", 8)
+    if "unshuffle" in variant:  # kiln pads to whole windows after the unshuffle: any size runs
+        with torch.no_grad():
+            assert model(image(29, 37)).shape == (1, 3, 58, 74)
     assert [len(layer.residual_group.blocks) for layer in model.layers] == [2, 2]
 
 
