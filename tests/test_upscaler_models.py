@@ -77,11 +77,12 @@ def check_parity(path, expect_arch: str, spandrel_arch: str, scale: int, sizes=(
 
 # ---------------------------------------------------------------------------------------------------- ESRGAN
 
-def original_esrgan(path, scale=4, nf=16, nb=2, in_nc=3, shuffle=None, seed=0, wrapper=None, out_gain=1.0):
+def original_esrgan(path, scale=4, nf=16, nb=2, in_nc=3, shuffle=None, seed=0, wrapper=None, out_gain=1.0,
+                    plus=False):
     """The original ESRGAN `model.N` layout, from spandrel's own network class (its names, not kiln's); `out_gain`
-    scales the last conv (a deep random trunk grows its features far past unit size)."""
+    scales the last conv (a deep random trunk grows its features far past unit size); `plus`: ESRGAN+."""
     net = ref.network("ESRGAN", in_nc=in_nc, out_nc=3, num_filters=nf, num_blocks=nb, scale=scale,
-                      shuffle_factor=shuffle)
+                      shuffle_factor=shuffle, plus=plus)
     state = randomize(net.state_dict(), seed)
     last = max(state, key=lambda k: int(k.split(".")[1]))
     state[last] *= out_gain
@@ -93,6 +94,12 @@ def test_esrgan_original_layout(tmp_path, scale, suffix):
     path = original_esrgan(tmp_path / f"esrgan{scale}x{suffix}", scale=scale)
     model = check_parity(path, "ESRGAN", "ESRGAN", scale, sizes=[(40, 48), (7, 5)])
     assert (len(model.body), model.conv_first.out_channels) == (2, 16)
+
+
+def test_esrgan_plus(tmp_path):
+    """ESRGAN+ (a 1×1 shortcut into each dense block's 2nd and 4th outputs), only ever in the original layout."""
+    model = check_parity(original_esrgan(tmp_path / "4x_ESRGANplus.pth", plus=True), "ESRGAN", "ESRGAN", 4)
+    assert model.body[0].rdb1.conv1x1 is not None
 
 
 def basicsr_state(scale=4, nf=16, nb=2, shuffle=1, seed=0) -> dict:

@@ -38,7 +38,7 @@ def is_esrgan(shapes) -> bool:
 
 def _original_esrgan_name(key: str, n: int) -> str | None:
     """BasicSR's name of a tensor of the original `model.N` layout (`n`: the length of that top-level sequence)."""
-    if m := re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.(conv\d)(?:\.0)?\.(weight|bias)", key):
+    if m := re.fullmatch(r"model\.1\.sub\.(\d+)\.RDB(\d)\.(conv\d|conv1x1)(?:\.0)?\.(weight|bias)", key):
         return f"body.{m[1]}.rdb{m[2]}.{m[3]}.{m[4]}"
     if m := re.fullmatch(r"model\.1\.sub\.(\d+)\.(weight|bias)", key):
         return f"conv_body.{m[2]}"  # the trunk's last conv, after the RRDBs
