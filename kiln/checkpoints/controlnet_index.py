@@ -28,26 +28,26 @@ class ControlNetIndex:
     """The ControlNet files of a folder (and its subfolders), found by "name [hash]", name or file name; the
     folder is read again on `refresh` (hashes kept for files whose size and time are unchanged)."""
 
-    def __init__(self, folder: str | None):
+    def __init__(self, folder: str | None, extra=()):
         self.folder = folder
+        self.extra = [Path(p) for p in extra]  # files listed beside the folder's (the embedded demo ControlNet)
         self.entries: list[ControlNetEntry] = []
         self._seen: dict[tuple, ControlNetEntry] = {}
         self.refresh()
 
     @classmethod
-    def for_config(cls, folder: str | None) -> ControlNetIndex:
-        """`--controlnet-dir`, else sd-webui-controlnet's `models/ControlNet` when it exists."""
-        return cls(folder if folder else DEFAULT_DIR if Path(DEFAULT_DIR).is_dir() else None)
+    def for_config(cls, folder: str | None, extra=()) -> ControlNetIndex:
+        """`--controlnet-dir`, else sd-webui-controlnet's `models/ControlNet` when it exists (and `extra` files)."""
+        return cls(folder if folder else DEFAULT_DIR if Path(DEFAULT_DIR).is_dir() else None, extra)
 
     def refresh(self):
         from ..checkpoints.hashes import legacy_hash
 
         root = Path(self.folder) if self.folder else None
-        if root is None or not root.is_dir():
-            self.entries = []
-            return
+        files = sorted(root.resolve().rglob("*"), key=lambda p: (p.stem.lower(), str(p))) \
+            if root is not None and root.is_dir() else []
         found, seen = [], {}
-        for p in sorted(root.resolve().rglob("*"), key=lambda p: (p.stem.lower(), str(p))):
+        for p in files + [p.resolve() for p in self.extra if p.resolve() not in files]:
             if p.suffix.lower() not in SUFFIXES or not p.is_file():
                 continue
             st = p.stat()

@@ -26,12 +26,22 @@ PER_UNIT = (  # (flag, dest, type, unit field, help)
 def add_control_flags(p):
     g = p.add_argument_group("ControlNet (repeat --controlnet for several units)")
     g.add_argument("--controlnet", action="append", default=[], metavar="FILE",
-                   help="a ControlNet file (lllyasviel's layout, .safetensors or .pth): one unit each")
+                   help="a ControlNet file (lllyasviel's layout, .safetensors or .pth), or 'demo' (the embedded demo "
+                        "model's canny ControlNet): one unit each")
     g.add_argument("--controlnet-dir", dest="controlnet_dir", default=None, metavar="DIR",
                    help="where --from-png looks up the ControlNets an image names (default: models/ControlNet "
                         "when it exists)")
     for flag, dest, kind, _, help_ in PER_UNIT:
         g.add_argument(flag, dest=dest, action="append", type=kind, default=[], help=help_)
+
+
+def demo_controlnet(name: str) -> str:
+    """`--controlnet demo`: the embedded demo ControlNet (for the embedded demo model), unless a file is so named."""
+    from pathlib import Path
+
+    from ..demo.control_report import EMBEDDED_CONTROLNET
+
+    return str(EMBEDDED_CONTROLNET) if name == "demo" and not Path(name).exists() else name
 
 
 def control_units(opt) -> list:
@@ -47,7 +57,7 @@ def control_units(opt) -> list:
         return []
     if not given["control_image"]:
         raise KilnError("--controlnet needs --control-image IMG")
-    units = [{"model": f} for f in files]
+    units = [{"model": demo_controlnet(f)} for f in files]
     for flag, dest, _, field, _ in PER_UNIT:
         values = given[dest]
         if len(values) not in (0, 1, len(files)):
@@ -78,7 +88,9 @@ def units_from_png(opt, info: dict, say) -> None:
         raise KilnError(f"the image was made with {n} ControlNet units: give --controlnet {n} times, or none (they "
                         "are then looked up by name in --controlnet-dir)")
     if not files:
-        index = ControlNetIndex.for_config(opt.controlnet_dir)
+        from ..demo.control_report import EMBEDDED_CONTROLNET
+
+        index = ControlNetIndex.for_config(opt.controlnet_dir, [EMBEDDED_CONTROLNET])
         files = []
         for k, u in enumerate(units):
             entry = index.find(u["model"])

@@ -39,7 +39,7 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
     app = FastAPI(title="kiln", version=__version__,
                   description="Stable Diffusion: AUTOMATIC1111-compatible API (/sdapi/v1), job API (/api/v1), web UI.")
     app.state.worker, app.state.config = worker, config
-    app.state.server = Server(config, worker, styles, controlnet.ControlNetIndex.for_config(config.controlnet_dir))
+    app.state.server = Server(config, worker, styles, controlnet.index_for(config))
     limits, protected = config.limits, bool(config.api_auth or config.token)
 
     @app.middleware("http")

@@ -24,6 +24,16 @@ MAX_UNITS = 8  # units per request: each runs a ControlNet as large as a third o
 API_VERSION = 2  # sd-webui-controlnet's external_code.get_api_version()
 
 
+def index_for(config) -> ControlNetIndex:
+    """The server's ControlNets: `--controlnet-dir` (or models/ControlNet), and the embedded demo ControlNet when the
+    server runs the embedded demo model."""
+    from ..demo.control_report import EMBEDDED_CONTROLNET
+    from ..demo.report import EMBEDDED
+
+    demo = config.ckpt is None or Path(config.ckpt).resolve() == EMBEDDED
+    return ControlNetIndex.for_config(config.controlnet_dir, [EMBEDDED_CONTROLNET] if demo else [])
+
+
 # ------------------------------------------------------------------------------------------------ units in requests
 ALIASES = {"input_image": "image", "mask_image": "mask", "guidance": "guidance_end", "lowvram": "low_vram",
            "guess_mode": "guessmode"}  # sd-webui-controlnet's older names
