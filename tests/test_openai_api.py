@@ -80,6 +80,9 @@ def test_generate_as_urls_with_a_named_model(live):
     png = requests.get(link, headers=AUTH["bob"], timeout=10)
     assert png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).size == (64, 64)
+    with pytest.raises(openai.NotFoundError) as e:
+        client(url).images.generate(prompt=PROMPT, model="dall-e-3")
+    assert e.value.body["code"] == "model_not_found" and e.value.body["param"] == "model"
     models = client(url).models.list()
     assert title in [m.id for m in models.data]
     assert client(url).models.retrieve(title).sha256 == app.state.worker.entry.sha256
@@ -125,7 +128,7 @@ def test_edit_reads_the_images_own_transparency_without_a_mask(live):
     ({"size": "big"}, 422, "size", "WIDTHxHEIGHT"),
     ({"n": 0}, 422, "n", "between 1 and"),
     ({"n": "many"}, 422, "n", "n:"),
-    ({"model": "dall-e-3"}, 404, "model", "GET /v1/models"),
+    ({"model": "dall-e-3"}, 404, "model", "GET /v1/models"),  # code: model_not_found
     ({"response_format": "gif"}, 422, "response_format", "response_format"),
     ({"prompt": None}, 422, "prompt", "prompt"),
     ({"steps": 999}, 422, None, "steps must be between"),
@@ -170,9 +173,10 @@ def test_twenty_clients_on_three_keys_take_turns(live):
     the first 12, not after alice's ten."""
     app, url = live
     wait_idle(app)
-    body = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "seed": 1}
-    blocker = requests.post(url + "/api/v1/txt2img", json={**body, "steps": 150}, headers=AUTH["dave"],
-                            timeout=10).json()["id"]
+    body = {"prompt": PROMPT, "steps": 1, "width": 32, "height": 32, "seed": 1}
+    # a long job holds the worker while the 20 clients submit (cancelled then: it stops at its next step)
+    blocker = requests.post(url + "/api/v1/txt2img", json={**body, "steps": 150, "width": 128, "height": 128},
+                            headers=AUTH["dave"], timeout=10).json()["id"]
     while app.state.worker.current is None:
         time.sleep(0.01)
     owners = ["alice"] * 12 + ["bob"] * 4 + ["carol"] * 4
@@ -188,7 +192,8 @@ def test_twenty_clients_on_three_keys_take_turns(live):
     metrics = scrape(url)
     assert {s.labels["client"]: s.value for s in metrics["kiln_client_queued_jobs"].samples} == \
         {"alice": 10, "bob": 4, "carol": 4}
-    requests.post(f"{url}/api/v1/jobs/{blocker}/cancel", headers=AUTH["dave"], timeout=10)
+    cancelled = requests.post(f"{url}/api/v1/jobs/{blocker}/cancel", headers=AUTH["dave"], timeout=10).json()
+    assert cancelled["state"] == "running", "the blocker ended before every client had submitted"
     wait_idle(app)
     worker = app.state.worker
     started = sorted(jobs, key=lambda i: worker.get(i).started)
@@ -240,6 +245,9 @@ def test_fair_queue_order_remove_and_limits():
     assert [q.popleft().client for _ in range(4)] == ["a", "b", "c", "a"] and not q
     with pytest.raises(IndexError):
         q.popleft()
+    for i in range(4):  # a job store's restored queue goes past the limit
+        q.append(job("a", i), check_limit=False)
+    assert len(q) == 4
 
 
 @pytest.mark.parametrize("text, words", [

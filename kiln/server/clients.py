@@ -102,10 +102,12 @@ class FairQueue:
         self.lanes: OrderedDict[str, deque] = OrderedDict()  # in rotation order: the next lane to serve first
         self.limits: dict[str, int] = dict(limits or {})
 
-    def append(self, job):
+    def append(self, job, check_limit: bool = True):
+        """Queue a job at the back of its client's lane. `check_limit=False`: jobs the server takes back (a job
+        store restoring its queue after a restart) are queued even beyond the key's limit."""
         client = job.client
         lane = self.lanes.get(client)
-        limit = self.limits.get(client)
+        limit = self.limits.get(client) if check_limit else None
         if limit is not None and lane is not None and len(lane) >= limit:
             raise KeyLimit(client, limit, self.index(lane[0]))
         if lane is None:

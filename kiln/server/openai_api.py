@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import os
 from typing import Literal
 
@@ -26,6 +27,7 @@ from .context import RequestError, Server, server
 from .schemas import Img2ImgRequest, Txt2ImgRequest, decode_image
 
 router = APIRouter(prefix="/v1", tags=["OpenAI"])
+log = logging.getLogger("kiln.server")
 
 # (accepted values, why any other is refused): OpenAI's fields that have no meaning for kiln's models
 NOOP = {
@@ -102,6 +104,8 @@ ERROR_TYPES = {401: ("invalid_request_error", "invalid_api_key"), 404: ("invalid
 
 def openai_error(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
     kind, code = ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    if status == 404 and param == "model":
+        code = "model_not_found"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
@@ -163,12 +167,10 @@ def _common(req: ImageRequest, s: Server, size: tuple[int, int]) -> dict:
 
 def _run(s: Server, request: Request, req: ImageRequest, body, mode: str) -> dict:
     """Queue the job, wait for it, answer with OpenAI's ImagesResponse."""
-    import logging
-
     job = s.submit(body, mode, native=True)
     who = req.safety_identifier or req.user
     if who:
-        logging.getLogger("kiln.server").info("job %s for end user %r", job.id, who)
+        log.info("job %s for end user %r", job.id, who)
     job.done_event.wait()
     if job.state == "failed":
         raise RequestError(job.error, 422 if job.user_error else 500)
