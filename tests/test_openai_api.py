@@ -248,6 +248,9 @@ def test_fair_queue_order_remove_and_limits():
     for i in range(4):  # a job store's restored queue goes past the limit
         q.append(job("a", i), check_limit=False)
     assert len(q) == 4
+    q.append(job("b", 0))
+    q.appendleft(job("b", -1))  # first of all: its lane moves to the front of the rotation
+    assert [(j.client, j.i) for j in q][:4] == [("b", -1), ("a", 0), ("b", 0), ("a", 1)]
 
 
 @pytest.mark.parametrize("text, words", [

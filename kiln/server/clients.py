@@ -93,7 +93,8 @@ class FairQueue:
     """The waiting jobs, one lane (FIFO) per client, served in turn: `popleft` takes the first job of the lane
     whose turn it is, and that lane goes to the back of the rotation. A client that had nothing waiting joins at
     the back. Iterating gives the order jobs would start in if nothing else arrived (what `index` and the job
-    API's `position` report). Used like the `deque` it replaces: append, popleft, remove, index, len, in, iter.
+    API's `position` report). Used like the `deque` it replaces: append, appendleft, popleft, remove, index, len,
+    in, iter.
 
     `limits`: client name -> the most jobs it may have waiting (`append` raises `KeyLimit` beyond it). The worker
     calls every method under its lock."""
@@ -113,6 +114,15 @@ class FairQueue:
         if lane is None:
             lane = self.lanes[client] = deque()
         lane.append(job)
+
+    def appendleft(self, job):
+        """Put a job first: at the front of its lane, and its lane first in the rotation (a job taken back to run
+        again before anything else, e.g. the one that was running when the server stopped)."""
+        lane = self.lanes.get(job.client)
+        if lane is None:
+            lane = self.lanes[job.client] = deque()
+        lane.appendleft(job)
+        self.lanes.move_to_end(job.client, last=False)
 
     def popleft(self):
         if not self.lanes:
