@@ -42,6 +42,13 @@ def document(valid_sizes: bool) -> dict:
                 props[field] = {"type": "integer", "minimum": lo, "maximum": hi, "multipleOf": step}
             props["prompt"] = {"type": "string", "maxLength": 200}
             props["hr_scale"] = {"type": "number", "minimum": 1, "maximum": 1}
+        # OpenAI's /v1/images/generations: small sizes (always sent), few steps
+        openai = doc["components"]["schemas"]["ImageGenerationRequest"]
+        openai["properties"].update(steps={"type": "integer", "minimum": 1, "maximum": 2}, n={"type": "integer",
+                                    "minimum": 1, "maximum": 2}, size={"enum": ["16x16", "32x16"]},
+                                    model={"type": "null"}, prompt={"type": "string", "minLength": 1,
+                                                                    "maxLength": 200})
+        openai["required"] = ["prompt", "size"]
     schema = schemathesis.openapi.from_dict(doc)
     schema.app = app
     return schema
@@ -73,3 +80,4 @@ def test_generated_requests_reached_the_model():
         pytest.skip("run together with the schemathesis tests above")
     assert 200 in STATUS.get(("POST", "/sdapi/v1/txt2img"), set()), STATUS
     assert 202 in STATUS.get(("POST", "/api/v1/txt2img"), set()), STATUS
+    assert 200 in STATUS.get(("POST", "/v1/images/generations"), set()), STATUS

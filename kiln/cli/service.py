@@ -24,6 +24,9 @@ def serve_parser(sub):
     p.add_argument("--api-auth", dest="api_auth", default=None, metavar="USER:PASS[,USER:PASS]",
                    help="HTTP Basic credentials required on every endpoint but the UI's static files")
     p.add_argument("--token", default=None, help="a bearer token accepted on every endpoint (also: KILN_TOKEN)")
+    p.add_argument("--api-keys", dest="api_keys", default=None, metavar="FILE",
+                   help="named bearer keys, one `name:key[:max_queued]` a line: each key's jobs queue in their own "
+                        "lane, served in turn; beyond max_queued waiting jobs a key is answered 429")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_precision_flag(p)
     add_memory_flags(p)
@@ -74,6 +77,11 @@ def run_serve(opt):
     except ValueError as e:
         raise KilnError(str(e)) from None
     token = opt.token or os.environ.get("KILN_TOKEN") or None
+    keys = []
+    if opt.api_keys:
+        from ..server.clients import read_api_keys
+
+        keys = read_api_keys(opt.api_keys)
     for name in ("queue_size", "max_size", "max_batch_size"):
         if getattr(opt, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
@@ -93,15 +101,15 @@ def run_serve(opt):
         from ..styles import read_styles
 
         read_styles(opt.styles_file)  # a bad file is refused before the model loads
-    if opt.host not in ("127.0.0.1", "localhost", "::1") and not (auth or token):
-        say(f"kiln: warning: listening on {opt.host} without --api-auth or --token: anyone who can reach this "
-            "machine can use the API")
+    if opt.host not in ("127.0.0.1", "localhost", "::1") and not (auth or token or keys):
+        say(f"kiln: warning: listening on {opt.host} without --api-auth, --token or --api-keys: anyone who can "
+            "reach this machine can use the API")
     logging.basicConfig(level=opt.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = ServerConfig(ckpt=opt.ckpt, ckpt_dir=opt.ckpt_dir, outdir=opt.outdir, save=not opt.no_save,
                           device=opt.device, precision=opt.precision, offload=opt.offload, prepack=PREPACK[opt.prepack],
                           limits=Limits(max_size=opt.max_size, max_batch_size=opt.max_batch_size,
                                         queue_size=opt.queue_size),
-                          api_auth=auth, token=token, preview_every=opt.preview_every,
+                          api_auth=auth, token=token, api_keys=keys, preview_every=opt.preview_every,
                           safety_checker=opt.safety_checker, lora_dir=opt.lora_dir,
                           embeddings_dir=opt.embeddings_dir, styles_file=opt.styles_file, host=opt.host,
                           port=opt.port, controlnet_dir=opt.controlnet_dir)

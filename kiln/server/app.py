@@ -1,7 +1,8 @@
-"""`kiln serve`: AUTOMATIC1111's `/sdapi/v1` API (`a1111`), kiln's job API `/api/v1` (`jobs`) and the web UI
-(`webui`), on one worker queue.
+"""`kiln serve`: AUTOMATIC1111's `/sdapi/v1` API (`a1111`), kiln's job API `/api/v1` (`jobs`), OpenAI's images
+API `/v1` (`openai_api`), health and metrics (`ops`) and the web UI (`webui`), on one worker queue.
 
-Every endpoint but the UI's static files needs credentials when `--api-auth`/`--token` are set.
+Every endpoint but the UI's static files and the health probes needs credentials when `--api-auth`, `--token` or
+`--api-keys` are set.
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import time
 from fastapi import FastAPI, Request
 
 from .. import __version__
-from . import a1111, controlnet, extras, jobs, webui
-from .context import RequestError, Server, ServerConfig, authorized, error_response, parse_api_auth
+from . import a1111, controlnet, extras, jobs, openai_api, ops, webui
+from .clients import CLIENT
+from .context import RequestError, Server, ServerConfig, error_for, identify, parse_api_auth
 from .worker import ModelIndex, QueueFull, Worker
 
-PUBLIC = ("/", "/favicon.ico")  # with /static/*: the UI's files, served without credentials
+PUBLIC = ("/", "/favicon.ico", *ops.PROBES)  # with /static/*: the UI's files; and the health probes
 
 
 def make_worker(config: ServerConfig) -> Worker:
@@ -40,17 +42,22 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
                   description="Stable Diffusion: AUTOMATIC1111-compatible API (/sdapi/v1), job API (/api/v1), web UI.")
     app.state.worker, app.state.config = worker, config
     app.state.server = Server(config, worker, styles, controlnet.index_for(config))
-    limits, protected = config.limits, bool(config.api_auth or config.token)
+    limits, protected = config.limits, bool(config.api_auth or config.token or config.api_keys)
+    if config.api_keys:  # a worker shared by several apps (tests) keeps the limits of the one with keys
+        worker.queue.limits = {k.name: k.max_queued for k in config.api_keys if k.max_queued}
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        if protected and not (path in PUBLIC or path.startswith("/static/")) and not authorized(request, config):
+        who = identify(request, config) if protected else ""
+        if who is None and not (path in PUBLIC or path.startswith("/static/")):
             challenge = 'Basic realm="kiln"' if config.api_auth else 'Bearer realm="kiln"'
-            return error_response(401, "Not authenticated", "HTTPException", {"WWW-Authenticate": challenge})
+            return error_for(request, 401, "Not authenticated", "HTTPException", {"WWW-Authenticate": challenge})
+        CLIENT.set(who or "")  # the jobs this request makes queue in this client's lane
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return error_response(413, f"request body larger than {limits.max_body_bytes} bytes", "HTTPException")
+            return error_for(request, 413, f"request body larger than {limits.max_body_bytes} bytes",
+                             "HTTPException")
         start = time.time()
         response = await call_next(request)
         response.headers["X-Process-Time"] = f"{time.time() - start:.4f}"
@@ -58,16 +65,19 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError):
-        return error_response(exc.status, str(exc))
+        return error_for(request, exc.status, str(exc), param=exc.param)
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull):
-        return error_response(503, "the queue is full; retry later", "QueueFull", {"Retry-After": str(exc.retry_after)})
+        return error_for(request, 503, "the queue is full; retry later", "QueueFull",
+                         {"Retry-After": str(exc.retry_after)})
 
     app.include_router(a1111.router)
     app.include_router(extras.router)
     app.include_router(jobs.router)
     app.include_router(controlnet.router)
+    openai_api.install(app)
+    ops.install(app)
     webui.mount(app)
     return app
 

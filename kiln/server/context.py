@@ -25,6 +25,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     api_auth: list = field(default_factory=list)  # [(user, password), ...]
     token: str | None = None
+    api_keys: list = field(default_factory=list)  # [clients.ApiKey]: bearer keys with names and queue limits
     preview_every: int = 1
     safety_checker: str | None = None
     lora_dir: str | None = None  # <lora:name:weight> tags in prompts are looked up here
@@ -38,9 +39,10 @@ class ServerConfig:
 class RequestError(Exception):
     """A request the server cannot run: `status` 422 (bad value) or 404 (unknown sampler, as A1111)."""
 
-    def __init__(self, message: str, status: int = 422):
+    def __init__(self, message: str, status: int = 422, param: str | None = None):
         super().__init__(message)
         self.status = status
+        self.param = param  # the request field it is about, where one is (OpenAI's error shape names it)
 
 
 @dataclass
@@ -95,6 +97,16 @@ def error_response(status: int, message: str, kind: str = "RequestError", header
                         headers=headers)
 
 
+def error_for(request: Request, status: int, message: str, kind: str = "RequestError", headers=None,
+              param: str | None = None) -> JSONResponse:
+    """An error in the shape the route's clients read: OpenAI's under /v1/, A1111's elsewhere."""
+    if request.url.path.startswith("/v1/"):
+        from .openai_api import openai_error
+
+        return openai_error(status, message, param, headers)
+    return error_response(status, message, kind, headers)
+
+
 def parse_api_auth(text: str | None) -> list:
     """`user:pass[,user2:pass2]` as A1111's --api-auth."""
     pairs = []
@@ -109,18 +121,31 @@ def parse_api_auth(text: str | None) -> list:
 
 
 def authorized(request: Request, config: ServerConfig) -> bool:
+    return identify(request, config) is not None
+
+
+def identify(request: Request, config: ServerConfig) -> str | None:
+    """The client a request's credentials name (None: no valid credentials): an API key's name, a Basic user's
+    name, "token" for --token. The fair queue gives each its own lane."""
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
-    if config.token and scheme.lower() == "bearer":
-        return secrets.compare_digest(value.strip().encode(), config.token.encode())
+    if scheme.lower() == "bearer" and (config.token or config.api_keys):
+        given = value.strip().encode()
+        who = None
+        for k in config.api_keys:  # compare with every key: no early exit that times the match
+            if secrets.compare_digest(given, k.key.encode()):
+                who = k.name
+        if config.token and secrets.compare_digest(given, config.token.encode()):
+            who = "token"
+        return who
     if config.api_auth and scheme.lower() == "basic":
         try:
             user, _, password = base64.b64decode(value.strip()).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
-            return False
+            return None
         ok = False
         for u, p in config.api_auth:  # compare with every pair: no early exit that times the user name
             ok |= secrets.compare_digest(user.encode(), u.encode()) & secrets.compare_digest(password.encode(),
                                                                                              p.encode())
-        return ok
-    return False
+        return user if ok else None
+    return None

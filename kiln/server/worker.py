@@ -23,6 +23,7 @@ from PIL import Image
 from ..errors import KilnError
 from ..output import png_bytes
 from ..pipeline.facts import ModelFacts
+from .clients import FairQueue, current_client
 
 log = logging.getLogger("kiln.server")
 
@@ -68,6 +69,7 @@ class Job:
     save_as: tuple = ("png", 80)  # (file type, JPEG/WebP quality) of saved files: the samples_format option
     styles: list = field(default_factory=list)  # the style names the request asked for (its prompts hold them)
     id: str = field(default_factory=lambda: secrets.token_hex(8))
+    client: str = field(default_factory=current_client)  # who submitted it (API key name): its lane in the queue
     created: float = field(default_factory=time.time)
     state: str = "queued"
     started: float | None = None
@@ -210,6 +212,17 @@ def _scan(ckpt, ckpt_dir, known: list[ModelEntry]) -> list[ModelEntry]:
     return entries
 
 
+class Observer:
+    """What the worker tells about its work as it happens (`kiln.server.ops.Metrics` counts it); the default
+    does nothing. Called from the worker's threads."""
+
+    def step(self, job: Job):
+        pass
+
+    def job_finished(self, job: Job):
+        pass
+
+
 class Worker:
     def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="auto",
                  outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
@@ -237,7 +250,7 @@ class Worker:
 
     def _init_queue(self):
         self.cv = threading.Condition()
-        self.queue: deque[Job] = deque()
+        self.queue = FairQueue()  # one lane per client, served in turn (clients.py)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.running: list[Job] = []  # one job here; a Ray Serve ingress dispatches several at once
         from .options import defaults
@@ -245,6 +258,8 @@ class Worker:
         self.options = defaults()  # A1111's settings (options.py); "sd_model_checkpoint": the model jobs run on
         self._durations = deque(maxlen=20)
         self._stopping = False
+        self.observer = Observer()
+        self.load_seconds: float | None = None
 
     def start_threads(self, n: int):
         self.threads = [threading.Thread(target=self._loop, name=f"kiln-worker-{i}", daemon=True) for i in range(n)]
@@ -256,6 +271,7 @@ class Worker:
         if self.entry is not None and entry.path == self.entry.path:
             return
         log.info("loading %s", entry.path)
+        start = time.perf_counter()
         pipe = self._load(str(entry.path), device=self.device, precision=self.precision, **self.load_options)
         if self.safety_checker:
             pipe.load_safety_checker(self.safety_checker)
@@ -271,6 +287,7 @@ class Worker:
 
             entry.sha256 = full_sha256(entry.path)
         self.entry = entry
+        self.load_seconds = time.perf_counter() - start  # with the safety checker and the hash (/metrics)
 
     @property
     def model_title(self) -> str:
@@ -282,13 +299,16 @@ class Worker:
             if self._stopping:
                 raise QueueFull(5)
             if len(self.queue) >= self.limits.queue_size:
-                per_job = (sum(self._durations) / len(self._durations)) if self._durations else 5.0
-                raise QueueFull(max(1, int(per_job * (len(self.queue) + 1) + 0.999)))
+                raise QueueFull(max(1, int(self.job_seconds() * (len(self.queue) + 1) + 0.999)))
             self.queue.append(job)
             self.jobs[job.id] = job
             self._evict()
             self.cv.notify_all()
         return job
+
+    def job_seconds(self) -> float:
+        """A job's running time, on average over the last ones (5 s before any): for Retry-After."""
+        return (sum(self._durations) / len(self._durations)) if self._durations else 5.0
 
     def _evict(self):
         finished = [j for j in self.jobs.values() if j.state in FINAL]
@@ -318,6 +338,7 @@ class Worker:
                 job.state, job.finished = "cancelled", time.time()
                 job.version += 1
                 job.done_event.set()
+                self.observer.job_finished(job)
                 return True
             if job in self.running:
                 job.cancel_event.set()
@@ -383,6 +404,7 @@ class Worker:
                         self._durations.append(job.finished - job.started)
                     job.version += 1
                     job.done_event.set()
+                self.observer.job_finished(job)
 
     # ------------------------------------------------------------------ running
     def _run(self, job: Job):
@@ -434,6 +456,7 @@ class Worker:
             job.sampling_step, job.sampling_steps = i + 1, total
             job.progress = min(0.999, fraction((state["phase"] + (i + 1) / total) / phases))
             job.version += 1
+            self.observer.step(job)
             if job.cancel_event.is_set():
                 raise Interrupted
             if job.skip_event.is_set():
