@@ -134,3 +134,16 @@ def test_cubic_timesteps_lean_to_high_noise():
     assert abs(cubic.mean() - 750) < 10 and abs((cubic >= 500).float().mean() - 0.794) < 0.02
     with pytest.raises(Exception, match="uniform"):
         sample_timesteps("linear", 2, 1000, g)
+
+
+def test_shape_dropout_captions_name_the_colors_not_the_shape(trained):
+    from kiln.tokenizer import default_tokenizer
+
+    t, _, _ = trained
+    tok = default_tokenizer()
+    word = lambda w: int(tok([w], max_length=8)[0][1])  # noqa: E731 (the token of a one-token word)
+    data = shapes.sample(12, seed=1)
+    for (_, text, labels), ids in zip(data, t.shapeless_ids(data)):
+        ids = set(ids.tolist())
+        assert labels.shape in text and word(labels.shape) not in ids and word("shape") in ids
+        assert word(labels.color.split()[-1]) in ids

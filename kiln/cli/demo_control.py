@@ -9,7 +9,7 @@ from .common import say
 
 # Flags of `kiln train` that only one of its trainers reads (dest names).
 DEMO_ONLY = ("vae_steps", "unet_steps", "caption_noise", "caption_noise_colors", "color_jitter", "init", "wise_ft")
-CONTROL_ONLY = ("steps", "batch", "base", "ema_decay", "caption_dropout", "timesteps", "hint_init")
+CONTROL_ONLY = ("steps", "batch", "base", "ema_decay", "caption_dropout", "shape_dropout", "timesteps", "hint_init")
 EVAL_DEMO_ONLY = ("deepcache",)
 EVAL_CONTROL_ONLY = ("controlnet", "cases", "weight")
 
@@ -23,6 +23,8 @@ def add_train_flags(p):
                    help="EMA of the weights (default 0: off)")
     g.add_argument("--caption-dropout", dest="caption_dropout", type=float, default=None,
                    help="share of empty prompts (default 0.5)")
+    g.add_argument("--shape-dropout", dest="shape_dropout", type=float, default=None,
+                   help="of the captions kept, the fraction whose shape word becomes 'shape' (default 0)")
     g.add_argument("--timesteps", choices=["uniform", "cubic"], default=None,
                    help="how training timesteps are drawn (default uniform; cubic: T2I-Adapter's, mostly high noise)")
     g.add_argument("--hint-init", dest="hint_init", choices=["gaussian", "torch"], default=None,
@@ -54,7 +56,8 @@ def run_train(opt):
     rules = {"steps": (lambda v: v >= 1, "at least 1"), "batch": (lambda v: v >= 1, "at least 1"),
              "images": (lambda v: v >= 1, "at least 1"), "lr": (lambda v: v > 0, "positive"),
              "offset_noise": (lambda v: v >= 0, "0 or more"), "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
-             "caption_dropout": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]")}
+             "caption_dropout": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]"),
+             "shape_dropout": (lambda v: 0 <= v <= 1, "a probability, in [0, 1]")}
     for field, (ok, what) in rules.items():
         value = getattr(opt, field)
         if value is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +51,10 @@ class ControlTrainOptions:
     lr: float = 1e-3
     warmup: int = 50
     caption_dropout: float = 0.5  # the paper's: half the prompts empty, so the edges alone must carry the shape
+    # Of the captions kept, this fraction has its shape word replaced by "shape" ("a red shape on a white
+    # background"): the prompt a ControlNet's user writes, naming what the control image does not fix (the colors)
+    # and leaving the rest to it. 0: captions as the data has them (docs/controlnet.md, "Demo ControlNet").
+    shape_dropout: float = 0.0
     # The demo model was trained with offset noise 0.15 (docs/demo-model.md); the frozen UNet sees the same ε here.
     offset_noise: float = 0.15
     ema_decay: float = 0.0  # 0: no EMA, the trained weights are exported
@@ -169,16 +174,26 @@ class ControlTrainer:
 
     # ------------------------------------------------------------------ data
     def dataset(self):
-        """(latent means, latent stds, caption token ids, [N, 64, 64] edge maps) of the training split, kept in
-        `workdir/data.pt` for a resumed run (encoding thousands of images takes minutes on a shared CPU)."""
+        """(latent means, latent stds, caption token ids, the same with the shape word replaced by "shape",
+        [N, 64, 64] edge maps) of the training split, kept in `workdir/data.pt` for a resumed run (encoding thousands
+        of images takes minutes on a shared CPU)."""
         cache, key = self.workdir / "data.pt", dict(images=self.opt.images, seed=self.opt.seed, base=self.opt.base)
         if cache.exists():
             saved = torch.load(cache, map_location="cpu", weights_only=True)
             if saved["key"] == key:
-                return saved["means"], saved["stds"], saved["ids"], saved["edges"].numpy()
-        means, stds, ids, edges = self.make_dataset()
-        torch.save(dict(key=key, means=means, stds=stds, ids=ids, edges=torch.from_numpy(edges)), cache)
-        return means, stds, ids, edges
+                if "masked" not in saved:  # a cache from before shape_dropout: only the token ids are new
+                    saved["masked"] = self.shapeless_ids(shapes.sample(self.opt.images, seed=self.opt.seed))
+                    torch.save(saved, cache)
+                return saved["means"], saved["stds"], saved["ids"], saved["masked"], saved["edges"].numpy()
+        means, stds, ids, masked, edges = self.make_dataset()
+        torch.save(dict(key=key, means=means, stds=stds, ids=ids, masked=masked, edges=torch.from_numpy(edges)),
+                   cache)
+        return means, stds, ids, masked, edges
+
+    def shapeless_ids(self, data) -> torch.Tensor:
+        """The captions' token ids with the shape word replaced by "shape"."""
+        captions = [re.sub(rf"\b{labels.shape}\b", "shape", text) for _, text, labels in data]
+        return default_tokenizer()(captions, max_length=self.cfg.text.max_position)
 
     @torch.no_grad()
     def make_dataset(self):
@@ -191,7 +206,7 @@ class ControlTrainer:
             stds.append(torch.exp(0.5 * lv))
         ids = default_tokenizer()([d[1] for d in data], max_length=self.cfg.text.max_position)
         edges = np.stack([edge_map(d[0]) for d in data])
-        return torch.cat(means), torch.cat(stds), ids, edges
+        return torch.cat(means), torch.cat(stds), ids, self.shapeless_ids(data), edges
 
     # ------------------------------------------------------------------ the run
     def run(self, out: Path):
@@ -202,14 +217,14 @@ class ControlTrainer:
         self.export(Path(out))
         self.write_loss_csv()
 
-    def train(self, means, stds, ids, edges):
+    def train(self, means, stds, ids, masked, edges):
         empty = default_tokenizer()([""], max_length=self.cfg.text.max_position)[0]
         ac = alphas_cumprod(self.cfg)
         bar = tqdm(total=self.opt.steps, initial=self.step, desc="controlnet", unit="step",
                    disable=not self.progress, smoothing=0.05)
         while self.step < self.opt.steps:
             t0 = time.time()
-            loss = self.train_step(means, stds, ids, edges, empty, ac)
+            loss = self.train_step(means, stds, ids, masked, edges, empty, ac)
             self.step += 1
             self.elapsed += time.time() - t0
             self.loss_log.append((self.step, loss))
@@ -219,14 +234,18 @@ class ControlTrainer:
                 self.save_state()
         bar.close()
 
-    def train_step(self, means, stds, ids, edges, empty, ac) -> float:
+    def train_step(self, means, stds, ids, masked, edges, empty, ac) -> float:
         opt, g = self.opt, self.rng
         for group in self.optim.param_groups:
             group["lr"] = opt.lr * min(1.0, (self.step + 1) / opt.warmup)
         idx = torch.randint(0, len(means), (opt.batch,), generator=g)
         x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * self.cfg.scale_factor
         b_ids = ids[idx].clone()
-        b_ids[torch.rand(opt.batch, generator=g) < opt.caption_dropout] = empty
+        u = torch.rand(opt.batch, generator=g)  # one draw decides: empty, shape word dropped, or the caption
+        kept = u >= opt.caption_dropout
+        shapeless = kept & (u < opt.caption_dropout + (1 - opt.caption_dropout) * opt.shape_dropout)
+        b_ids[shapeless] = masked[idx][shapeless]
+        b_ids[u < opt.caption_dropout] = empty
         t = sample_timesteps(opt.timesteps, opt.batch, len(ac), g)
         noise = torch.randn(x0.shape, generator=g)
         if opt.offset_noise:
