@@ -42,8 +42,8 @@ class Limits:
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__("the queue is full")
+    def __init__(self, retry_after: int, message: str = "the queue is full; retry later"):
+        super().__init__(message)
         self.retry_after = retry_after
 
 
@@ -92,6 +92,10 @@ class Job:
     version: int = 0
     result_params: dict | None = None
     model_title: str | None = None
+    persist: bool = False  # in the job store (`history.JobLog`): its files are saved when it ends
+    pending: list = field(default_factory=list)  # (image, infotext) to save when it ends (persisted jobs)
+    requeue: bool = False  # stopped by a shutdown: recorded as queued, to run again at the next start
+    discard: bool = False  # deleted while running: its record goes when it ends
     cancel_event: threading.Event = field(default_factory=threading.Event)
     skip_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
@@ -115,8 +119,6 @@ class Job:
                 "images": len(self.images), "seeds": list(self.seeds), "infotexts": list(self.infotexts),
                 "files": list(self.files), "model": self.model_title, "grids": self.grids,
                 "styles": list(self.styles)}
-
-
 
 
 @dataclass
@@ -245,6 +247,19 @@ class Worker:
         self.options = defaults()  # A1111's settings (options.py); "sd_model_checkpoint": the model jobs run on
         self._durations = deque(maxlen=20)
         self._stopping = False
+        self.history = None  # history.JobLog: the job store, set by `attach`
+
+    def attach(self, history):
+        """Record the job API's jobs in `history` from now on; queue the jobs it had queued (a restart)."""
+        jobs = history.recover()
+        with self.cv:
+            self.history = history
+            for job in jobs:
+                self.queue.append(job)
+                self.jobs[job.id] = job
+            self.cv.notify_all()
+        if jobs:
+            log.info("%d jobs queued again from the job store", len(jobs))
 
     def start_threads(self, n: int):
         self.threads = [threading.Thread(target=self._loop, name=f"kiln-worker-{i}", daemon=True) for i in range(n)]
@@ -277,13 +292,16 @@ class Worker:
         return self.entry.title
 
     # ------------------------------------------------------------------ queue
-    def submit(self, job: Job) -> Job:
+    def submit(self, job: Job, persist: bool = False) -> Job:
+        """Queue `job`; with `persist` (the job API's jobs) it is recorded in the job store first."""
         with self.cv:
             if self._stopping:
-                raise QueueFull(5)
+                raise QueueFull(5, "the server is shutting down; retry later")
             if len(self.queue) >= self.limits.queue_size:
                 per_job = (sum(self._durations) / len(self._durations)) if self._durations else 5.0
                 raise QueueFull(max(1, int(per_job * (len(self.queue) + 1) + 0.999)))
+            if persist and self.history is not None:
+                self.history.submitted(job)
             self.queue.append(job)
             self.jobs[job.id] = job
             self._evict()
@@ -296,7 +314,20 @@ class Worker:
             del self.jobs[j.id]
 
     def get(self, job_id: str) -> Job | None:
-        return self.jobs.get(job_id)
+        job = self.jobs.get(job_id)
+        if job is None and self.history is not None:
+            job = self.history.job(job_id)
+        return job
+
+    def delete(self, job: Job):
+        """Cancel `job` and remove it (its record, images and files) now, or when it ends if it is running."""
+        with self.cv:
+            self.cancel(job)
+            self.jobs.pop(job.id, None)
+            if job in self.running:
+                job.discard = True
+            elif job.persist:
+                self.history.store.delete(job.id)
 
     def position(self, job: Job) -> int | None:
         with self.cv:
@@ -316,6 +347,8 @@ class Worker:
             if job in self.queue:
                 self.queue.remove(job)
                 job.state, job.finished = "cancelled", time.time()
+                if job.persist:
+                    self.history.ended(job, job.state)
                 job.version += 1
                 job.done_event.set()
                 return True
@@ -340,14 +373,21 @@ class Worker:
             if self.current is not None:
                 self.current.skip_event.set()
 
-    def stop(self):
+    def stop(self, timeout: float = 0.0):
+        """Refuse new jobs; give the running ones `timeout` seconds to finish, then stop them at their next step.
+        Stored jobs stopped or left in the queue stay queued in the store: the next start runs them."""
         with self.cv:
             self._stopping = True
-            for job in list(self.queue):
-                self.cancel(job)
-            for job in self.running:
-                job.cancel_event.set()
             self.cv.notify_all()
+            self.cv.wait_for(lambda: not self.running, timeout)
+            for job in list(self.queue):
+                if job.persist:
+                    self.queue.remove(job)
+                else:
+                    self.cancel(job)
+            for job in self.running:
+                job.requeue = job.persist
+                job.cancel_event.set()
         for t in self.threads:
             t.join(timeout=30)
 
@@ -362,27 +402,34 @@ class Worker:
                 self.running.append(job)
                 job.state, job.started = "running", time.time()
                 job.version += 1
+            end = "failed"
             try:
+                if job.persist:
+                    self.history.started(job)
                 self._run(job)
-                job.state = "interrupted" if job.cancel_event.is_set() else "done"
+                end = "interrupted" if job.cancel_event.is_set() else "done"
             except Interrupted:
-                job.state = "interrupted"
+                end = "interrupted"
             except KilnError as e:
-                job.state, job.error, job.user_error = "failed", str(e), True
+                end, job.error, job.user_error = "failed", str(e), True
             except MemoryError:
-                job.state, job.error = "failed", "out of memory: ask for fewer or smaller images"
+                end, job.error = "failed", "out of memory: ask for fewer or smaller images"
             except Exception as e:  # a bug: keep serving, tell the client, log the traceback
                 log.exception("job %s failed", job.id)
-                job.state, job.error = "failed", f"internal error: {type(e).__name__}: {e}"
+                end, job.error = "failed", f"internal error: {type(e).__name__}: {e}"
             finally:
+                job.finished = time.time()
+                if job.persist:  # files saved and the record written before anyone sees the end state
+                    end = self.history.ended(job, end)
                 with self.cv:
+                    job.state = end
                     self.running.remove(job)
-                    job.finished = time.time()
                     if job.state == "done":
                         job.progress = 1.0
                         self._durations.append(job.finished - job.started)
                     job.version += 1
                     job.done_event.set()
+                    self.cv.notify_all()
 
     # ------------------------------------------------------------------ running
     def _run(self, job: Job):
@@ -518,7 +565,7 @@ class Worker:
 
     def _collect(self, job: Job, result):
         out = None
-        if job.save and self.outdir:
+        if job.save and self.outdir and not job.persist:  # persisted jobs save when they end (history.JobLog)
             from ..output import OutputDir
             from ..output.pnginfo import encode_image, pnginfo_for
 
@@ -531,6 +578,8 @@ class Worker:
             job.seeds.append(seed)
             job.prompts.append(prompt)
             job.flagged.append(bool(flagged))
+            if job.save and job.persist:
+                job.pending.append((image, text))
             if out is not None:
                 fmt, quality = job.save_as
                 path = (out.save_sample(image, pnginfo_for("a1111", text, {})) if fmt == "png" else
