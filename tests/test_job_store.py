@@ -97,12 +97,14 @@ class Serve:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(self.port),
-                                      "--outdir", str(out), "--preview-every", "0", "--log-level", "warning",
-                                      *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.log = out.parent / "serve.log"  # a file, not a pipe: a full pipe would block the server
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(self.port),
+                                          "--outdir", str(out), "--preview-every", "0", "--log-level", "warning",
+                                          *extra], env=env, stdout=subprocess.DEVNULL, stderr=log)
         deadline = time.time() + 120
         while True:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()
+            assert self.proc.poll() is None, self.log.read_text()
             assert time.time() < deadline, "kiln serve did not start"
             try:
                 requests.get(self.url + "/api/v1/info", timeout=2)
@@ -134,10 +136,7 @@ class Serve:
 
     def stop(self, sig=signal.SIGKILL, timeout=60) -> int:
         self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self.proc.stderr.close()
+        return self.proc.wait(timeout)
 
 
 def test_kill_9_restart_then_sigterm(tmp_path):
@@ -146,12 +145,12 @@ def test_kill_9_restart_then_sigterm(tmp_path):
     --shutdown-timeout is recorded as queued and runs again (from its first step) at the next start.
     (One test: each `kiln serve` start costs seconds.)"""
     out = tmp_path / "out"
-    server = Serve(out, "--shutdown-timeout", "2")
+    server = Serve(out)
     seeds = [11, 12, 13, 14, 15, 16]
     ids = [server.submit(seed=s, steps=4)["id"] for s in seeds]
     server.wait(ids[:1])
     assert server.stop() == -signal.SIGKILL
-    server = Serve(out)  # on the same outdir
+    server = Serve(out, "--shutdown-timeout", "2")  # on the same outdir
     try:
         done = server.wait(ids)
         assert [s["id"] for s in done] == ids and [s["seeds"] for s in done] == [[s] for s in seeds]
@@ -178,7 +177,7 @@ def sigterm(server, out, before: int):
     time.sleep(0.3)  # the signal is handled between two bytecodes of the server's main thread
     r = requests.post(server.url + "/api/v1/txt2img", json=BODY, timeout=10)
     assert r.status_code == 503 and "shutting down" in r.json()["detail"] and r.headers["Retry-After"]
-    assert server.proc.wait(30) == 0
+    assert server.proc.wait(60) == 0, server.log.read_text()
     store = JobStore(out / "jobs.sqlite3", out)
     assert store.get(long)["state"] == store.get(queued)["state"] == "queued"
     assert store.images(long) == [] and len(on_disk(out)) == before
