@@ -329,3 +329,11 @@ def test_twenty_crashes_at_random_moments_lose_nothing_and_leave_no_orphan(tmp_p
         want = [pixels(png) for png in reference.history.store.images(j)]
         assert len(want) == 2 and all(np.array_equal(a, b) for a, b in zip(got[i], want)), f"seed {seed} differs"
     bury(reference)
+
+
+def test_serve_refuses_negative_store_flags(capsys):
+    from kiln.cli import main
+
+    for flag in ("--keep-days", "--keep-jobs", "--shutdown-timeout"):
+        assert main(["serve", flag, "-1"]) == 1
+        assert f"{flag} must be 0 or more" in capsys.readouterr().err

@@ -315,8 +315,8 @@ class Worker:
 
     def get(self, job_id: str) -> Job | None:
         job = self.jobs.get(job_id)
-        if job is None and self.history is not None:
-            job = self.history.job(job_id)
+        if self.history is not None and (job is None or job.persist and job.state in FINAL):
+            job = self.history.job(job_id)  # the store's word for an ended job: retention may have deleted it
         return job
 
     def delete(self, job: Job):
