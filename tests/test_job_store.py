@@ -337,3 +337,24 @@ def test_serve_refuses_negative_store_flags(capsys):
     for flag in ("--keep-days", "--keep-jobs", "--shutdown-timeout"):
         assert main(["serve", flag, "-1"]) == 1
         assert f"{flag} must be 0 or more" in capsys.readouterr().err
+
+
+def test_params_round_trip_through_json():
+    """Everything a job's params hold — images (init image, mask), tuples, ControlNet units — comes back equal."""
+    import json
+
+    from kiln.pipeline.control import ControlUnit
+    from kiln.server.history import decode, encode
+
+    init = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3))
+    mask = Image.new("L", (64, 64), 0)
+    params = {"prompt": ["a", "b"], "seed": 7, "init_image": init, "mask": mask, "seed_resize_from": (64, 64),
+              "refiner": ("x.safetensors", 0.8), "controlnets": [ControlUnit("cn.safetensors", init, weight=0.5)]}
+    back = decode(json.loads(json.dumps(encode(params))))
+    assert back["seed_resize_from"] == (64, 64) and back["refiner"] == ("x.safetensors", 0.8)
+    assert np.array_equal(np.asarray(back["init_image"]), np.asarray(init)) and back["mask"].mode == "L"
+    unit = back["controlnets"][0]
+    assert isinstance(unit, ControlUnit) and unit.weight == 0.5 and np.array_equal(np.asarray(unit.image),
+                                                                                  np.asarray(init))
+    with pytest.raises(TypeError, match="cannot be stored"):
+        encode({"model": object()})

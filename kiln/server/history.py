@@ -42,8 +42,13 @@ class JobLog:
 
     # ------------------------------------------------------------------ the worker's calls
     def submitted(self, job: Job):
+        try:
+            rec = record(job)
+        except TypeError as e:  # a parameter with no JSON form (a loaded model object): kept in memory only
+            log.warning("job %s is not stored (%s): it will not survive a restart", job.id, e)
+            return
         job.persist = True
-        self.store.put(record(job))
+        self.store.put(rec)
 
     def started(self, job: Job):
         self.store.update(job.id, state="running", started=job.started)
