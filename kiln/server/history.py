@@ -60,9 +60,9 @@ class JobLog:
         if job.discard:
             self.store.delete(job.id)
             return state
-        if job.requeue:
+        if job.requeue:  # queued it is, here too: its event stream does not end as if it were over
             self.store.update(job.id, state="queued", started=None, step=0)
-            return state
+            return "queued"
         try:
             claim = self._publish(job) if job.pending and self.outdir else []
             fields = {k: v for k, v in record(job).items() if k not in ("params", "id", "created")}
