@@ -133,9 +133,9 @@ def test_a_killed_worker_still_ends_with_every_row_written_once(cluster, tmp_pat
     assert len(os.listdir(pids)) >= 3, "the killed worker was not replaced"
 
 
-def test_ray_serve_ingress_and_model_deployment(cluster):
+def test_ray_serve_ingress_and_model_deployment(cluster, tmp_path):
     """Two model replicas behind the FastAPI ingress: A1111's txt2img answers with the pipeline's pixels, and the
-    job API (ids, SSE progress with previews, results) works across replicas."""
+    job API (ids, SSE progress with previews, results, the ingress' job store) works across replicas."""
     import torch
     from ray import serve
 
@@ -145,8 +145,8 @@ def test_ray_serve_ingress_and_model_deployment(cluster):
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServerConfig(save=False), num_replicas=2, max_ongoing_requests=1), name="kiln",
-              route_prefix="/")
+    config = ServerConfig(save=False, outdir=None, data_dir=str(tmp_path))
+    serve.run(build_app(config, num_replicas=2, max_ongoing_requests=1), name="kiln", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     body = {"prompt": "a red circle on a blue background", "seed": 3, "steps": 10, "width": 64, "height": 64,
             "sampler_name": "Euler", "cfg_scale": 5}
@@ -178,6 +178,9 @@ def test_ray_serve_ingress_and_model_deployment(cluster):
             time.sleep(0.1)
         png = requests.get(url + st["image_urls"][0], timeout=10).content
         assert f"Seed: {seed}" in Image.open(io.BytesIO(png)).info["parameters"]
+    history = requests.get(f"{url}/api/v1/jobs?state=done", timeout=10).json()["jobs"]
+    assert [j["id"] for j in history] == [j["id"] for j in jobs][::-1]  # the ingress' store: newest first
+    assert (tmp_path / "jobs.sqlite3").is_file()
 
     # The ingress finds models by the same names and hashes as the local server: one ModelIndex for both.
     from kiln.server.worker import ModelIndex

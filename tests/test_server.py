@@ -244,7 +244,7 @@ def test_cancel_removes_a_queued_job_and_stops_a_running_one_within_a_step(serve
     a = requests.post(f"{url}/api/v1/txt2img", json=body, timeout=10).json()
     b = requests.post(f"{url}/api/v1/txt2img", json=dict(body, seed=2), timeout=10).json()
     assert b["state"] == "queued" and b["position"] >= 1
-    listing = requests.get(f"{url}/api/v1/jobs", timeout=10).json()["jobs"]
+    listing = requests.get(f"{url}/api/v1/jobs", timeout=10).json()["queue"]
     assert [j["id"] for j in listing][:2] == [a["id"], b["id"]]
     cancelled = requests.post(f"{url}/api/v1/jobs/{b['id']}/cancel", timeout=10).json()
     assert cancelled["state"] == "cancelled" and cancelled["started"] is None

@@ -3,6 +3,9 @@ operation) and checks that the server never answers 5xx and never crashes, whate
 
 Limits are set small (64-pixel images, 4 steps, batches of 2) so that the requests that are valid stay cheap.
 """
+import shutil
+import tempfile
+
 import pytest
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -14,7 +17,9 @@ from kiln.server import Limits, ServerConfig, create_app  # noqa: E402
 
 # A queue long enough for every job the native API's examples submit (a full queue's 503 is tested elsewhere)
 LIMITS = Limits(max_size=64, max_steps=4, max_batch_size=2, max_n_iter=2, max_prompt_chars=500, queue_size=10_000)
-app = create_app(ServerConfig(outdir=None, save=False, limits=LIMITS))
+# a job store on disk (no output files): the history, paging and delete endpoints run against SQLite
+DATA = tempfile.mkdtemp(prefix="kiln-schema-")
+app = create_app(ServerConfig(outdir=None, save=False, limits=LIMITS, data_dir=DATA))
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                            HealthCheck.data_too_large])
@@ -25,6 +30,7 @@ STATUS = {}
 def stop_worker():
     yield
     app.state.worker.stop()  # cancel what the native API's examples left queued
+    shutil.rmtree(DATA, ignore_errors=True)
 
 
 def document(valid_sizes: bool) -> dict:

@@ -96,6 +96,17 @@ def server(tmp_path_factory, pipe):
     _stop(srv, thread)
 
 
+@pytest.fixture(autouse=True)
+def empty_history(request):
+    """Each test's gallery starts empty: the module's earlier jobs, which the gallery's history would show, are
+    deleted first."""
+    if "server" in request.fixturenames:
+        base = request.getfixturevalue("server").base
+        for job in get_json(base, "/api/v1/jobs?limit=100")["jobs"]:
+            if job["state"] in FINAL:
+                delete(base, f"/api/v1/jobs/{job['id']}")
+
+
 @pytest.fixture(scope="module")
 def auth_server(server, tmp_path_factory):
     """The same worker behind a token. Lifespan off: its shutdown must not stop the shared worker."""
@@ -149,6 +160,11 @@ def post_json(base, path, body):
     req = urllib.request.Request(base + path, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
+        return json.load(r)
+
+
+def delete(base, path) -> dict:
+    with urllib.request.urlopen(urllib.request.Request(base + path, method="DELETE"), timeout=10) as r:
         return json.load(r)
 
 
@@ -292,7 +308,7 @@ def test_cancel_stops_a_running_job(page, server):
     assert status["state"] in ("cancelled", "interrupted"), status["state"]
     assert status["progress"] < 0.5 and status["images"] == 0
     assert elapsed < 15, f"cancelling took {elapsed:.1f} s"
-    assert job_id not in [j["id"] for j in get_json(server.base, "/api/v1/jobs")["jobs"]]
+    assert job_id not in [j["id"] for j in get_json(server.base, "/api/v1/jobs")["queue"]]
     expect(page.locator("#progress")).to_have_attribute("data-state", status["state"])
     expect(page.locator("#progress-text")).to_contain_text("Interrupted" if status["state"] == "interrupted"
                                                            else "Cancelled")
@@ -548,3 +564,48 @@ def test_credentials_are_asked_for_and_sent(page, auth_server):
     job_id = page.locator("#progress").get_attribute("data-job")
     assert get_json(auth_server.base, f"/api/v1/jobs/{job_id}", token=TOKEN)["state"] == "done"
     shot(page, "auth")
+
+
+def test_gallery_shows_the_history_after_a_reload_and_a_restart_with_paging_and_delete(page, server, pipe):
+    """Nine jobs submitted through the API: the gallery shows the newest eight (a page), "Older results" the
+    ninth; Delete removes a job's images and files on the server; a reload, and a second server on the same
+    store (a restart), show the same history."""
+    from kiln.demo.report import EMBEDDED
+    from kiln.server import create_app
+    from kiln.server.worker import ModelIndex, Worker
+
+    ids = [post_json(server.base, "/api/v1/txt2img", {"prompt": PROMPT, "steps": 1, "width": 64, "height": 64,
+                                                      "seed": 40 + k})["id"] for k in range(9)]
+    deadline = time.monotonic() + 60
+    while any(get_json(server.base, f"/api/v1/jobs/{i}")["state"] != "done" for i in ids):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    open_ui(page, server.base)
+    results = page.locator("#gallery img.result")
+    expect(results).to_have_count(8)
+    assert results.first.get_attribute("data-job") == ids[-1]
+    page.click("#gallery-more")
+    expect(results).to_have_count(9)
+    assert results.last.get_attribute("data-job") == ids[0]
+    expect(page.locator("#gallery-more")).to_be_hidden()
+    newest = get_json(server.base, f"/api/v1/jobs/{ids[-1]}")
+    results.first.click()
+    page.click("#delete")
+    expect(results).to_have_count(8)
+    with pytest.raises(urllib.error.HTTPError) as gone:
+        get_json(server.base, f"/api/v1/jobs/{ids[-1]}")
+    assert gone.value.code == 404
+    assert not (Path(server.config.outdir) / newest["files"][0]).exists()
+    page.reload()
+    expect(results).to_have_count(8)
+    assert results.first.get_attribute("data-job") == ids[-2]
+    worker = Worker(ModelIndex.scan(None, None), str(EMBEDDED), server.config.limits, outdir=server.config.outdir,
+                    loader=lambda *a, **k: pipe)
+    srv, thread, base = _serve(create_app(server.config, worker=worker), lifespan="off")
+    try:
+        open_ui(page, base)
+        expect(results).to_have_count(8)
+        assert [results.nth(k).get_attribute("data-job") for k in range(8)] == ids[-2::-1]
+    finally:
+        _stop(srv, thread)
+        worker.stop()

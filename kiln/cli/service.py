@@ -48,6 +48,15 @@ def serve_parser(sub):
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=8)
     p.add_argument("--preview-every", dest="preview_every", type=int, default=1,
                    help="live preview every N sampler steps (0: none)")
+    p.add_argument("--data-dir", dest="data_dir", default=None, metavar="DIR",
+                   help="where the job store (jobs.sqlite3) lives (default: --outdir); jobs survive restarts")
+    p.add_argument("--keep-days", dest="keep_days", type=float, default=None,
+                   help="delete finished jobs and their files after this many days (default: keep them)")
+    p.add_argument("--keep-jobs", dest="keep_jobs", type=int, default=None,
+                   help="keep only the newest N finished jobs, deleting the others' files (default: all)")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds the running job may take to finish before it is stopped "
+                        "and recorded to run again at the next start")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="deploy on Ray Serve (a local cluster, or the one at ADDRESS); see --replicas")
     p.add_argument("--replicas", type=int, default=1, help="model replicas on Ray Serve (each loads the model once)")
@@ -69,7 +78,7 @@ def run_serve(opt):
     from ..server import Limits, ServerConfig, create_app, parse_api_auth
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (checked here: a one-line error before the model loads)
     except ImportError:
         raise KilnError("kiln serve needs fastapi and uvicorn: pip install fastapi uvicorn") from None
     try:
@@ -85,8 +94,9 @@ def run_serve(opt):
     for name in ("queue_size", "max_size", "max_batch_size"):
         if getattr(opt, name) < 1:
             raise KilnError(f"--{name.replace('_', '-')} must be at least 1")
-    if opt.preview_every < 0:
-        raise KilnError("--preview-every must be 0 or more")
+    for name in ("preview_every", "shutdown_timeout", "keep_days", "keep_jobs"):
+        if (getattr(opt, name) or 0) < 0:
+            raise KilnError(f"--{name.replace('_', '-')} must be 0 or more")
     if opt.ckpt and not Path(opt.ckpt).exists():
         raise KilnError(f"--ckpt {opt.ckpt}: no such file or folder")
     if opt.ckpt_dir and not Path(opt.ckpt_dir).is_dir():
@@ -112,7 +122,9 @@ def run_serve(opt):
                           api_auth=auth, token=token, api_keys=keys, preview_every=opt.preview_every,
                           safety_checker=opt.safety_checker, lora_dir=opt.lora_dir,
                           embeddings_dir=opt.embeddings_dir, styles_file=opt.styles_file, host=opt.host,
-                          port=opt.port, controlnet_dir=opt.controlnet_dir)
+                          port=opt.port, controlnet_dir=opt.controlnet_dir, data_dir=opt.data_dir,
+                          keep_days=opt.keep_days or None, keep_jobs=opt.keep_jobs or None,
+                          shutdown_timeout=opt.shutdown_timeout)
     if opt.ray is not None:
         from ..distributed.serve import run
 
@@ -129,9 +141,37 @@ def run_serve(opt):
     say(f"kiln: serving {app.state.worker.model_title} on http://{opt.host}:{opt.port}/ "
         f"(A1111 API under /sdapi/v1, docs at /docs)")
     try:
-        uvicorn.run(app, host=opt.host, port=opt.port, log_level=opt.log_level)
+        serve_until_signal(app, opt)
     finally:
-        app.state.worker.stop()  # cancel queued jobs, stop the running one at its next step
+        app.state.worker.stop()  # stop the running job at its next step; stored jobs stay queued in the store
+
+
+def serve_until_signal(app, opt):
+    """uvicorn, with a graceful stop: the first SIGTERM/SIGINT refuses new jobs (503) while the running job gets
+    --shutdown-timeout seconds to finish (or is recorded to run again at the next start); a second one stops now."""
+    import threading
+
+    import uvicorn
+
+    worker = app.state.worker
+
+    class Server(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig, frame):
+            if self.draining:
+                self.should_exit = self.force_exit = True
+                return
+            self.draining = True
+            say(f"kiln: stopping: new jobs are refused; the running job has {opt.shutdown_timeout:g} s to finish")
+
+            def drain():
+                worker.stop(opt.shutdown_timeout)
+                self.should_exit = True
+
+            threading.Thread(target=drain, name="kiln-shutdown", daemon=True).start()
+
+    Server(uvicorn.Config(app, host=opt.host, port=opt.port, log_level=opt.log_level)).run()
 
 
 def batch_parser(sub):

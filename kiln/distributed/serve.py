@@ -4,14 +4,19 @@
   (`num_replicas` or autoscaling, `max_ongoing_requests` jobs at a time per replica, one GPU each when the
   cluster has GPUs). Its `run` method streams a job's progress (steps, previews) and then its result.
 - **Ingress** (`kiln`): the unchanged `create_app` over a `RemoteWorker`, which keeps the queue, job ids, options
-  and cancel exactly as the local worker does, but dispatches each job to the model deployment. So the job API,
+  and cancel exactly as the local worker does, but dispatches each job to the model deployment. It owns the job
+  store (one ingress replica: `--data-dir`/`--outdir` on its node) and saves the job API's files itself. So the job API,
   SSE progress, `/sdapi/v1/progress` and the web UI work across replicas.
 
 Cancelling a running job cancels its stream; the replica then cancels the job at its next step.
 """
 from __future__ import annotations
 
+import io
 import time
+
+from PIL import Image
+
 from ..errors import KilnError
 from ..pipeline.facts import ModelFacts
 from ..server.worker import Interrupted, Job, ModelEntry, ModelIndex, Worker
@@ -98,7 +103,9 @@ class RemoteWorker(Worker):
     def _run(self, job: Job):
         # every replica renders with the model chosen here (options / override_settings)
         model = job.model or self.model_title
-        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, job.save, job.save_as,
+        # the job API's jobs are saved here, by the ingress, which owns the job store (`history.JobLog`)
+        save = job.save and not job.persist
+        stream = self.handle.options(stream=True).run.remote(job.mode, job.params, model, save, job.save_as,
                                                              job.script)
         final = None
         for update in stream:
@@ -118,6 +125,8 @@ class RemoteWorker(Worker):
         for k in ("images", "infotexts", "seeds", "prompts", "files", "flagged", "result_params", "model_title",
                   "step", "grids"):
             setattr(job, k, final[k])
+        if job.save and job.persist:
+            job.pending = [(Image.open(io.BytesIO(png)), text) for png, text in zip(job.images, job.infotexts)]
         if job.mode == "load":
             self._apply(final["facts"])
         if final["state"] == "failed":

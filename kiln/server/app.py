@@ -38,6 +38,11 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
 
     styles = read_styles(config.styles_file)  # before the model loads: a bad file is a quick one-line error
     worker = worker or make_worker(config)
+    # the job store (a Ray Serve ingress owns it too: `worker` is its RemoteWorker); none for a stand-in worker
+    if isinstance(worker, Worker) and worker.history is None:
+        from .history import JobLog
+
+        worker.attach(JobLog.open(config.data_dir, config.outdir, config.keep_days, config.keep_jobs))
     app = FastAPI(title="kiln", version=__version__,
                   description="Stable Diffusion: AUTOMATIC1111-compatible API (/sdapi/v1), job API (/api/v1), web UI.")
     app.state.worker, app.state.config = worker, config
@@ -69,8 +74,7 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
 
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull):
-        return error_for(request, 503, "the queue is full; retry later", "QueueFull",
-                         {"Retry-After": str(exc.retry_after)})
+        return error_for(request, 503, str(exc), "QueueFull", {"Retry-After": str(exc.retry_after)})
 
     app.include_router(a1111.router)
     app.include_router(extras.router)

@@ -34,6 +34,10 @@ class ServerConfig:
     host: str | None = None  # where `kiln serve` listens (reported by /sdapi/v1/cmd-flags)
     port: int | None = None
     controlnet_dir: str | None = None  # ControlNet files (sd-webui-controlnet's units); None: models/ControlNet
+    data_dir: str | None = None  # the job store's folder (jobs.sqlite3); None: outdir (neither: in memory)
+    keep_days: float | None = None  # finished jobs (and their files) deleted after this many days
+    keep_jobs: int | None = None  # … or beyond this many (None: all kept; a store in memory keeps 100)
+    shutdown_timeout: float = 30.0  # SIGTERM/SIGINT: how long the running job may take to finish
 
 
 class RequestError(Exception):
@@ -73,7 +77,7 @@ class Server:
                      save_default=native and self.config.save, controlnets=self.controlnets)
         if self.worker.get(job.id) is not None:
             raise RequestError(f"force_task_id {job.id!r} is already a job's id")
-        self.worker.submit(job)
+        self.worker.submit(job, persist=native)  # the job API's jobs go to the job store
         if req.override_settings and req.override_settings_restore_afterwards is False:
             # A1111 keeps such overrides as the server's settings
             options.update(request_settings(req, self.facts, options, self.models))

@@ -7,7 +7,9 @@ import base64
 import json
 import os
 
-from fastapi import APIRouter, Depends
+from typing import Literal
+
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response, StreamingResponse
 
 from .. import __version__
@@ -15,6 +17,7 @@ from ..samplers import SAMPLER_LIST, SCHEDULES, resolve
 from ..samplers.schedules import SCHEDULE_LABELS
 from .context import RequestError, Server, server
 from .schemas import Img2ImgRequest, Txt2ImgRequest
+from .store import STATES
 from .worker import FINAL, Job
 
 router = APIRouter(prefix="/api/v1", tags=["kiln"])
@@ -50,8 +53,30 @@ def submit_img2img(req: Img2ImgRequest, s: Server = Depends(server)):
 
 
 @router.get("/jobs")
-def list_jobs(s: Server = Depends(server)):
-    return {"jobs": s.worker.listing(), "queue_size": s.limits.queue_size}
+def list_jobs(state: Literal[STATES] | None = None, limit: int = Query(20, ge=1, le=100),
+              before: str | None = Query(None, max_length=64), s: Server = Depends(server)):
+    """The job API's jobs, newest first: `limit` of them (1–100), only those in `state`, submitted before the job
+    `before` (the previous page's `next`). `queue`: the running job and the queue, in order."""
+    store = s.worker.history.store
+    if before is not None and store.get(before) is None:
+        raise RequestError(f"before: no job {before!r}")
+    records, more = store.list(state, limit, before)
+    jobs = [stored_status(s, r) for r in records]
+    return {"jobs": jobs, "next": jobs[-1]["id"] if more else None, "queue": s.worker.listing(),
+            "queue_size": s.limits.queue_size}
+
+
+def stored_status(s: Server, rec: dict) -> dict:
+    """A stored job's status: the live job's while the worker holds it, else the record's (images counted)."""
+    from .history import job_of
+
+    live = s.worker.jobs.get(rec["id"])
+    if live is not None:
+        return job_status(s, live)
+    st = job_status(s, job_of(rec, []))
+    st["images"] = n = rec.get("image_count", 0)
+    st["image_urls"] = [f"/api/v1/jobs/{rec['id']}/images/{i}" for i in range(n)]
+    return st
 
 
 @router.get("/jobs/{job_id}")
@@ -68,7 +93,11 @@ def cancel_job(job_id: str, s: Server = Depends(server)):
 
 @router.delete("/jobs/{job_id}")
 def delete_job(job_id: str, s: Server = Depends(server)):
-    return cancel_job(job_id, s)
+    """Cancel the job if it has not ended, and delete it: its record, images and saved files (a running one's
+    when it stops, at its next step)."""
+    job = s.job(job_id)
+    s.worker.delete(job)
+    return dict(job_status(s, job), deleted=True)
 
 
 @router.get("/jobs/{job_id}/images/{index}", response_class=Response, responses=PNG)

@@ -13,8 +13,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from ..errors import KilnError
 from ..output import png_bytes
 from ..pipeline.facts import ModelFacts
 from .clients import FairQueue, current_client
+from .model_index import ModelEntry, ModelIndex  # noqa: F401 (importers take them from here)
 
 log = logging.getLogger("kiln.server")
 
@@ -43,8 +43,8 @@ class Limits:
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__("the queue is full")
+    def __init__(self, retry_after: int, message: str = "the queue is full; retry later"):
+        super().__init__(message)
         self.retry_after = retry_after
 
 
@@ -94,6 +94,10 @@ class Job:
     version: int = 0
     result_params: dict | None = None
     model_title: str | None = None
+    persist: bool = False  # in the job store (`history.JobLog`): its files are saved when it ends
+    pending: list = field(default_factory=list)  # (image, infotext) to save when it ends (persisted jobs)
+    requeue: bool = False  # stopped by a shutdown: recorded as queued, to run again at the next start
+    discard: bool = False  # deleted while running: its record goes when it ends
     cancel_event: threading.Event = field(default_factory=threading.Event)
     skip_event: threading.Event = field(default_factory=threading.Event)
     done_event: threading.Event = field(default_factory=threading.Event)
@@ -117,99 +121,6 @@ class Job:
                 "images": len(self.images), "seeds": list(self.seeds), "infotexts": list(self.infotexts),
                 "files": list(self.files), "model": self.model_title, "grids": self.grids,
                 "styles": list(self.styles)}
-
-
-
-
-@dataclass
-class ModelEntry:
-    """A checkpoint a client may ask for: plain data, the same in the local server and across Ray."""
-    path: str
-    filename: str
-    name: str
-    sha256: str | None = None
-
-    @classmethod
-    def of(cls, path: Path) -> ModelEntry:
-        return cls(str(path), path.name, path.stem if path.is_file() else path.name)
-
-    @property
-    def short_hash(self) -> str | None:
-        return self.sha256[:10] if self.sha256 else None
-
-    @property
-    def title(self) -> str:
-        return f"{self.filename} [{self.short_hash}]" if self.sha256 else self.filename
-
-    def answers_to(self, name: str) -> bool:
-        """A1111's ways to name a model: its title, file name or name, or its SHA-256 (whole, 10 or 8 digits)."""
-        h = self.sha256
-        return name in (self.title, self.filename, self.name) or bool(h) and name.lower() in (h, h[:10], h[:8])
-
-
-SMALL_FILE = 256 * 1024 * 1024  # hashed when listed; bigger files are hashed when loaded (as A1111 does)
-
-
-class ModelIndex:
-    """The checkpoints a client may choose from, by title, file name, name or hash: never by path. The same index
-    serves the local worker (`scan`) and the Ray Serve ingress (`from_records`, the replicas' index)."""
-
-    def __init__(self, entries=(), refresher=None):
-        self.entries: list[ModelEntry] = list(entries)
-        self._refresher = refresher  # () -> the entries found now
-
-    @classmethod
-    def scan(cls, ckpt: str | None, ckpt_dir: str | None) -> ModelIndex:
-        index = cls(refresher=lambda: _scan(ckpt, ckpt_dir, index.entries))
-        index.refresh()
-        return index
-
-    @classmethod
-    def from_records(cls, records: list[dict], refresher=None) -> ModelIndex:
-        return cls([ModelEntry(**r) for r in records], refresher)
-
-    def records(self) -> list[dict]:
-        return [asdict(e) for e in self.entries]
-
-    def refresh(self):
-        if self._refresher is not None:
-            self.entries = self._refresher()
-
-    def find(self, name: str) -> ModelEntry | None:
-        name = (name or "").strip()
-        return next((e for e in self.entries if e.answers_to(name)), None)
-
-    def entry_for(self, path) -> ModelEntry:
-        path = str(Path(path).resolve())
-        for e in self.entries:
-            if e.path == path:
-                return e
-        e = ModelEntry.of(Path(path))
-        self.entries.insert(0, e)
-        return e
-
-
-def _scan(ckpt, ckpt_dir, known: list[ModelEntry]) -> list[ModelEntry]:
-    """--ckpt, the checkpoints in --ckpt-dir, the embedded demo model; small files hashed now."""
-    from ..checkpoints.hashes import full_sha256
-    from ..demo.report import EMBEDDED
-
-    found = [Path(ckpt).resolve()] if ckpt else []
-    folder = Path(ckpt_dir).resolve() if ckpt_dir else None
-    if folder is not None and folder.is_dir():
-        for p in sorted(folder.iterdir()):
-            if p.suffix in (".safetensors", ".ckpt") and p.is_file() or (p / "model_index.json").is_file():
-                found.append(p.resolve())
-    if EMBEDDED.exists():
-        found.append(EMBEDDED)
-    old = {e.path: e for e in known}
-    entries = []
-    for p in dict.fromkeys(found):
-        e = old.get(str(p)) or ModelEntry.of(p)
-        if e.sha256 is None and p.is_file() and p.stat().st_size <= SMALL_FILE:
-            e.sha256 = full_sha256(p)
-        entries.append(e)
-    return entries
 
 
 class Observer:
@@ -260,6 +171,19 @@ class Worker:
         self._stopping = False
         self.observer = Observer()
         self.load_seconds: float | None = None
+        self.history = None  # history.JobLog: the job store, set by `attach`
+
+    def attach(self, history):
+        """Record the job API's jobs in `history` from now on; queue the jobs it had queued (a restart)."""
+        jobs = history.recover()
+        with self.cv:
+            self.history = history
+            for job in jobs:
+                self.queue.append(job, check_limit=False)  # the store's jobs were accepted once
+                self.jobs[job.id] = job
+            self.cv.notify_all()
+        if jobs:
+            log.info("%d jobs queued again from the job store", len(jobs))
 
     def start_threads(self, n: int):
         self.threads = [threading.Thread(target=self._loop, name=f"kiln-worker-{i}", daemon=True) for i in range(n)]
@@ -294,13 +218,20 @@ class Worker:
         return self.entry.title
 
     # ------------------------------------------------------------------ queue
-    def submit(self, job: Job) -> Job:
+    def submit(self, job: Job, persist: bool = False) -> Job:
+        """Queue `job`; with `persist` (the job API's jobs) it is recorded in the job store as well."""
         with self.cv:
             if self._stopping:
-                raise QueueFull(5)
+                raise QueueFull(5, "the server is shutting down; retry later")
             if len(self.queue) >= self.limits.queue_size:
                 raise QueueFull(max(1, int(self.job_seconds() * (len(self.queue) + 1) + 0.999)))
-            self.queue.append(job)
+            self.queue.append(job)  # a key over its limit raises here, before the store records the job
+            if persist and self.history is not None:
+                try:
+                    self.history.submitted(job)
+                except BaseException:
+                    self.queue.remove(job)
+                    raise
             self.jobs[job.id] = job
             self._evict()
             self.cv.notify_all()
@@ -316,7 +247,20 @@ class Worker:
             del self.jobs[j.id]
 
     def get(self, job_id: str) -> Job | None:
-        return self.jobs.get(job_id)
+        job = self.jobs.get(job_id)
+        if self.history is not None and (job is None or job.persist and job.state in FINAL):
+            job = self.history.job(job_id)  # the store's word for an ended job: retention may have deleted it
+        return job
+
+    def delete(self, job: Job):
+        """Cancel `job` and remove it (its record, images and files) now, or when it ends if it is running."""
+        with self.cv:
+            self.cancel(job)
+            self.jobs.pop(job.id, None)
+            if job in self.running:
+                job.discard = True
+            elif job.persist:
+                self.history.store.delete(job.id)
 
     def position(self, job: Job) -> int | None:
         with self.cv:
@@ -336,6 +280,8 @@ class Worker:
             if job in self.queue:
                 self.queue.remove(job)
                 job.state, job.finished = "cancelled", time.time()
+                if job.persist:
+                    self.history.ended(job, job.state)
                 job.version += 1
                 job.done_event.set()
                 self.observer.job_finished(job)
@@ -361,14 +307,21 @@ class Worker:
             if self.current is not None:
                 self.current.skip_event.set()
 
-    def stop(self):
+    def stop(self, timeout: float = 0.0):
+        """Refuse new jobs; give the running ones `timeout` seconds to finish, then stop them at their next step.
+        Stored jobs stopped or left in the queue stay queued in the store: the next start runs them."""
         with self.cv:
             self._stopping = True
-            for job in list(self.queue):
-                self.cancel(job)
-            for job in self.running:
-                job.cancel_event.set()
             self.cv.notify_all()
+            self.cv.wait_for(lambda: not self.running, timeout)
+            for job in list(self.queue):
+                if job.persist:
+                    self.queue.remove(job)
+                else:
+                    self.cancel(job)
+            for job in self.running:
+                job.requeue = job.persist
+                job.cancel_event.set()
         for t in self.threads:
             t.join(timeout=30)
 
@@ -383,27 +336,34 @@ class Worker:
                 self.running.append(job)
                 job.state, job.started = "running", time.time()
                 job.version += 1
+            end = "failed"
             try:
+                if job.persist:
+                    self.history.started(job)
                 self._run(job)
-                job.state = "interrupted" if job.cancel_event.is_set() else "done"
+                end = "interrupted" if job.cancel_event.is_set() else "done"
             except Interrupted:
-                job.state = "interrupted"
+                end = "interrupted"
             except KilnError as e:
-                job.state, job.error, job.user_error = "failed", str(e), True
+                end, job.error, job.user_error = "failed", str(e), True
             except MemoryError:
-                job.state, job.error = "failed", "out of memory: ask for fewer or smaller images"
+                end, job.error = "failed", "out of memory: ask for fewer or smaller images"
             except Exception as e:  # a bug: keep serving, tell the client, log the traceback
                 log.exception("job %s failed", job.id)
-                job.state, job.error = "failed", f"internal error: {type(e).__name__}: {e}"
+                end, job.error = "failed", f"internal error: {type(e).__name__}: {e}"
             finally:
+                job.finished = time.time()
+                if job.persist:  # files saved and the record written before anyone sees the end state
+                    end = self.history.ended(job, end)
                 with self.cv:
+                    job.state = end
                     self.running.remove(job)
-                    job.finished = time.time()
                     if job.state == "done":
                         job.progress = 1.0
                         self._durations.append(job.finished - job.started)
                     job.version += 1
                     job.done_event.set()
+                    self.cv.notify_all()
                 self.observer.job_finished(job)
 
     # ------------------------------------------------------------------ running
@@ -541,7 +501,7 @@ class Worker:
 
     def _collect(self, job: Job, result):
         out = None
-        if job.save and self.outdir:
+        if job.save and self.outdir and not job.persist:  # persisted jobs save when they end (history.JobLog)
             from ..output import OutputDir
             from ..output.pnginfo import encode_image, pnginfo_for
 
@@ -554,6 +514,8 @@ class Worker:
             job.seeds.append(seed)
             job.prompts.append(prompt)
             job.flagged.append(bool(flagged))
+            if job.save and job.persist:
+                job.pending.append((image, text))
             if out is not None:
                 fmt, quality = job.save_as
                 path = (out.save_sample(image, pnginfo_for("a1111", text, {})) if fmt == "png" else

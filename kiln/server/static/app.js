@@ -20,7 +20,9 @@
     hasInit: false,
     cnImage: null, // the ControlNet panel's control image, a data URL
     pendingRetry: null, // what to run again once credentials are given
+    older: undefined, // the job id the next page of the history starts before (null: no more pages)
   };
+  const HISTORY_PAGE = 8; // jobs per page of the gallery's history
 
   class ApiError extends Error {
     constructor(message, status) {
@@ -159,6 +161,7 @@
       applyStyles(await (await api("/sdapi/v1/prompt-styles")).json());
       applyControlNet(await (await api("/controlnet/model_list")).json(),
         await (await api("/controlnet/module_list")).json());
+      if (state.older === undefined) await loadHistory();
     } catch (e) {
       $("model").textContent = "not connected";
       fail(e, loadInfo);
@@ -568,7 +571,43 @@
     }
   }
 
-  function addResults(status) {
+  /** The next page of the server's job history (newest first), below what the gallery shows. */
+  async function loadHistory() {
+    const before = state.older ? `&before=${encodeURIComponent(state.older)}` : "";
+    const page = await (await api(`/api/v1/jobs?limit=${HISTORY_PAGE}${before}`)).json();
+    for (const status of page.jobs) {
+      if (FINAL.has(status.state) && status.images > 0 && !state.results.has(status.id)) {
+        addResults(status, { older: true });
+      }
+    }
+    state.older = page.next;
+    $("gallery-more").hidden = !page.next;
+  }
+
+  /** Deletes the selected result's job on the server (its images and files), and from the gallery. */
+  async function deleteSelected() {
+    const sel = selectedResult();
+    if (!sel) return;
+    try {
+      await api(`/api/v1/jobs/${sel.status.id}`, { method: "DELETE" });
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 404)) {
+        fail(e);
+        return;
+      }
+    }
+    state.results.delete(sel.status.id);
+    for (const img of $("gallery").querySelectorAll("img.result")) {
+      if (img.dataset.job === sel.status.id) img.remove();
+    }
+    state.selected = null;
+    const next = $("gallery").querySelector("img.result");
+    if (next) select(next.dataset.job, Number(next.dataset.index));
+    else $("viewer").hidden = true;
+  }
+
+  /** A job's images in the gallery: a new result first (and selected), a history page's at the end. */
+  function addResults(status, { older = false } = {}) {
     state.results.set(status.id, status);
     const frag = document.createDocumentFragment();
     status.image_urls.forEach((url, i) => {
@@ -584,8 +623,13 @@
       img.ready = showApiImage(img, url);
       frag.append(img);
     });
-    $("gallery").prepend(frag); // newest first
     $("empty").hidden = true;
+    if (older) {
+      $("gallery").append(frag);
+      if (!state.selected) select(status.id, 0);
+      return;
+    }
+    $("gallery").prepend(frag); // newest first
     select(status.id, 0);
   }
 
@@ -621,6 +665,7 @@
     $("infotext").textContent = (status.infotexts && status.infotexts[index]) || "(no parameters)";
     $("reuse").disabled = false;
     $("send-to-img2img").disabled = false;
+    $("delete").disabled = false;
     $("seed-reuse").disabled = seed == null;
   }
 
@@ -833,6 +878,8 @@
     $("reuse").addEventListener("click", reuseParameters);
     $("send-to-img2img").addEventListener("click", sendToImg2img);
     $("gallery").addEventListener("click", onGalleryActivate);
+    $("gallery-more").addEventListener("click", () => loadHistory().catch((e) => fail(e)));
+    $("delete").addEventListener("click", deleteSelected);
     $("gallery").addEventListener("keydown", onGalleryActivate);
     $("auth-box").addEventListener("submit", saveAuth);
     $("init-image").addEventListener("change", onInitFile);
