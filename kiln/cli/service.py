@@ -33,6 +33,9 @@ def serve_parser(sub):
                    help="folder where <lora:name:weight> tags in prompts are looked up (listed at /sdapi/v1/loras)")
     p.add_argument("--embeddings-dir", dest="embeddings_dir", default=None,
                    help="textual-inversion embeddings, used in prompts by file name (listed at /sdapi/v1/embeddings)")
+    p.add_argument("--upscaler-dir", dest="upscaler_dir", default=None, metavar="DIR",
+                   help="model upscalers (ESRGAN, Real-ESRGAN, SwinIR, DAT) for the extras API, hires fix and SD "
+                   "upscale, by file name, besides models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT")
     p.add_argument("--controlnet-dir", dest="controlnet_dir", default=None, metavar="DIR",
                    help="ControlNet files requests' units may name (listed at /controlnet/model_list; "
                         "default: models/ControlNet when it exists)")
@@ -87,6 +90,8 @@ def run_serve(opt):
         raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
     if opt.embeddings_dir and not Path(opt.embeddings_dir).is_dir():
         raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
+    if opt.upscaler_dir and not Path(opt.upscaler_dir).is_dir():
+        raise KilnError(f"--upscaler-dir {opt.upscaler_dir}: not a folder")
     if opt.controlnet_dir and not Path(opt.controlnet_dir).is_dir():
         raise KilnError(f"--controlnet-dir {opt.controlnet_dir}: not a folder")
     if opt.styles_file:
@@ -104,7 +109,7 @@ def run_serve(opt):
                           api_auth=auth, token=token, preview_every=opt.preview_every,
                           safety_checker=opt.safety_checker, lora_dir=opt.lora_dir,
                           embeddings_dir=opt.embeddings_dir, styles_file=opt.styles_file, host=opt.host,
-                          port=opt.port, controlnet_dir=opt.controlnet_dir)
+                          port=opt.port, controlnet_dir=opt.controlnet_dir, upscaler_dir=opt.upscaler_dir)
     if opt.ray is not None:
         from ..distributed.serve import run
 

@@ -134,9 +134,14 @@ def schedulers():
 
 
 @router.get("/upscalers")
-def upscalers():
-    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for n in ("Latent", "Lanczos")]
+def upscalers(s: Server = Depends(server)):
+    """A1111's list: the resamplers, then the model upscalers found (model_name: the kind of folder; scale: the one
+    the name says, as A1111). The latent upscale of hires fix is /latent-upscale-modes."""
+    from ..upscalers import NAMES
+
+    return [*({"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in NAMES),
+            *({"name": m.name, "model_name": m.kind, "model_path": str(m.path), "model_url": None, "scale": m.scale}
+              for m in s.upscalers.models())]
 
 
 @router.get("/latent-upscale-modes")
@@ -233,8 +238,13 @@ def face_restorers():
 
 
 @router.get("/realesrgan-models")
-def realesrgan_models():
-    return []  # kiln has no Real-ESRGAN models ({name, path, scale} each in A1111)
+def realesrgan_models(s: Server = Depends(server)):
+    """The Real-ESRGAN files found (models/RealESRGAN, or Real-ESRGAN's release files anywhere), as A1111 lists its
+    own: name, path, scale."""
+    from ..pipeline.upscalers import REAL_ESRGAN
+
+    return [{"name": m.name, "path": str(m.path), "scale": m.scale} for m in s.upscalers.models()
+            if m.kind == "RealESRGAN" or m.path.stem in REAL_ESRGAN]
 
 
 @router.get("/extensions")

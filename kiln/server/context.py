@@ -33,6 +33,7 @@ class ServerConfig:
     host: str | None = None  # where `kiln serve` listens (reported by /sdapi/v1/cmd-flags)
     port: int | None = None
     controlnet_dir: str | None = None  # ControlNet files (sd-webui-controlnet's units); None: models/ControlNet
+    upscaler_dir: str | None = None  # model upscaler files (ESRGAN, …), besides models/ESRGAN and the like
 
 
 class RequestError(Exception):
@@ -49,6 +50,7 @@ class Server:
     worker: Worker
     styles: Any = None  # kiln.styles.StyleTable, read from config.styles_file when the app is made
     controlnets: Any = None  # controlnet.ControlNetIndex of config.controlnet_dir
+    upscalers: Any = None  # kiln.pipeline.upscalers.Upscalers: the extras API's and the hires fix's names
 
     @property
     def limits(self) -> Limits:
@@ -68,7 +70,8 @@ class Server:
         options = self.worker.options
         # the web UI and the job API save by the server's --no-save; A1111 requests by save_images
         job = to_job(req, mode, self.limits, self.facts, options, self.models, self.styles,
-                     save_default=native and self.config.save, controlnets=self.controlnets)
+                     save_default=native and self.config.save, controlnets=self.controlnets,
+                     upscalers=self.upscalers)
         if self.worker.get(job.id) is not None:
             raise RequestError(f"force_task_id {job.id!r} is already a job's id")
         self.worker.submit(job)
