@@ -62,6 +62,8 @@ def test_upscalers_lists_the_models(client, files):
     assert [u["name"] for u in listed] == ["None", "Lanczos", "Nearest", "4x-Tiny", "R-ESRGAN 4x+"]
     path = str(files / "ups" / "4x-Tiny.safetensors")
     assert listed[3] == {"name": "4x-Tiny", "model_name": "ESRGAN", "model_path": path, "model_url": None, "scale": 4}
+    flags = client.get("/sdapi/v1/cmd-flags").json()
+    assert flags["esrgan_models_path"] == str(files / "ups") and flags["dat_models_path"] is None
     assert client.get("/sdapi/v1/realesrgan-models").json() == [
         {"name": "R-ESRGAN 4x+", "path": str(files / "ups" / "RealESRGAN_x4plus.pth"), "scale": 4}]
 

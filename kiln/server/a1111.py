@@ -224,7 +224,18 @@ def cmd_flags(s: Server = Depends(server)):
             "listen": host not in ("127.0.0.1", "localhost", "::1"), "server_name": host, "port": c.port,
             "api": True, "nowebui": False, "api_auth": "***" if c.api_auth else None,
             "medvram": c.offload == "medvram", "lowvram": c.offload == "lowvram", "no_half": c.precision == "fp32",
-            "use_cpu": ["all"] if c.device == "cpu" else [], "disable_safe_unpickle": False}
+            "use_cpu": ["all"] if c.device == "cpu" else [], "disable_safe_unpickle": False, **_upscaler_paths(s)}
+
+
+def _upscaler_paths(s: Server) -> dict:
+    """A1111's esrgan_models_path, realesrgan_models_path, …: the first folder of each kind that is scanned
+    (--upscaler-dir counts as ESRGAN's, unless its name is one of the kinds)."""
+    from ..pipeline.upscalers import FOLDERS
+
+    found = {}
+    for folder, kind in s.upscalers.folders():
+        found.setdefault(kind, str(folder))
+    return {f"{kind.lower()}_models_path": found.get(kind) for kind in FOLDERS}
 
 
 @router.get("/hypernetworks")
