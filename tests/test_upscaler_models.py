@@ -18,21 +18,29 @@ import upscaler_ref as ref
 from kiln.checkpoints.upscaler import load_upscaler, upscaler_arch
 from kiln.errors import CheckpointError
 from kiln.models.upscalers.compact import SRVGGNetCompact
+from kiln.models.upscalers.dat import DAT
 from kiln.models.upscalers.esrgan import RRDBNet
+from kiln.models.upscalers.swinir import SwinIR
 
 TOL = 1 / 255
+# spandrel's SwinIR and DAT call torch.meshgrid without indexing= (their code, not kiln's)
+pytestmark = pytest.mark.filterwarnings("ignore:torch.meshgrid:UserWarning")
 
 
-def randomize(state: dict, seed: int = 0, special=None) -> dict:
+def randomize(state: dict, seed: int = 0, special=None, gain: float = 2.0) -> dict:
     """Random weights of the shapes in `state`: ≥2-D weights N(0, gain/fan_in) (gain 2 against ReLU-like halving),
     biases N(0, 0.05²); 1-D weights as `special(key)` says (PReLU slopes, norm scales) or 1 + N(0, 0.1²)."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for k, v in state.items():
+        if not v.is_floating_point() or k.endswith(("attn_mask", "attn_mask_0", "attn_mask_1", "rpe_biases")):
+            # derived buffers (index and offset tables, the shifted windows' masks) stay as the class made them
+            out[k] = v
+            continue
         shape = tuple(v.shape)
         noise = torch.randn(shape, generator=gen)
         if len(shape) >= 2:
-            out[k] = noise * math.sqrt(2.0 / math.prod(shape[1:]))
+            out[k] = noise * math.sqrt(gain / math.prod(shape[1:]))
         elif k.endswith("bias"):
             out[k] = noise * 0.05
         else:
@@ -69,11 +77,12 @@ def check_parity(path, expect_arch: str, spandrel_arch: str, scale: int, sizes=(
 
 # ---------------------------------------------------------------------------------------------------- ESRGAN
 
-def original_esrgan(path, scale=4, nf=16, nb=2, in_nc=3, shuffle=None, seed=0, wrapper=None, out_gain=1.0):
+def original_esrgan(path, scale=4, nf=16, nb=2, in_nc=3, shuffle=None, seed=0, wrapper=None, out_gain=1.0,
+                    plus=False):
     """The original ESRGAN `model.N` layout, from spandrel's own network class (its names, not kiln's); `out_gain`
-    scales the last conv (a deep random trunk grows its features far past unit size)."""
+    scales the last conv (a deep random trunk grows its features far past unit size); `plus`: ESRGAN+."""
     net = ref.network("ESRGAN", in_nc=in_nc, out_nc=3, num_filters=nf, num_blocks=nb, scale=scale,
-                      shuffle_factor=shuffle)
+                      shuffle_factor=shuffle, plus=plus)
     state = randomize(net.state_dict(), seed)
     last = max(state, key=lambda k: int(k.split(".")[1]))
     state[last] *= out_gain
@@ -85,6 +94,12 @@ def test_esrgan_original_layout(tmp_path, scale, suffix):
     path = original_esrgan(tmp_path / f"esrgan{scale}x{suffix}", scale=scale)
     model = check_parity(path, "ESRGAN", "ESRGAN", scale, sizes=[(40, 48), (7, 5)])
     assert (len(model.body), model.conv_first.out_channels) == (2, 16)
+
+
+def test_esrgan_plus(tmp_path):
+    """ESRGAN+ (a 1×1 shortcut into each dense block's 2nd and 4th outputs), only ever in the original layout."""
+    model = check_parity(original_esrgan(tmp_path / "4x_ESRGANplus.pth", plus=True), "ESRGAN", "ESRGAN", 4)
+    assert model.body[0].rdb1.conv1x1 is not None
 
 
 def basicsr_state(scale=4, nf=16, nb=2, shuffle=1, seed=0) -> dict:
@@ -147,6 +162,100 @@ def test_compact(tmp_path, scale, wrapper, suffix):
     path = compact_file(tmp_path / f"realesr-general-x{scale}v3{suffix}", scale=scale, wrapper=wrapper)
     model = check_parity(path, "RealESRGAN compact", "Compact", scale, sizes=[(40, 48), (5, 3)])
     assert isinstance(model, SRVGGNetCompact) and len(model.body) == 2 + 2 * 4 + 1
+
+
+# ---------------------------------------------------------------------------------------------------- SwinIR
+
+def swinir_file(path, wrapper="params_ema", seed=0, **hyper):
+    """A small SwinIR from spandrel's class (its tensor names and buffers, as the released files have them)."""
+    args = dict(img_size=32, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=8, mlp_ratio=2.0)
+    net = ref.network("SwinIR", **{**args, **hyper})
+    return ref.save(randomize(net.state_dict(), seed, gain=1.0), path, wrapper)  # gain 1: residual stacks, GELU
+
+
+SWINIR_VARIANTS = {
+    # name: (spandrel's hyperparameters, scale)
+    "classical_x2": (dict(upscale=2, upsampler="pixelshuffle"), 2),
+    "classical_x3_3conv": (dict(upscale=3, upsampler="pixelshuffle", resi_connection="3conv"), 3),
+    "classical_x8": (dict(upscale=8, upsampler="pixelshuffle"), 8),
+    "lightweight_x4": (dict(upscale=4, upsampler="pixelshuffledirect"), 4),
+    "realSR_x4_GAN": (dict(upscale=4, upsampler="nearest+conv", resi_connection="3conv"), 4),
+    "realSR_x2": (dict(upscale=2, upsampler="nearest+conv"), 2),
+    "denoise_x1": (dict(upscale=1, upsampler=""), 1),
+    "jpeg_w7": (dict(upscale=1, upsampler="", window_size=7, img_size=28, img_range=255.0), 1),
+    # a first conv behind a pixel-unshuffle (`conv_first.1`, as neosr writes it): a 4× body gives 2×
+    "unshuffle_x2": (dict(upscale=4, upsampler="pixelshuffle", start_unshuffle=2), 2),
+}
+
+
+@pytest.mark.parametrize("variant", list(SWINIR_VARIANTS))
+def test_swinir(tmp_path, variant):
+    hyper, scale = SWINIR_VARIANTS[variant]
+    suffix = ".safetensors" if "x2" in variant else ".pth"
+    path = swinir_file(tmp_path / f"SwinIR_{variant}{suffix}", None if suffix == ".safetensors" else "params", **hyper)
+    sizes = [(40, 48), (5, 3)] + ([(29, 37)] if scale < 8 else [])  # padded to whole windows, and to 16 pixels
+    if "unshuffle" in variant:
+        # spandrel's class names that conv `conv_first` and pads before unshuffling, so that only sizes whose halves
+        # are whole windows run there
+        state = {k.replace("conv_first.", "conv_first.1."): v for k, v in ref.read(path).items()}
+        path, sizes = ref.save(state, path), [(48, 64)]
+    model = check_parity(path, "SwinIR", "SwinIR", scale, sizes=sizes)
+    assert isinstance(model, SwinIR) and model.window == hyper.get("window_size", 8)
+    if "unshuffle" in variant:  # kiln pads to whole windows after the unshuffle: any size runs
+        with torch.no_grad():
+            assert model(image(29, 37)).shape == (1, 3, 58, 74)
+    assert [len(layer.residual_group.blocks) for layer in model.layers] == [2, 2]
+
+
+# ---------------------------------------------------------------------------------------------------- DAT
+
+DAT_VARIANTS = {
+    # name: (spandrel's hyperparameters, scale). Narrow (64 channels: DAT's position-bias MLP is dim/32 wide) and
+    # shallow, but each group deep enough for the shifted-window blocks (block 2 of even groups, 0 of odd ones).
+    "DAT_x4": (dict(split_size=[8, 32], expansion_factor=4.0, upscale=4), 4),
+    "DAT_S_x2": (dict(split_size=[8, 16], expansion_factor=4.0, upscale=2), 2),
+    "DAT_2_x3": (dict(split_size=[8, 32], expansion_factor=2.0, upscale=3, resi_connection="3conv"), 3),
+    "DAT_light_x4": (dict(split_size=[8, 32], expansion_factor=2.0, upscale=4, resi_connection="3conv",
+                          upsampler="pixelshuffledirect"), 4),
+}
+
+
+@pytest.mark.parametrize("variant", list(DAT_VARIANTS))
+def test_dat(tmp_path, variant):
+    hyper, scale = DAT_VARIANTS[variant]
+    args = dict(img_size=64, embed_dim=64, depth=[3, 2], num_heads=[2, 4], **hyper)
+    net = ref.network("DAT", **args)
+    suffix = ".safetensors" if "S" in variant else ".pth"
+    path = ref.save(randomize(net.state_dict(), gain=1.0), tmp_path / f"{variant}{suffix}",
+                    None if suffix == ".safetensors" else "params")
+    model = check_parity(path, "DAT", "DAT", scale, sizes=[(40, 48), (5, 3)])
+    assert isinstance(model, DAT) and model.layers[0].blocks[0].attn.split == tuple(hyper["split_size"])
+    assert [b.attn.shifted for b in model.layers[0].blocks[::2]] == [False, True]
+    assert model.layers[1].blocks[0].attn.shifted
+
+
+def test_dtype_device_and_flags(tmp_path):
+    """dtype= converts the weights (bfloat16 here: CPU float16 convs are slow); the derived buffers follow; float16
+    is flagged unsafe for the transformers, as spandrel flags it."""
+    path = compact_file(tmp_path / "c.safetensors")
+    full, half = load_upscaler(path), load_upscaler(path, dtype=torch.bfloat16, device="cpu")
+    assert half.dtype == torch.bfloat16 and full.supports_half
+    x = image(20, 16)
+    with torch.no_grad():
+        err = (half(x.bfloat16()).float() - full(x)).abs().mean().item()
+    assert err < 0.05
+    swin = load_upscaler(swinir_file(tmp_path / "s.pth", upscale=2, upsampler="pixelshuffle"), dtype=torch.bfloat16)
+    index = swin.layers[0].residual_group.blocks[0].attn.relative_position_index
+    assert not swin.supports_half and not index.is_meta
+    with torch.no_grad():
+        assert swin(image(9, 11).bfloat16()).shape == (1, 3, 18, 22)
+
+
+def test_grayscale_model_is_refused(tmp_path):
+    net = ref.network("Compact", num_in_ch=1, num_out_ch=1, num_feat=8, num_conv=2, upscale=2)
+    path = ref.save(randomize(net.state_dict()), tmp_path / "gray.pth")
+    with pytest.raises(CheckpointError, match=r"gray\.pth: a RealESRGAN compact model for 1-channel images"):
+        load_upscaler(path)
 
 
 # ---------------------------------------------------------------------------------------------------- bad files

@@ -116,15 +116,19 @@ def upscaler_arch(path) -> str:
 
 def load_upscaler(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> SRModule:
     """The upscaler in `path` as an eval-mode network on `device` in `dtype`: `.scale`, `.arch`, `.name` (the file's
-    stem), `.dtype`, and `forward(x)`: [B, 3, H, W] in [0, 1] → [B, 3, scale·H, scale·W], unclamped."""
+    stem), `.dtype`, `.supports_half`, and `forward(x)`: [B, 3, H, W] in [0, 1] → [B, 3, scale·H, scale·W],
+    unclamped, for any H, W ≥ 1."""
     src = open_upscaler_file(path)
     arch, build, shapes = _detect(src, path)
     try:
         with torch.device("meta"):
-            model, names = build(shapes)
+            model, names = build(shapes, src.get)
     except (ValueError, KeyError, IndexError) as e:
         reason = f"no tensor {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"upscaler {path}: looks like {arch} but does not fit its layout ({reason})") from None
+    if (model.in_channels, model.out_channels) != (3, 3):
+        raise CheckpointError(f"upscaler {path}: a {arch} model for {model.in_channels}-channel images "
+                              f"({model.out_channels} out); kiln upscales RGB images")
     expected = model.state_dict()
     missing = [k for k in expected if k not in names]
     extra = [names[k] for k in names if k not in expected]
@@ -136,4 +140,4 @@ def load_upscaler(path, *, dtype: torch.dtype = torch.float32, device="cpu") -> 
     state = {k: src.get(names[k]).to(device=device, dtype=dtype) for k in expected}
     model.load_state_dict(state, strict=True, assign=True)
     model.name = Path(path).stem
-    return model.requires_grad_(False).eval()
+    return model.to(device).requires_grad_(False).eval()  # .to: the derived buffers, made on the CPU

@@ -33,16 +33,18 @@ def pad_to(x: torch.Tensor, multiple: int, minimum: int = 0) -> torch.Tensor:
 
 class SRModule(nn.Module):
     """What every upscaler network has: `scale` (output size / input size), `arch` (a display name), `name` (the
-    file's stem, set by the loader), `dtype` (of its weights), and `multiple`/`minimum`, the input sizes its body
-    needs (`forward` pads to them and crops the result, see `run_padded`)."""
+    file's stem, set by the loader), `dtype` (of its weights), `in_channels`/`out_channels` (of the images),
+    `supports_half` (False where spandrel does not trust float16: SwinIR, DAT; use bfloat16 or float32), and
+    `multiple`/`minimum`, the input sizes its body needs (`forward` pads to them and crops the result)."""
 
     arch = ""
     multiple = 1
     minimum = 0
+    supports_half = True
 
-    def __init__(self, scale: int):
+    def __init__(self, scale: int, in_channels: int = 3, out_channels: int = 3):
         super().__init__()
-        self.scale = scale
+        self.scale, self.in_channels, self.out_channels = scale, in_channels, out_channels
         self.name = ""
 
     @property

@@ -14,7 +14,7 @@ class SRVGGNetCompact(SRModule):
     arch = "RealESRGAN compact"
 
     def __init__(self, *, in_nc: int = 3, out_nc: int = 3, nf: int = 64, num_conv: int = 16, scale: int = 4):
-        super().__init__(scale=scale)
+        super().__init__(scale, in_nc, out_nc)
         layers: list[nn.Module] = [nn.Conv2d(in_nc, nf, 3, 1, 1), nn.PReLU(nf)]
         for _ in range(num_conv):
             layers += [nn.Conv2d(nf, nf, 3, 1, 1), nn.PReLU(nf)]

@@ -61,7 +61,7 @@ class RRDBNet(SRModule):
 
     def __init__(self, *, in_nc: int = 3, out_nc: int = 3, nf: int = 64, nb: int = 23, gc: int = 32,
                  upsamples: int = 2, shuffle: int = 1, plus: bool = False):
-        super().__init__(scale=2**upsamples // shuffle)
+        super().__init__(2**upsamples // shuffle, in_nc // (shuffle * shuffle), out_nc)
         self.shuffle, self.upsamples = shuffle, upsamples
         # spandrel pads unshuffled inputs to multiples of 4 (either factor) and every input to 2 pixels at least
         self.multiple, self.minimum = (4 if shuffle > 1 else 1), 2
