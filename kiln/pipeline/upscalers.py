@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .. import upscalers as resamplers
+from ..checkpoints.upscaler import SUFFIXES, load_upscaler
 from ..errors import KilnError
 from .devices import compute_dtype, pick_device
 from .upscale import DEFAULT_OVERLAP, DEFAULT_TILE, upscale_pixels
 
 FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT")  # A1111's model folders, under models/
-SUFFIXES = (".pth", ".pt", ".safetensors")
 # A1111's names for the Real-ESRGAN release files it knows (modules/realesrgan_model.py)
 REAL_ESRGAN = {"realesr-general-x4v3": "R-ESRGAN General 4xV3", "realesr-general-wdn-x4v3": "R-ESRGAN General WDN 4xV3",
                "realesr-animevideov3": "R-ESRGAN AnimeVideo", "RealESRGAN_x4plus": "R-ESRGAN 4x+",
@@ -99,17 +100,23 @@ class Upscalers:
 
     def load(self, m: ModelUpscaler):
         """The loaded model of `m` (read once; read again if the file changed)."""
-        from ..checkpoints.upscaler import load_upscaler
-
         stat = m.path.stat()
         key = (str(m.path.resolve()), stat.st_size, stat.st_mtime_ns)
         with self._lock:
             if key not in self._loaded:
-                device = pick_device(self.device)
-                model = load_upscaler(m.path, dtype=compute_dtype(self.precision, device), device=str(device))
                 self._loaded = {k: v for k, v in self._loaded.items() if k[0] != key[0]}  # an older version goes
-                self._loaded[key] = model
+                self._loaded[key] = self._read(m.path)
             return self._loaded[key]
+
+    def _read(self, path: Path):
+        device = pick_device(self.device)
+        dtype = compute_dtype(self.precision, device)
+        model = load_upscaler(path, dtype=dtype, device=str(device))
+        if dtype == torch.float16 and not model.supports_half:
+            # SwinIR and DAT are not trusted in float16 (spandrel neither runs them so): bfloat16 where the GPU has it
+            bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+            model = load_upscaler(path, dtype=torch.bfloat16 if bf16 else torch.float32, device=str(device))
+        return model
 
     def upscale(self, image: Image.Image, width: int, height: int, name: str | None) -> Image.Image:
         """`image` resized to width x height by the named upscaler. A model runs (up to three times, as A1111) until
