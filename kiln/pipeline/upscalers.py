@@ -56,6 +56,7 @@ class Upscalers:
         self.tile, self.overlap, self.progress = tile, overlap, progress
         self._loaded: dict = {}  # (path, size, mtime) -> module
         self._lock = threading.Lock()  # one model load at a time (server threads)
+        self._running = threading.Lock()  # one model run at a time: a server's memory holds one run's strip
 
     def folders(self) -> list[tuple[Path, str]]:
         """(folder, kind): the --upscaler-dir folders first, then A1111's that exist."""
@@ -129,5 +130,7 @@ class Upscalers:
         for _ in range(PASSES):
             if image.width >= width and image.height >= height:
                 break
-            image = Image.fromarray(upscale_pixels(model, np.asarray(image), self.tile, self.overlap, self.progress))
+            with self._running:
+                image = Image.fromarray(upscale_pixels(model, np.asarray(image), self.tile, self.overlap,
+                                                       self.progress))
         return resamplers.upscale(image, width, height, "Lanczos")
