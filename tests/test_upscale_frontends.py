@@ -137,6 +137,21 @@ def test_sd_upscale_with_a_model(pipe, files):
     assert by_index.data["upscaler"] == "4x-Tiny"
 
 
+def test_xyz_hires_upscaler_axis_takes_models(files):
+    from kiln import scripts
+    from kiln.pipeline import GenerationParams
+    from kiln.pipeline.upscalers import Upscalers
+    from test_scripts import xyz_args
+
+    env = scripts.Env("txt2img", 64, 8, upscalers=Upscalers(files / "ups", device="cpu"), upscaler_files=False)
+    base = GenerationParams.make(prompt=PROMPT, steps=2, width=64, height=64, hires_scale=2.0)
+    plan = scripts.prepare("x/y/z plot", xyz_args(x=("Hires upscaler", "latent (bicubic), 4x-tiny, R-ESRGAN 4x+")),
+                           base, env)
+    assert [r.params.hires_upscaler for r in plan.runs] == ["latent", "4x-Tiny", "R-ESRGAN 4x+"]
+    with pytest.raises(Exception, match=r"X values \(Hires upscaler\): upscaler .nope. is not available"):
+        scripts.prepare("x/y/z plot", xyz_args(x=("Hires upscaler", "Latent, nope")), base, env)
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 def huge_png(path, w=9000, h=8000):
     """A PNG whose header claims w x h (its pixels are never decoded: the size is refused first)."""
