@@ -92,6 +92,28 @@ def test_tiled_matches_untiled_and_stays_within_the_tile(esrgan):
     assert max(math.prod(o) for _, o in seen) <= 3 * (40 * 4) ** 2  # the largest tensor a tile makes
 
 
+class Nearest(torch.nn.Module):
+    """A 3x 'network' with no context (nearest upsampling): tiled, it must give exactly the untiled result."""
+    scale, name = 3, "nearest"
+
+    def __init__(self):
+        super().__init__()
+        self.one = torch.nn.Parameter(torch.ones(()))
+
+    @property
+    def dtype(self):
+        return self.one.dtype
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, scale_factor=3, mode="nearest") * self.one
+
+
+def test_many_tile_rows_are_blended_exactly():
+    x = np.random.default_rng(2).integers(0, 256, (150, 200, 3), dtype=np.uint8)
+    out = upscale_pixels(Nearest(), x, tile=40, overlap=12)  # 5 x 6 tiles
+    assert np.array_equal(out, x.repeat(3, 0).repeat(3, 1))
+
+
 def test_a_plain_crossfade_shows_the_seams(esrgan, monkeypatch):
     """Why the weights skip the margin next to a tile's edge: a linear crossfade over the whole overlap lets the
     padding's effect through (docs/upscalers.md, Seams)."""

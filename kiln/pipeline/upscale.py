@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_TILE = 512  # input pixels; 0: the whole picture in one piece
+DEFAULT_TILE = 256  # input pixels; 0: the whole picture in one piece (A1111: 192)
 DEFAULT_OVERLAP = 32
 MARGIN = 0.25  # of the overlap, next to an inner edge: no weight (see above)
 
@@ -51,24 +51,23 @@ def ramps(sides: list[tuple[int, int]], length: int, scale: int, overlap: int) -
     return [w / total[a * scale:b * scale] for w, (a, b) in zip(weights, sides)]
 
 
-def _to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[1, 3, h, w] float in [0, 1] -> [h, w, 3] uint8, rounded as spandrel and A1111 do."""
-    return (x[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+def _flush(rows: torch.Tensor, out: np.ndarray, top: int):
+    """Finished output rows ([1, 3, n, W] float, rounded in place: they are not needed again) into `out` from row
+    `top`, as uint8 rounded as spandrel and A1111 do."""
+    rows = rows[0].clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+    out[top:top + rows.shape[1]] = rows.permute(1, 2, 0).cpu().numpy()
 
 
-def _tile_row(model, x, y0, y1, xs, wy, wx, scale, bar):
-    """One row of tiles, weighted and summed: [1, 3, (y1 - y0) * scale, W * scale] float32."""
-    width = x.shape[-1] * scale
-    row = torch.zeros(1, 3, (y1 - y0) * scale, width, device=x.device)
+def _tile_row(model, x, acc, y0, y1, xs, wy, wx, scale, bar):
+    """Adds one row of tiles, weighted, into the strip `acc` (whose first row is output row y0 · scale)."""
     for (x0, x1), w in zip(xs, wx):
         tile = x[..., y0:y1, x0:x1].to(model.dtype) / 255
         out = model(tile).float()
         if out.shape[-2:] != ((y1 - y0) * scale, (x1 - x0) * scale):
             raise RuntimeError(f"{model.name}: a {x1 - x0}x{y1 - y0} tile came out {out.shape[-1]}x{out.shape[-2]}, "
                                f"not {scale}x")
-        row[..., x0 * scale:x1 * scale] += out * (wy[:, None] * w[None, :])
+        acc[..., :out.shape[-2], x0 * scale:x1 * scale] += out.mul_(wy[:, None]).mul_(w)
         bar.update(1)
-    return row
 
 
 @torch.no_grad()
@@ -85,15 +84,18 @@ def upscale_pixels(model, pixels: np.ndarray, tile: int = DEFAULT_TILE, overlap:
     wx = [r.to(device) for r in ramps(xs, w, scale, overlap)]
     x = torch.from_numpy(np.array(pixels)).to(device).permute(2, 0, 1)[None]
     out = np.empty((h * scale, w * scale, 3), np.uint8)
-    strip, top = None, 0  # output rows [top, top + strip height) that later tile rows may still add to
+    # one tile row's output rows, reused: rows no later tile touches are flushed, the overlap moves up
+    acc = torch.zeros(1, 3, max(b - a for a, b in ys) * scale, w * scale, device=device)
+    top, height = 0, 0  # the output row of acc's first row; how many rows of acc are in use
     with tqdm(total=len(ys) * len(xs), desc=f"upscaling ({model.name})", unit="tile", disable=not progress,
               leave=False) as bar:
         for (y0, y1), r in zip(ys, wy):
-            row = _tile_row(model, x, y0, y1, xs, r, wx, scale, bar)
-            if strip is not None:  # rows above this tile row are final; the rest overlaps it
-                done = y0 * scale - top
-                out[top:y0 * scale] = _to_uint8(strip[..., :done, :])
-                row[..., :strip.shape[-2] - done, :] += strip[..., done:, :]
-            strip, top = row, y0 * scale
-    out[top:] = _to_uint8(strip)
+            done = y0 * scale - top  # rows above this tile row: final
+            _flush(acc[..., :done, :], out, top)
+            keep = height - done
+            acc[..., :keep, :] = acc[..., done:height, :].clone()
+            acc[..., keep:, :] = 0
+            top, height = y0 * scale, (y1 - y0) * scale
+            _tile_row(model, x, acc, y0, y1, xs, r, wx, scale, bar)
+    _flush(acc[..., :height, :], out, top)
     return out
