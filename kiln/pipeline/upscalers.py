@@ -64,7 +64,8 @@ class Upscalers:
         return out + [(self.models_root / k, k) for k in FOLDERS if (self.models_root / k).is_dir()]
 
     def models(self) -> list[ModelUpscaler]:
-        """The model upscaler files, each under its name (the first of a name wins), sorted as A1111 lists them."""
+        """The model upscaler files, folder by folder (--upscaler-dir first) and by path within one, each under its name
+        (where two files share a name, the first)."""
         found: dict[str, ModelUpscaler] = {}
         for folder, kind in self.folders():
             files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
