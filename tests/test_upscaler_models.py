@@ -251,6 +251,24 @@ def test_dtype_device_and_flags(tmp_path):
         assert swin(image(9, 11).bfloat16()).shape == (1, 3, 18, 22)
 
 
+def test_batches_and_channels_last(tmp_path):
+    """A batch gives each image's own result (the shifted-window masks broadcast over it), and channels-last models
+    and inputs (what GPU convs prefer) give the same values."""
+    net = ref.network("DAT", img_size=64, embed_dim=64, depth=[3, 2], num_heads=[2, 4], split_size=[8, 16], upscale=2)
+    files = [ref.save(randomize(net.state_dict(), gain=1.0), tmp_path / "dat.pth"),
+             swinir_file(tmp_path / "swinir.pth", upscale=2, upsampler="nearest+conv"),
+             ref.save(basicsr_state(2, shuffle=2), tmp_path / "x2plus.pth")]
+    x = torch.cat([image(21, 27), image(21, 27, seed=2)])
+    for path in files:
+        model = load_upscaler(path)
+        with torch.no_grad():
+            one = torch.cat([model(x[:1]), model(x[1:])])
+            both = model(x)
+            model = model.to(memory_format=torch.channels_last)
+            last = model(x.to(memory_format=torch.channels_last))
+        assert (both - one).abs().max() < 1e-4 and (last - one).abs().max() < 1e-4, path.name
+
+
 def test_grayscale_model_is_refused(tmp_path):
     net = ref.network("Compact", num_in_ch=1, num_out_ch=1, num_feat=8, num_conv=2, upscale=2)
     path = ref.save(randomize(net.state_dict()), tmp_path / "gray.pth")
