@@ -168,6 +168,7 @@ def test_registry_loads_once_and_upscales_to_the_size(folders):
     ups = Upscalers(own, models_root=root, device="cpu")
     m = ups.find("2x_Mine")
     assert ups.load(m) is ups.load(m)
+    assert ups.load(m).conv_first.weight.is_contiguous(memory_format=torch.channels_last)  # convolutions: NHWC
     src = Image.fromarray(picture(24, 20))
     # a 2x model run twice to reach 3x (as A1111), then Lanczos down to the size asked
     assert ups.upscale(src, 72, 60, "2x_Mine").size == (72, 60)

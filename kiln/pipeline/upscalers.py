@@ -29,6 +29,9 @@ REAL_ESRGAN = {"realesr-general-x4v3": "R-ESRGAN General 4xV3", "realesr-general
                "realesr-animevideov3": "R-ESRGAN AnimeVideo", "RealESRGAN_x4plus": "R-ESRGAN 4x+",
                "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B", "RealESRGAN_x2plus": "R-ESRGAN 2x+"}
 PASSES = 3  # A1111 runs a model up to three times to reach a scale beyond its own
+# Convolution-only networks run channels-last (weights in NHWC; the convolutions follow): ESRGAN 1.13x, compact
+# 1.04x on a CPU (benchmarks/upscale_bench.py, docs/upscalers.md); the transformers keep their layout.
+CHANNELS_LAST = ("ESRGAN", "RealESRGAN compact")
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ class Upscalers:
             # SwinIR and DAT are not trusted in float16 (spandrel neither runs them so): bfloat16 where the GPU has it
             bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
             model = load_upscaler(path, dtype=torch.bfloat16 if bf16 else torch.float32, device=str(device))
-        return model
+        return model.to(memory_format=torch.channels_last) if model.arch in CHANNELS_LAST else model
 
     def upscale(self, image: Image.Image, width: int, height: int, name: str | None) -> Image.Image:
         """`image` resized to width x height by the named upscaler. A model runs (up to three times, as A1111) until
