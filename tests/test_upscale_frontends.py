@@ -77,7 +77,7 @@ def test_extras_with_a_model_and_a_blend(client):
     assert r.status_code == 200, r.text
     out = decoded(r.json()["image"])
     assert out.size == (128, 128) and out.info["parameters"].startswith("a cat")
-    assert out.info["postprocessing"] == ("Postprocess upscale by: 2, Postprocess upscaler: 4x-Tiny, "
+    assert out.info["postprocessing"] == ("Postprocess upscale by: 2.0, Postprocess upscaler: 4x-Tiny, "
                                           "Postprocess upscaler 2: Lanczos")
     lanczos = np.asarray(SOURCE.resize((128, 128), Image.LANCZOS)).astype(int)
     assert np.abs(np.asarray(out).astype(int) - lanczos).mean() > 2  # the model's picture is in it
@@ -176,7 +176,7 @@ def test_kiln_upscale_writes_stem_png_with_the_parameters(tmp_path, files, capsy
     cat, dog = Image.open(out / "cat.png"), Image.open(out / "dog.png")
     assert cat.size == (256, 256) and dog.size == (160, 128)  # the model's own scale
     assert cat.info["parameters"].startswith("a cat")
-    text = "Postprocess upscale by: 4, Postprocess upscaler: 4x-Tiny, Postprocess upscaler 2: Lanczos"
+    text = "Postprocess upscale by: 4.0, Postprocess upscaler: 4x-Tiny, Postprocess upscaler 2: Lanczos"
     assert cat.info["postprocessing"] == cat.info["extras"] == text
     rc = main(["upscale", str(tmp_path / "cat.png"), "--model", "Nearest", "--scale", "2", "--outdir", str(out)])
     assert rc == 0 and np.array_equal(np.asarray(Image.open(out / "cat.png")),

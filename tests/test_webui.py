@@ -534,7 +534,7 @@ def test_hires_upscaler_list_and_extras_tab(page, server, tmp_path):
     expect(page.locator("#ex-result")).to_be_visible()
     shown = decode_data_url(page.locator("#ex-result").get_attribute("src")).convert("RGB")
     assert np.array_equal(np.asarray(shown), np.asarray(source.resize((80, 96), Image.NEAREST)))
-    expect(page.locator("#ex-info")).to_contain_text("Postprocess upscale by: 2, Postprocess upscaler: Nearest")
+    expect(page.locator("#ex-info")).to_contain_text("Postprocess upscale by: 2.0, Postprocess upscaler: Nearest")
     page.fill("#ex-resize", "0.05")
     page.click("#ex-run")
     expect(page.locator("#ex-error")).to_contain_text("outside 8 pixels")

@@ -41,7 +41,7 @@ def _one(image, name, x: ExtrasUpscale, ups, max_pixels, info) -> Image.Image:
     if x.size is not None:
         info["Postprocess upscale to"] = "{}x{}".format(*x.size)
     else:
-        info["Postprocess upscale by"] = f"{x.scale:g}"
+        info["Postprocess upscale by"] = str(float(x.scale))  # A1111 writes the float as Python prints it: "2.0"
     image = scaled(image, name, _scale(image, x), ups, max_pixels)
     if x.size is not None and x.crop:
         canvas = Image.new("RGB", x.size)
