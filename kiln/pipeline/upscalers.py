@@ -29,8 +29,8 @@ REAL_ESRGAN = {"realesr-general-x4v3": "R-ESRGAN General 4xV3", "realesr-general
                "realesr-animevideov3": "R-ESRGAN AnimeVideo", "RealESRGAN_x4plus": "R-ESRGAN 4x+",
                "RealESRGAN_x4plus_anime_6B": "R-ESRGAN 4x+ Anime6B", "RealESRGAN_x2plus": "R-ESRGAN 2x+"}
 PASSES = 3  # A1111 runs a model up to three times to reach a scale beyond its own
-# Convolution-only networks run channels-last (weights in NHWC; the convolutions follow): ESRGAN 1.13x, compact
-# 1.04x on a CPU (benchmarks/upscale_bench.py, docs/upscalers.md); the transformers keep their layout.
+# Convolution-only networks run channels-last (weights in NHWC; the convolutions follow): ESRGAN 1.09x, compact
+# 1.03x their default layout on a CPU (benchmarks/upscale_bench.py, docs/upscalers.md); the transformers keep theirs.
 CHANNELS_LAST = ("ESRGAN", "RealESRGAN compact")
 
 
