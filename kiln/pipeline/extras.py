@@ -27,8 +27,8 @@ def dest_size(image: Image.Image, scale: float, max_pixels: int | None) -> tuple
     """A1111's target of a resize by `scale`: rounded down to a multiple of 8; refused outside 8 pixels to the limit."""
     dest = int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8)
     if min(dest) < 8 or (max_pixels is not None and dest[0] * dest[1] > max_pixels):
-        limit = f"{max_pixels:,} pixels" if max_pixels is not None else "no limit"
-        raise KilnError(f"the upscaled size {dest[0]}x{dest[1]} is outside 8 pixels to the limit of {limit}")
+        limit = f" to the limit of {max_pixels:,} pixels" if max_pixels is not None else ""
+        raise KilnError(f"the upscaled size {dest[0]}x{dest[1]} is outside 8 pixels{limit}")
     return dest
 
 
