@@ -522,6 +522,41 @@ def test_controlnet_panel(page, server, tmp_path):
     shot(page, "controlnet")
 
 
+def test_hires_upscaler_list_and_extras_tab(page, server, tmp_path):
+    source = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    source.save(tmp_path / "source.png")
+    open_ui(page, server.base)
+    page.click("#hires summary")
+    names = [o.get_attribute("value") for o in page.locator("#hr-upscaler option").all()]
+    assert names[:3] == ["Latent", "Lanczos", "Nearest"] and "None" not in names
+    page.check("#hr-enabled")
+    page.select_option("#hr-upscaler", "Lanczos")
+    page.fill("#hr-steps", "2")
+    fill_form(page, steps=2, seed=4)
+    with page.expect_request(lambda r: r.url.endswith("/api/v1/txt2img") and r.method == "POST") as request:
+        page.click("#generate")
+    body = request.value.post_data_json
+    assert (body["enable_hr"], body["hr_upscaler"], body["hr_scale"], body["hr_second_pass_steps"]) == (
+        True, "Lanczos", 2, 2)
+    wait_results(page, 1)
+    expect(page.locator("#infotext")).to_contain_text("Hires upscaler: Lanczos")
+
+    page.click("#tab-extras")
+    expect(page.locator("#params")).to_be_hidden()
+    page.set_input_files("#ex-image", str(tmp_path / "source.png"))
+    page.select_option("#ex-upscaler-1", "Nearest")
+    page.fill("#ex-resize", "2")
+    page.click("#ex-run")
+    expect(page.locator("#ex-result")).to_be_visible()
+    shown = decode_data_url(page.locator("#ex-result").get_attribute("src")).convert("RGB")
+    assert np.array_equal(np.asarray(shown), np.asarray(source.resize((80, 96), Image.NEAREST)))
+    expect(page.locator("#ex-info")).to_contain_text("Postprocess upscale by: 2.0, Postprocess upscaler: Nearest")
+    page.fill("#ex-resize", "0.05")
+    page.click("#ex-run")
+    expect(page.locator("#ex-error")).to_contain_text("outside 8 pixels")
+    shot(page, "extras")
+
+
 def test_errors_show_the_servers_detail(page, server):
     open_ui(page, server.base)
     fill_form(page, size=100)  # not a multiple of 8

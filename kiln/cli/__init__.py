@@ -1,13 +1,13 @@
 """`kiln` command line: CompVis' script flags, same spellings and defaults, plus the modern options.
 
 One module per kind of command: `generate` (txt2img, img2img, inpaint), `service` (serve, batch) and `tools`
-(train, eval, info, bench); `main` dispatches."""
+(train, eval, info, bench), `upscale`; `main` dispatches."""
 from __future__ import annotations
 
 import argparse
 
 from ..errors import KilnError
-from . import generate, service, tools
+from . import generate, service, tools, upscale
 from .common import say
 
 
@@ -22,12 +22,14 @@ def build_parser():
     service.serve_parser(sub)
     service.batch_parser(sub)
     tools.bench_parser(sub)
+    upscale.upscale_parser(sub)
     return parser
 
 
 COMMANDS = {"txt2img": generate.run_txt2img, "img2img": generate.run_txt2img, "inpaint": generate.run_txt2img,
             "train": tools.run_train, "eval": tools.run_eval, "info": tools.run_info, "serve": service.run_serve,
-            "batch": service.run_batch_command, "bench": tools.run_bench}
+            "batch": service.run_batch_command, "bench": tools.run_bench,
+            "upscale": upscale.run_upscale}
 
 
 def main(argv=None):

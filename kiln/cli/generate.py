@@ -120,6 +120,9 @@ def _sampling_flags(p):
                    help="folder where <lora:name:weight> tags in the prompt are looked up")
     p.add_argument("--embeddings-dir", dest="embeddings_dir", default=None,
                    help="textual-inversion embeddings (.pt, .bin, .safetensors), used in prompts by file name")
+    p.add_argument("--upscaler-dir", dest="upscaler_dir", default=None, metavar="DIR",
+                   help="model upscalers (ESRGAN, Real-ESRGAN, SwinIR, DAT files) for --hires-upscaler and "
+                   "--upscaler by file name, besides models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT")
     p.add_argument("--seamless", action="store_true", help="tileable output (circular padding in every convolution)")
     p.add_argument("--tile", choices=["auto", "on", "off"], default="auto",
                    help="UNet and VAE decoder in overlapping tiles (auto: above twice the model's native size)")
@@ -136,7 +139,9 @@ def _variation_flags(p):
 def _hires_flags(p):
     p.add_argument("--hires-scale", dest="hires_scale", type=float, default=None,
                    help="hires fix: generate, upscale by this factor, then re-render at the larger size")
-    p.add_argument("--hires-upscaler", dest="hires_upscaler", choices=["latent", "lanczos"], default="latent")
+    p.add_argument("--hires-upscaler", dest="hires_upscaler", default="latent", metavar="NAME",
+                   help="latent (default), lanczos, nearest, or a model upscaler: its name in --upscaler-dir or "
+                   "models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT (A1111's names), or its file")
     p.add_argument("--hires-steps", dest="hires_steps", type=int, default=None,
                    help="steps of the second pass (default: --ddim_steps)")
     p.add_argument("--hires-strength", dest="hires_strength", type=float, default=0.7,
@@ -367,7 +372,8 @@ def check_flags(opt):
     for path, _ in (loras := [parse_lora(spec) for spec in opt.lora]):
         if not Path(path).is_file():
             raise KilnError(f"--lora {path}: no such file")
-    for flag, folder in (("--lora-dir", opt.lora_dir), ("--embeddings-dir", opt.embeddings_dir)):
+    for flag, folder in (("--lora-dir", opt.lora_dir), ("--embeddings-dir", opt.embeddings_dir),
+                         ("--upscaler-dir", opt.upscaler_dir)):
         if folder and not Path(folder).is_dir():
             raise KilnError(f"{flag} {folder}: not a folder")
     if getattr(opt, "refiner", None) and not Path(opt.refiner).exists():
@@ -393,6 +399,9 @@ def load_for(opt):
         pipe.set_refiner(load(opt.refiner, device=opt.device, precision=opt.precision,
                               prepack=PREPACK[opt.prepack], offload=opt.offload), opt.refiner_switch)
     pipe.lora_dir, pipe.embeddings_dir = opt.lora_dir, opt.embeddings_dir
+    from ..pipeline.upscalers import Upscalers
+
+    pipe.upscalers = Upscalers(opt.upscaler_dir, device=opt.device, precision=opt.precision, progress=True)
     for note in pipe.info.notes:
         say(f"kiln: {note}")
     if opt.safety is not False and opt.safety_checker:

@@ -30,7 +30,8 @@ def add_script_flags(p, command: str):
     if command != "txt2img":
         g.add_argument("--sd-upscale", dest="sd_upscale", type=float, default=None, metavar="SCALE",
                        help="upscale the init image by SCALE, then re-render it in --W x --H tiles")
-        g.add_argument("--upscaler", default="Lanczos", help="the upscaler for --sd-upscale: None, Lanczos, Nearest")
+        g.add_argument("--upscaler", default="Lanczos", help="the upscaler for --sd-upscale: None, Lanczos, Nearest, "
+                       "a model upscaler's name (--upscaler-dir, models/ESRGAN, …) or file")
         g.add_argument("--overlap", type=int, default=64, help="tile overlap in pixels for --sd-upscale")
     g.add_argument("--script", default=None, metavar="NAME",
                    help='any A1111 script by its title, e.g. "x/y/z plot", with --script-arg values in its order')
@@ -125,7 +126,8 @@ def run_script(opt, pipe, params, out, request):
         say(f"kiln: loading {ckpt}")
         return load_for(type(opt)(**{**vars(opt), "ckpt": ckpt}))
 
-    env = scripts.Env(mode, pipe.native_size, max(8, pipe.cfg.downscale), pipe.max_clip_skip, find_model=find_model)
+    env = scripts.Env(mode, pipe.native_size, max(8, pipe.cfg.downscale), pipe.max_clip_skip, find_model=find_model,
+                      upscalers=pipe.upscalers)
     plan = scripts.prepare(name, args, base, env)
     say(f"kiln: {scripts.find(name).title}: {len(plan.runs)} generation{'s' * (len(plan.runs) != 1)}")
     output = scripts.run(plan, scripts.Runner(pipe, Hooks(progress=True), load_model))

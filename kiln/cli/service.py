@@ -36,6 +36,9 @@ def serve_parser(sub):
                    help="folder where <lora:name:weight> tags in prompts are looked up (listed at /sdapi/v1/loras)")
     p.add_argument("--embeddings-dir", dest="embeddings_dir", default=None,
                    help="textual-inversion embeddings, used in prompts by file name (listed at /sdapi/v1/embeddings)")
+    p.add_argument("--upscaler-dir", dest="upscaler_dir", default=None, metavar="DIR",
+                   help="model upscalers (ESRGAN, Real-ESRGAN, SwinIR, DAT) for the extras API, hires fix and SD "
+                   "upscale, by file name, besides models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT")
     p.add_argument("--controlnet-dir", dest="controlnet_dir", default=None, metavar="DIR",
                    help="ControlNet files requests' units may name (listed at /controlnet/model_list; "
                         "default: models/ControlNet when it exists)")
@@ -105,6 +108,8 @@ def run_serve(opt):
         raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
     if opt.embeddings_dir and not Path(opt.embeddings_dir).is_dir():
         raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
+    if opt.upscaler_dir and not Path(opt.upscaler_dir).is_dir():
+        raise KilnError(f"--upscaler-dir {opt.upscaler_dir}: not a folder")
     if opt.controlnet_dir and not Path(opt.controlnet_dir).is_dir():
         raise KilnError(f"--controlnet-dir {opt.controlnet_dir}: not a folder")
     if opt.styles_file:
@@ -124,7 +129,7 @@ def run_serve(opt):
                           embeddings_dir=opt.embeddings_dir, styles_file=opt.styles_file, host=opt.host,
                           port=opt.port, controlnet_dir=opt.controlnet_dir, data_dir=opt.data_dir,
                           keep_days=opt.keep_days or None, keep_jobs=opt.keep_jobs or None,
-                          shutdown_timeout=opt.shutdown_timeout)
+                          shutdown_timeout=opt.shutdown_timeout, upscaler_dir=opt.upscaler_dir)
     if opt.ray is not None:
         from ..distributed.serve import run
 

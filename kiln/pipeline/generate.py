@@ -16,7 +16,7 @@ from . import denoiser
 from .canvas import Canvas, img2img_canvas, txt2img_canvas
 from .lora import apply_networks
 from .noise import randn, start_noise
-from .params import Checked, GenerationParams, check, infotext_fields, record
+from .params import Checked, GenerationParams, check, hires_upscaler_key, infotext_fields, record
 from .conds import Clock, prompt_conds
 from .control import activate, control_fields
 from .vae import decode_latents, encode_images, latent_preview, to_model_input, to_uint8
@@ -155,11 +155,13 @@ def _hires(pipe, p, c, z, clean, size, gens, noise, callback):
     the two passes)."""
     w, h = c.hires
     lat = (h // pipe.cfg.downscale, w // pipe.cfg.downscale)
-    if p.hires_upscaler == "latent":
+    if hires_upscaler_key(p.hires_upscaler) == "latent":
         init = torch.nn.functional.interpolate(z, size=lat, mode="bilinear", align_corners=False)
     else:
+        # a non-latent upscaler (Lanczos, Nearest, a model such as ESRGAN) works on the decoded picture, which is
+        # then encoded again (A1111)
         px = to_uint8(decode_latents(pipe, z, p.tile))
-        big = np.stack([np.asarray(Image.fromarray(x).resize((w, h), Image.LANCZOS)) for x in px])
+        big = np.stack([np.asarray(pipe.upscalers.upscale(Image.fromarray(x), w, h, p.hires_upscaler)) for x in px])
         init = encode_images(pipe, to_model_input(big), tile=p.tile).float()
     start = randn((z.shape[1], *lat), gens, pipe.device)
     steps = p.hires_steps or p.steps

@@ -15,6 +15,7 @@ import re
 from .. import __version__
 from ..samplers import SAMPLERS, resolve
 from ..samplers.schedules import SCHEDULE_LABELS
+from .params import hires_upscaler_key
 
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -132,7 +133,7 @@ def params_from_infotext(info: dict) -> dict:
         if "Hires upscale" in info:
             out["hires_scale"] = float(info["Hires upscale"])
             out["hires_steps"] = int(info["Hires steps"]) if info.get("Hires steps", "None") != "None" else None
-            out["hires_upscaler"] = "lanczos" if info.get("Hires upscaler", "Latent").lower() == "lanczos" else "latent"
+            out["hires_upscaler"] = hires_upscaler_key(info.get("Hires upscaler", "Latent"))
             out["hires_strength"] = float(info.get("Denoising strength", 0.7))
         if "Denoising strength" in info and "Hires upscale" not in info:  # img2img's
             out["strength"] = float(info["Denoising strength"])
@@ -141,3 +142,4 @@ def params_from_infotext(info: dict) -> dict:
     except ValueError as e:
         raise ValueError(f"the image's parameters cannot be used: {e}") from None
     return out
+

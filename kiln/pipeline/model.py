@@ -21,6 +21,7 @@ from ..tokenizer import EOS, default_tokenizer
 from . import denoiser, lora, runtime, text, vae
 from .generate import Hooks, Result, generate, join
 from .params import GenerationParams, check_size
+from .upscalers import Upscalers
 
 HOOKS = ("progress", "callback", "preview_every", "on_preview", "preview_full")
 
@@ -46,6 +47,7 @@ class Pipeline:
         self.tokenizer = self.tokenizers[0]
         self.lora_dir = None  # where <lora:name:w> tags are looked up
         self.embeddings_dir = None  # textual-inversion files, used in prompts by file name
+        self.upscalers = Upscalers(device=str(self.device), precision=self.precision)  # hires fix's model upscalers
         self._lora_cache, self._lora_applied, self._lora_backup, self._emb_cache = {}, (), {}, {}
         self._controlnets = {}  # ControlNet file → its model, loaded once (`control.load_unit_model`)
         self.refiner = None  # a second Pipeline that finishes the last steps (SDXL refiner)

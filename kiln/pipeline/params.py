@@ -15,7 +15,7 @@ from .vae import TILES
 
 FILLS = ("original", "fill", "latent-noise", "latent-nothing")
 AREAS = ("whole", "masked")
-HIRES_UPSCALERS = ("latent", "lanczos")
+HIRES_UPSCALERS = ("latent", "lanczos", "nearest")  # and any upscaler of `pipe.upscalers` by name
 MODE_CFG_SCALE = {"txt2img": 7.5, "img2img": 5.0}  # CompVis' scripts' defaults
 
 
@@ -188,8 +188,8 @@ def _variation(p, cfg):
 def _hires_size(p, pipe):
     if p.hires_scale is None:
         return None
-    if p.hires_upscaler not in HIRES_UPSCALERS:
-        raise KilnError(f"hires upscaler must be latent or lanczos, not {p.hires_upscaler!r}")
+    if hires_upscaler_key(p.hires_upscaler) not in HIRES_UPSCALERS:
+        pipe.upscalers.find(p.hires_upscaler)  # a model upscaler's name or file, else its one-line error
     if not 0.0 <= p.hires_strength <= 1.0 or p.hires_scale <= 0:
         raise KilnError("hires strength must be in [0, 1] and the hires scale positive")
     unit = size_unit(pipe.cfg)
@@ -223,11 +223,26 @@ def record(p: GenerationParams, c: Checked, pipe, width: int, height: int, maske
     out.update(subseed=p.subseed, subseed_strength=p.subseed_strength, seed_resize_from=p.seed_resize_from,
                seamless=p.seamless)
     if p.mode == "txt2img":
-        out.update(hires_scale=p.hires_scale, hires_upscaler=p.hires_upscaler, hires_steps=p.hires_steps,
+        upscaler = hires_upscaler_key(p.hires_upscaler)
+        if upscaler not in HIRES_UPSCALERS:  # a model upscaler, as listed ("4x-UltraSharp" for "4x-ultrasharp")
+            upscaler = pipe.upscalers.canonical(upscaler)
+        out.update(hires_scale=p.hires_scale, hires_upscaler=upscaler, hires_steps=p.hires_steps,
                    hires_strength=p.hires_strength)
     if pipe.refiner is not None:
         out.update(refiner=pipe.refiner.info.path, refiner_switch=pipe.refiner_switch)
     return out
+
+
+def hires_upscaler_key(name: str) -> str:
+    """`hires_upscaler` as the loop reads it: every latent mode (A1111's "Latent (bicubic)", …) is "latent";
+    Lanczos and Nearest by their lowercase names; anything else, a model upscaler, as named."""
+    key = name.strip().lower()
+    return "latent" if key.startswith("latent") else key if key in ("lanczos", "nearest") else name.strip()
+
+
+def hires_upscaler_name(name: str) -> str:
+    """A1111's name for a `hires_upscaler` value: Latent, Lanczos, Nearest, or a model upscaler's own name."""
+    return {"latent": "Latent", "lanczos": "Lanczos", "nearest": "Nearest"}.get(name, name)
 
 
 def _fmt(v: float) -> str:
@@ -255,7 +270,7 @@ def infotext_fields(p: GenerationParams, recorded: dict, pipe, region: bool, mas
         f["Denoising strength"] = _fmt(recorded["hires_strength"])
         f["Hires upscale"] = _fmt(recorded["hires_scale"])
         f["Hires steps"] = recorded["hires_steps"]
-        f["Hires upscaler"] = {"latent": "Latent", "lanczos": "Lanczos"}[recorded["hires_upscaler"]]
+        f["Hires upscaler"] = hires_upscaler_name(recorded["hires_upscaler"])
     if recorded.get("refiner"):
         r = pipe.refiner
         f["Refiner"] = f"{r.model_name} [{r.model_hash[:10]}]" if r.model_hash else r.model_name

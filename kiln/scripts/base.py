@@ -60,6 +60,8 @@ class Env:
     bounds: Bounds = field(default_factory=Bounds)
     find_model: Callable[[str], str | None] | None = None  # a checkpoint's name as the front end knows it
     seed_random: bool = False
+    upscalers: Any = None  # kiln.pipeline.upscalers.Upscalers (SD upscale's); None: a registry of models/ESRGAN, …
+    upscaler_files: bool = True  # whether an upscaler may be a file's path (a server takes names only)
 
 
 @dataclass

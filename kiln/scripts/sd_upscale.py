@@ -1,10 +1,10 @@
 """A1111's "SD upscale" (img2img): upscale the init image with a named upscaler, re-render it with img2img in
 overlapping tiles of the request's width x height, and blend the tiles back together.
 
-script_args as A1111's scripts/sd_upscale.py: [info (ignored), overlap, upscaler (name or index in
-/sdapi/v1/upscalers' order), scale_factor]. As A1111: the upscaler "None" leaves the picture at its size (the tiles
-re-render it as it is); each of n_iter passes starts from seed + n; the tile batches of batch_size b take seeds
-start + k (+ j for the j-th tile of batch k)."""
+script_args as A1111's scripts/sd_upscale.py: [info (ignored), overlap, upscaler (name, or index in
+/sdapi/v1/upscalers' order: the resamplers, then the model upscalers found), scale_factor]. As A1111: the upscaler
+"None" leaves the picture at its size (the tiles re-render it as it is); each of n_iter passes starts from
+seed + n; the tile batches of batch_size b take seeds start + k (+ j for the j-th tile of batch k)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,8 @@ import math
 from ..errors import KilnError
 from ..images import load_image
 from ..pipeline import GenerationParams
-from ..upscalers import NAMES, find, upscale
+from ..pipeline.upscalers import Upscalers
+from ..upscalers import NAMES
 from .base import Arg, Env, Output, Plan, Run, Runner, Script, add_fields, as_number, image_result, watermarked, \
     with_params
 from .grid import combine_tiles, split_tiles
@@ -25,21 +26,23 @@ def args(mode: str) -> list[Arg]:
             Arg("Scale Factor", 2.0, 0, 4, 1)]
 
 
-def upscaler_name(v) -> str:
+def upscaler_name(v, env: Env) -> str:
+    ups = env.upscalers or Upscalers()
     if isinstance(v, (int, float)) and not isinstance(v, bool) or isinstance(v, str) and v.strip().isdigit():
         i = as_number(v, "upscaler", int)
-        if not 0 <= i < len(NAMES):
-            raise KilnError(f"upscaler: index {i} is not one of kiln's upscalers (0 to {len(NAMES) - 1}: "
-                            f"{', '.join(NAMES)})")
-        return NAMES[i]
+        names = ups.names()
+        if not 0 <= i < len(names):
+            raise KilnError(f"upscaler: index {i} is not one of kiln's upscalers (0 to {len(names) - 1}: "
+                            f"{', '.join(names)})")
+        return names[i]
     if not isinstance(v, str):
         raise KilnError(f"upscaler: expected a name or an index, got {v!r}")
-    return find(v)
+    return ups.canonical(v, env.upscaler_files)
 
 
 def prepare(a: list, base: GenerationParams, env: Env) -> Plan:
     _, overlap, upscaler, scale = a
-    name = upscaler_name(upscaler)
+    name = upscaler_name(upscaler, env)
     scale = as_number(scale, "scale_factor", float, 0, 16)
     if base.mask is not None or base.outpaint is not None:
         raise KilnError("SD upscale re-renders the whole picture; it takes no mask")
@@ -57,7 +60,7 @@ def prepare(a: list, base: GenerationParams, env: Env) -> Plan:
     tile_w = min(base.width or env.native_size, math.ceil(w / unit) * unit)
     tile_h = min(base.height or env.native_size, math.ceil(h / unit) * unit)
     overlap = as_number(overlap, "overlap", int, 0, max(0, min(tile_w, tile_h) - 1))
-    big = upscale(image, w, h, name)
+    big = (env.upscalers or Upscalers()).upscale(image, w, h, name)
     tiles, crops = split_tiles(big, tile_w, tile_h, overlap)
     runs = []
     for n in range(base.n_iter):

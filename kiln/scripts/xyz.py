@@ -17,6 +17,8 @@ from pathlib import PurePath
 
 from ..errors import KilnError
 from ..pipeline import GenerationParams
+from ..pipeline.params import HIRES_UPSCALERS, hires_upscaler_key, hires_upscaler_name
+from ..pipeline.upscalers import Upscalers
 from ..samplers import SAMPLER_LIST, parse
 from ..samplers.schedules import SCHEDULE_LABELS, resolve_schedule
 from .base import Arg, Env, Output, Plan, Run, Runner, Script, add_fields, as_bool, as_number, image_result, \
@@ -81,7 +83,7 @@ def _parse_size(x):
 
 
 def _hires_upscaler(p, x, xs):
-    return with_params(p, hires_upscaler=x.lower())
+    return with_params(p, hires_upscaler=hires_upscaler_key(x))
 
 
 def _sampler_names():
@@ -125,7 +127,7 @@ AXES = [
     Axis("Denoising", "float", apply=_denoising),
     Axis("Initial noise multiplier", "float"),
     Axis("Extra noise", "float"),
-    Axis("Hires upscaler", "str", T2I, _hires_upscaler, choices=lambda: ["Latent", "Lanczos"]),
+    Axis("Hires upscaler", "str", T2I, _hires_upscaler, choices=lambda: ["Latent", "Lanczos", "Nearest"]),
     Axis("Cond. Image Mask Weight", "float", I2I),
     Axis("VAE", "str", cost=0.7),
     Axis("Styles", "str"),
@@ -279,8 +281,8 @@ def confirm(axis: Axis, xs: list, base: GenerationParams, env: Env, letter: str)
     elif axis.label == "Prompt order":
         if isinstance(base.prompt, list) or any(t not in base.prompt for t in xs[0]):
             raise KilnError(f"{what}: every token must be in the prompt")
-    elif axis.label == "Hires upscaler":
-        return [as_choice_ci(x, what, ("Latent", "Lanczos")) for x in xs]
+    elif axis.label == "Hires upscaler":  # Latent (any latent mode), or an upscaler's name (a model's too)
+        return [_hires_upscaler_value(x, env, what) for x in xs]
     elif axis.label == "Size":
         for x in xs:
             _parse_size(x)
@@ -290,11 +292,13 @@ def confirm(axis: Axis, xs: list, base: GenerationParams, env: Env, letter: str)
     return xs
 
 
-def as_choice_ci(x, what, choices):
-    for c in choices:
-        if str(x).strip().lower() == c.lower():
-            return c
-    raise KilnError(f"{what}: {x!r} is not one of {', '.join(choices)}")
+def _hires_upscaler_value(x, env: Env, what: str) -> str:
+    if hires_upscaler_key(x) in HIRES_UPSCALERS:
+        return hires_upscaler_name(hires_upscaler_key(x))
+    try:
+        return (env.upscalers or Upscalers()).canonical(x, env.upscaler_files)
+    except KilnError as e:
+        raise KilnError(f"{what}: {e}") from None
 
 
 def _fix_seeds(axis: Axis, xs: list, fixed: bool) -> list:

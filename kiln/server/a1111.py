@@ -134,9 +134,14 @@ def schedulers():
 
 
 @router.get("/upscalers")
-def upscalers():
-    return [{"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for n in ("Latent", "Lanczos")]
+def upscalers(s: Server = Depends(server)):
+    """A1111's list: the resamplers, then the model upscalers found (model_name: the kind of folder; scale: the one
+    the name says, as A1111). The latent upscale of hires fix is /latent-upscale-modes."""
+    from ..upscalers import NAMES
+
+    return [*({"name": n, "model_name": None, "model_path": None, "model_url": None, "scale": 4} for n in NAMES),
+            *({"name": m.name, "model_name": m.kind, "model_path": str(m.path), "model_url": None, "scale": m.scale}
+              for m in s.upscalers.models())]
 
 
 @router.get("/latent-upscale-modes")
@@ -219,7 +224,18 @@ def cmd_flags(s: Server = Depends(server)):
             "listen": host not in ("127.0.0.1", "localhost", "::1"), "server_name": host, "port": c.port,
             "api": True, "nowebui": False, "api_auth": "***" if c.api_auth else None,
             "medvram": c.offload == "medvram", "lowvram": c.offload == "lowvram", "no_half": c.precision == "fp32",
-            "use_cpu": ["all"] if c.device == "cpu" else [], "disable_safe_unpickle": False}
+            "use_cpu": ["all"] if c.device == "cpu" else [], "disable_safe_unpickle": False, **_upscaler_paths(s)}
+
+
+def _upscaler_paths(s: Server) -> dict:
+    """A1111's esrgan_models_path, realesrgan_models_path, …: the first folder of each kind that is scanned
+    (--upscaler-dir counts as ESRGAN's, unless its name is one of the kinds)."""
+    from ..pipeline.upscalers import FOLDERS
+
+    found = {}
+    for folder, kind in s.upscalers.folders():
+        found.setdefault(kind, str(folder))
+    return {f"{kind.lower()}_models_path": found.get(kind) for kind in FOLDERS}
 
 
 @router.get("/hypernetworks")
@@ -233,8 +249,13 @@ def face_restorers():
 
 
 @router.get("/realesrgan-models")
-def realesrgan_models():
-    return []  # kiln has no Real-ESRGAN models ({name, path, scale} each in A1111)
+def realesrgan_models(s: Server = Depends(server)):
+    """The Real-ESRGAN files found (models/RealESRGAN, or Real-ESRGAN's release files anywhere), as A1111 lists its
+    own: name, path, scale."""
+    from ..pipeline.upscalers import REAL_ESRGAN
+
+    return [{"name": m.name, "path": str(m.path), "scale": m.scale} for m in s.upscalers.models()
+            if m.kind == "RealESRGAN" or m.path.stem in REAL_ESRGAN]
 
 
 @router.get("/extensions")

@@ -27,9 +27,16 @@ def make_worker(config: ServerConfig) -> Worker:
     first = config.ckpt or (models.entries[0].path if models.entries else EMBEDDED)
     return Worker(models, str(first), config.limits, device=config.device, precision=config.precision,
                   outdir=config.outdir, preview_every=config.preview_every, safety_checker=config.safety_checker,
-                  lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir,
+                  lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir, upscalers=upscalers_for(config),
                   load_options={k: v for k, v in (("offload", config.offload), ("prepack", config.prepack))
                                 if v != ServerConfig.__dataclass_fields__[k].default})
+
+
+def upscalers_for(config: ServerConfig):
+    """The upscalers of --upscaler-dir (and models/ESRGAN, …), their models run on the server's device."""
+    from ..pipeline.upscalers import Upscalers
+
+    return Upscalers(config.upscaler_dir, device=config.device, precision=config.precision)
 
 
 def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
@@ -46,7 +53,8 @@ def create_app(config: ServerConfig, worker: Worker | None = None) -> FastAPI:
     app = FastAPI(title="kiln", version=__version__,
                   description="Stable Diffusion: AUTOMATIC1111-compatible API (/sdapi/v1), job API (/api/v1), web UI.")
     app.state.worker, app.state.config = worker, config
-    app.state.server = Server(config, worker, styles, controlnet.index_for(config))
+    app.state.server = Server(config, worker, styles, controlnet.index_for(config),
+                              getattr(worker, "upscalers", None) or upscalers_for(config))  # a Ray ingress: its own
     limits, protected = config.limits, bool(config.api_auth or config.token or config.api_keys)
     if config.api_keys:  # a worker shared by several apps (tests) keeps the limits of the one with keys
         worker.queue.limits = {k.name: k.max_queued for k in config.api_keys if k.max_queued}

@@ -38,6 +38,7 @@ class ServerConfig:
     keep_days: float | None = None  # finished jobs (and their files) deleted after this many days
     keep_jobs: int | None = None  # … or beyond this many (None: all kept; a store in memory keeps 100)
     shutdown_timeout: float = 30.0  # SIGTERM/SIGINT: how long the running job may take to finish
+    upscaler_dir: str | None = None  # model upscaler files (ESRGAN, …), besides models/ESRGAN and the like
 
 
 class RequestError(Exception):
@@ -55,6 +56,7 @@ class Server:
     worker: Worker
     styles: Any = None  # kiln.styles.StyleTable, read from config.styles_file when the app is made
     controlnets: Any = None  # controlnet.ControlNetIndex of config.controlnet_dir
+    upscalers: Any = None  # kiln.pipeline.upscalers.Upscalers: the extras API's and the hires fix's names
 
     @property
     def limits(self) -> Limits:
@@ -74,7 +76,8 @@ class Server:
         options = self.worker.options
         # the web UI and the job API save by the server's --no-save; A1111 requests by save_images
         job = to_job(req, mode, self.limits, self.facts, options, self.models, self.styles,
-                     save_default=native and self.config.save, controlnets=self.controlnets)
+                     save_default=native and self.config.save, controlnets=self.controlnets,
+                     upscalers=self.upscalers)
         if self.worker.get(job.id) is not None:
             raise RequestError(f"force_task_id {job.id!r} is already a job's id")
         self.worker.submit(job, persist=native)  # the job API's jobs go to the job store

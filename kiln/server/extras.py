@@ -1,7 +1,8 @@
-"""A1111's "Extras" tab over HTTP: `POST /sdapi/v1/extra-single-image` and `/extra-batch-images`, with the plain
-upscalers of `kiln.upscalers` (None, Lanczos, Nearest). Face restoration needs GFPGAN/CodeFormer weights, which
-kiln does not have: a non-zero visibility is refused. The images are resized in the request's thread (no model is
-involved, so nothing waits in the generation queue)."""
+"""A1111's "Extras" tab over HTTP: `POST /sdapi/v1/extra-single-image` and `/extra-batch-images`, with every
+upscaler of the server's registry (`kiln.pipeline.upscalers`: None, Lanczos, Nearest and the model upscalers of
+--upscaler-dir and models/ESRGAN, …, by name). Face restoration needs GFPGAN/CodeFormer weights, which kiln does not
+have: a non-zero visibility is refused. The images are upscaled in the request's thread (an upscaler model is small
+beside a checkpoint: nothing waits in the generation queue)."""
 from __future__ import annotations
 
 import base64
@@ -11,9 +12,8 @@ from fastapi import APIRouter, Depends
 from PIL import Image, PngImagePlugin
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import upscalers
 from ..errors import KilnError
-from ..pipeline.infotext import quote
+from ..pipeline.extras import ExtrasUpscale, extras_upscale
 from .context import RequestError, Server, server
 from .schemas import decode_image
 
@@ -34,7 +34,8 @@ class ExtrasRequest(BaseModel):
     upscaling_resize_w: int = Field(512, ge=1, description="target width (resize_mode 1)")
     upscaling_resize_h: int = Field(512, ge=1, description="target height (resize_mode 1)")
     upscaling_crop: bool = Field(True, description="resize_mode 1: crop (or pad) to exactly the target size")
-    upscaler_1: str = Field("None", description="None, Lanczos or Nearest (None: the image is returned as it is)")
+    upscaler_1: str = Field("None", description="an upscaler's name, as GET /sdapi/v1/upscalers lists them (None: "
+                            "the image is returned as it is)")
     upscaler_2: str = Field("None", description="a second upscaler, blended in by extras_upscaler_2_visibility")
     extras_upscaler_2_visibility: float = Field(0, ge=0, le=1)
     upscale_first: bool = Field(False, description="accepted, no effect: there is no face restoration to order")
@@ -57,7 +58,7 @@ class ExtrasBatchImagesRequest(ExtrasRequest):
 IGNORED = {"model"}
 
 
-def _check(req: ExtrasRequest):
+def _check(req: ExtrasRequest, s: Server) -> ExtrasUpscale:
     unknown = sorted(set(req.model_extra or {}) - IGNORED)
     if unknown:
         raise RequestError(f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: not part of "
@@ -65,56 +66,21 @@ def _check(req: ExtrasRequest):
     for name in ("gfpgan_visibility", "codeformer_visibility"):
         if getattr(req, name):
             raise RequestError(f"{name}: face restoration {NO_FACES} (accepted: 0)")
+    names = []
+    for field in ("upscaler_1", "upscaler_2"):
+        try:
+            names.append(s.upscalers.canonical(getattr(req, field), paths=False))
+        except KilnError as e:
+            raise RequestError(f"{field}: {e}") from None
+    size = (req.upscaling_resize_w, req.upscaling_resize_h) if req.resize_mode == 1 else None
+    return ExtrasUpscale(*names, req.extras_upscaler_2_visibility, req.upscaling_resize, size, req.upscaling_crop)
+
+
+def process(image: Image.Image, x: ExtrasUpscale, s: Server) -> tuple[Image.Image, str]:
     try:
-        names = upscalers.find(req.upscaler_1), upscalers.find(req.upscaler_2)
+        return extras_upscale(image, x, s.upscalers, s.limits.max_image_pixels)
     except KilnError as e:
         raise RequestError(str(e)) from None
-    return names
-
-
-def _scaled(image, name, scale, limits):
-    """A1111's Upscaler.upscale: the upscaler's own resize by `scale`, then Lanczos to the size rounded down to a
-    multiple of 8 where that differs."""
-    dest = int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8)
-    if min(dest) < 8 or dest[0] * dest[1] > limits.max_image_pixels:
-        raise RequestError(f"the upscaled size {dest[0]}x{dest[1]} is outside 8 pixels to the server's limit of "
-                           f"{limits.max_image_pixels:,} pixels")
-    image = upscalers.upscale(image, int(image.width * scale), int(image.height * scale), name)
-    return image if image.size == dest else upscalers.upscale(image, *dest, "Lanczos")
-
-
-def _upscale(image, name, req, info, limits):
-    if req.resize_mode == 1:
-        scale = max(req.upscaling_resize_w / image.width, req.upscaling_resize_h / image.height)
-        info["Postprocess upscale to"] = f"{req.upscaling_resize_w}x{req.upscaling_resize_h}"
-    else:
-        scale = req.upscaling_resize
-        info["Postprocess upscale by"] = f"{scale:g}"
-    image = _scaled(image, name, scale, limits)
-    if req.resize_mode == 1 and req.upscaling_crop:  # centred on a black canvas of the target size, as A1111
-        canvas = Image.new("RGB", (req.upscaling_resize_w, req.upscaling_resize_h))
-        canvas.paste(image, (canvas.width // 2 - image.width // 2, canvas.height // 2 - image.height // 2))
-        image = canvas
-        info["Postprocess crop to"] = f"{image.width}x{image.height}"
-    return image
-
-
-def process(image: Image.Image, req: ExtrasRequest, names, limits) -> tuple[Image.Image, str]:
-    """One image through A1111's upscale step: (the result, its "postprocessing" infotext). Upscaler 1 None:
-    the image unchanged, as A1111."""
-    first, second = names
-    chunks = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str)}
-    image, info = image.convert("RGB"), {}
-    if first != "None":
-        out = _upscale(image, first, req, info, limits)
-        info["Postprocess upscaler"] = first
-        if second != "None" and req.extras_upscaler_2_visibility > 0:
-            out = Image.blend(out, _upscale(image, second, req, {}, limits), req.extras_upscaler_2_visibility)
-            info["Postprocess upscaler 2"] = second
-        image = out
-    text = ", ".join(f"{k}: {quote(v)}" for k, v in info.items())
-    image.info = {**chunks, **({"postprocessing": text} if text else {})}
-    return image, text
 
 
 def _b64(image: Image.Image) -> str:
@@ -137,20 +103,20 @@ def _html(text: str) -> str:
 
 @router.post("/extra-single-image")
 def extra_single_image(req: ExtrasSingleImageRequest, s: Server = Depends(server)):
-    names = _check(req)
+    x = _check(req, s)
     if not req.image:
         raise RequestError("image: empty")
-    image, text = process(decode_image(req.image, s.limits, "image"), req, names, s.limits)
+    image, text = process(decode_image(req.image, s.limits, "image"), x, s)
     return {"html_info": _html(text), "image": _b64(image)}
 
 
 @router.post("/extra-batch-images")
 def extra_batch_images(req: ExtrasBatchImagesRequest, s: Server = Depends(server)):
-    names = _check(req)
+    x = _check(req, s)
     if not req.imageList:
         raise RequestError("imageList: no images")
     if len(req.imageList) > s.limits.max_batch_size * s.limits.max_n_iter:
         raise RequestError(f"imageList: at most {s.limits.max_batch_size * s.limits.max_n_iter} images at once")
-    results = [process(decode_image(f.data, s.limits, f"imageList[{i}]"), req, names, s.limits)
+    results = [process(decode_image(f.data, s.limits, f"imageList[{i}]"), x, s)
                for i, f in enumerate(req.imageList)]
     return {"html_info": _html(results[0][1]), "images": [_b64(im) for im, _ in results]}

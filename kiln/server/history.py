@@ -22,7 +22,7 @@ log = logging.getLogger("kiln.server")
 # the Job fields a record holds (besides its params), as they are
 FIELDS = ("id", "mode", "state", "created", "started", "finished", "error", "user_error", "model", "save",
           "styles", "step", "grids", "infotexts", "seeds", "prompts", "files", "flagged", "result_params",
-          "model_title")
+          "model_title", "client")  # client: its lane in the fair queue after a restart
 
 
 class JobLog:

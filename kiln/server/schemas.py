@@ -128,7 +128,6 @@ class PngInfoRequest(BaseModel):
 
 RESIZE = {0: "just-resize", 1: "crop-and-resize", 2: "resize-and-fill", 3: "just-resize"}
 FILL = {0: "fill", 1: "original", 2: "latent-noise", 3: "latent-nothing"}
-UPSCALERS = {"latent": "latent", "lanczos": "lanczos", "none": "latent"}
 MAX_SEED = 2 ** 63 - 1
 
 
@@ -178,7 +177,7 @@ def _random_seed() -> int:
 
 
 def to_job(req: GenerationRequest, mode: str, limits: Limits, facts, options: dict, models=None,
-           styles=None, save_default: bool = False, controlnets=None) -> Job:
+           styles=None, save_default: bool = False, controlnets=None, upscalers=None) -> Job:
     """Validate an A1111-style request against the limits, the server's settings (`options`, with the request's
     `override_settings`) and styles, and the loaded model (its `ModelFacts`); the worker's job for it:
     `GenerationParams` fields, with the init image and mask as images; `controlnets`: the ControlNet files'
@@ -232,11 +231,11 @@ def to_job(req: GenerationRequest, mode: str, limits: Limits, facts, options: di
         params["seed_resize_from"] = (req.seed_resize_from_w, req.seed_resize_from_h)
     if mode == "txt2img":
         if req.enable_hr:
-            _hires(req, params, limits, unit, facts)
+            _hires(req, params, limits, unit, facts, upscalers)
     else:
         _img2img(req, params, limits)
     params.update(alwayson(req, mode, params, limits, controlnets))  # before the script: its runs use the units
-    plan = _script(req, mode, params, limits, facts, models)
+    plan = _script(req, mode, params, limits, facts, models, upscalers)
     params.update(_refiner(req, models))
     job = Job(mode, params, model=settings.get("sd_model_checkpoint"),
               save=bool(req.save_images or save_default) and settings["samples_save"],
@@ -287,7 +286,7 @@ def _task_id(value: str) -> str:
     return value
 
 
-def _script(req: GenerationRequest, mode: str, params: dict, limits: Limits, facts, models):
+def _script(req: GenerationRequest, mode: str, params: dict, limits: Limits, facts, models, upscalers=None):
     """The request's A1111 script, checked and planned (`kiln.scripts`), or None."""
     from ..pipeline import GenerationParams
     from .. import scripts
@@ -306,7 +305,7 @@ def _script(req: GenerationRequest, mode: str, params: dict, limits: Limits, fac
                             max_images=limits.max_batch_size * limits.max_n_iter,
                             max_pixels=limits.max_image_pixels)
     env = scripts.Env(mode, facts.native_size, facts.size_unit, facts.clip_layers, bounds, find_model,
-                      seed_random=req.seed in (None, -1))
+                      seed_random=req.seed in (None, -1), upscalers=upscalers, upscaler_files=False)
     try:
         return scripts.prepare(req.script_name, req.script_args, GenerationParams.make(**params), env)
     except KilnError as e:
@@ -330,7 +329,24 @@ def _refiner(req, models) -> dict:
     return {"refiner": (entry.title, switch)}
 
 
-def _hires(req, params, limits, unit, facts):
+def hires_upscaler(value: str | None, upscalers) -> str:
+    """`hr_upscaler` as `GenerationParams.hires_upscaler`: A1111's latent modes are kiln's latent upscale (None:
+    Latent, A1111's default); the others by name from the server's upscalers (`kiln.pipeline.upscalers`)."""
+    raw = (value or "Latent").strip()
+    key = raw.lower()
+    if key.startswith("latent") or key == "none":
+        return "latent"
+    if key in ("lanczos", "nearest") or upscalers is None:
+        if key not in ("lanczos", "nearest"):
+            raise RequestError(f"hr_upscaler {value!r} is not available; use Latent, Lanczos or Nearest")
+        return key
+    try:
+        return upscalers.canonical(raw, paths=False)
+    except KilnError as e:
+        raise RequestError(f"hr_upscaler: {e}") from None
+
+
+def _hires(req, params, limits, unit, facts, upscalers):
     w, h = params["width"] or facts.native_size, params["height"] or facts.native_size
     if (req.hr_resize_x or 0) > 0 or (req.hr_resize_y or 0) > 0:
         rx, ry = req.hr_resize_x or 0, req.hr_resize_y or 0
@@ -340,13 +356,11 @@ def _hires(req, params, limits, unit, facts):
     big = (int(w * scale) // unit * unit, int(h * scale) // unit * unit)
     if max(big) > limits.max_size:
         raise RequestError(f"the hires size {big[0]}x{big[1]} exceeds the server's limit of {limits.max_size}")
-    name = (req.hr_upscaler or "Latent").split(" ")[0].lower()
-    if name not in UPSCALERS:
-        raise RequestError(f"hr_upscaler {req.hr_upscaler!r} is not available; use Latent or Lanczos")
+    upscaler = hires_upscaler(req.hr_upscaler, upscalers)
     strength = _finite("denoising_strength", req.denoising_strength if req.denoising_strength is not None else 0.7,
                        0.0, 1.0)
     steps = _int("hr_second_pass_steps", req.hr_second_pass_steps or 0, 0, limits.max_steps)
-    params.update(hires_scale=scale, hires_upscaler=UPSCALERS[name], hires_steps=steps or None,
+    params.update(hires_scale=scale, hires_upscaler=upscaler, hires_steps=steps or None,
                   hires_strength=strength)
 
 

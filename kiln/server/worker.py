@@ -138,7 +138,7 @@ class Worker:
     def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="auto",
                  outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
                  loader=None, lora_dir: str | None = None, embeddings_dir: str | None = None,
-                 load_options: dict | None = None):
+                 load_options: dict | None = None, upscalers=None):
         from ..pipeline import load
 
         self.models = models
@@ -149,6 +149,7 @@ class Worker:
         self.safety_checker = safety_checker
         self.lora_dir = lora_dir
         self.embeddings_dir = embeddings_dir
+        self.upscalers = upscalers  # kiln.pipeline.upscalers.Upscalers, shared with the extras API (None: the pipe's)
         self._load = loader or load
         self.load_options = load_options or {}  # more `kiln.load` arguments: offload, prepack
         self.pipe = None
@@ -200,6 +201,10 @@ class Worker:
         if self.safety_checker:
             pipe.load_safety_checker(self.safety_checker)
         pipe.lora_dir, pipe.embeddings_dir = self.lora_dir, self.embeddings_dir
+        if self.upscalers is not None:
+            pipe.upscalers = self.upscalers
+        else:
+            self.upscalers = pipe.upscalers
         self.pipe, self.entry = None, None
         import gc
 

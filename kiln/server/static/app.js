@@ -161,6 +161,7 @@
       applyStyles(await (await api("/sdapi/v1/prompt-styles")).json());
       applyControlNet(await (await api("/controlnet/model_list")).json(),
         await (await api("/controlnet/module_list")).json());
+      applyUpscalers(await (await api("/sdapi/v1/upscalers")).json());
       if (state.older === undefined) await loadHistory();
     } catch (e) {
       $("model").textContent = "not connected";
@@ -198,6 +199,20 @@
       "Without a mask the whole image is redrawn." +
       (info.inpainting ? "" : " This model is not an inpainting model: masked areas are repainted by blending.");
     setRunning(!!state.job);
+  }
+
+  /** The upscalers (/sdapi/v1/upscalers: resamplers and model files) in the hires fix and Extras lists. */
+  function applyUpscalers(list) {
+    const names = list.map((u) => u.name);
+    const fill = (id, choices, fallback) => {
+      const el = $(id);
+      const previous = el.value;
+      el.replaceChildren(...choices.map((n) => option(n, n)));
+      el.value = choices.includes(previous) ? previous : fallback;
+    };
+    fill("hr-upscaler", ["Latent", ...names.filter((n) => n !== "None")], "Latent");
+    fill("ex-upscaler-1", names, names.includes("Lanczos") ? "Lanczos" : names[0]);
+    fill("ex-upscaler-2", names, "None");
   }
 
   /** The server's prompt styles (--styles-file) in the picker; hidden when there are none. */
@@ -328,6 +343,13 @@
         body.inpainting_fill = Number($("inpainting-fill").value);
         body.inpaint_full_res = $("inpaint-full-res").checked;
       }
+    }
+    if (mode === "txt2img" && $("hr-enabled").checked) {
+      body.enable_hr = true;
+      body.hr_upscaler = $("hr-upscaler").value;
+      body.hr_scale = readFloat("hr-scale", "Hires upscale by");
+      body.hr_second_pass_steps = readInt("hr-steps", "Hires steps");
+      body.denoising_strength = readFloat("hr-strength", "Hires denoising");
     }
     const unit = controlNetUnit(mode);
     if (unit) body.alwayson_scripts = { controlnet: { args: [unit] } };
@@ -853,14 +875,65 @@
   }
 
   // ------------------------------------------------------------------ tabs, keyboard, wiring
+  const MODES = ["txt2img", "img2img", "extras"];
+
   function switchTab(mode) {
     state.mode = mode;
-    for (const [id, m] of [["tab-txt2img", "txt2img"], ["tab-img2img", "img2img"]]) {
-      const tab = $(id);
+    for (const m of MODES) {
+      const tab = $(`tab-${m}`);
       tab.setAttribute("aria-selected", m === mode ? "true" : "false");
       tab.tabIndex = m === mode ? 0 : -1;
     }
     $("img2img-panel").hidden = mode !== "img2img";
+    $("hires").hidden = mode !== "txt2img";
+    $("params").hidden = mode === "extras";
+    $("extras-panel").hidden = mode !== "extras";
+  }
+
+  // ------------------------------------------------------------------ Extras: /sdapi/v1/extra-single-image
+  function readDataUrl(file) {
+    return new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(new ApiError("Cannot read that file.", 0));
+      reader.readAsDataURL(file);
+    });
+  }
+
+  async function runExtras() {
+    const error = $("ex-error");
+    error.hidden = true;
+    const file = $("ex-image").files[0];
+    const run = $("ex-run");
+    try {
+      if (!file) throw new ApiError("Choose an image first.", 0);
+      run.disabled = true;
+      run.textContent = "Upscaling…";
+      const body = {
+        image: await readDataUrl(file),
+        upscaler_1: $("ex-upscaler-1").value,
+        upscaler_2: $("ex-upscaler-2").value,
+        extras_upscaler_2_visibility: Number($("ex-visibility").value),
+        upscaling_resize: readFloat("ex-resize", "Resize"),
+      };
+      const out = await (await api("/sdapi/v1/extra-single-image", { json: body })).json();
+      const url = "data:image/png;base64," + out.image;
+      $("ex-result").src = url;
+      $("ex-result").hidden = false;
+      $("ex-download").href = url;
+      $("ex-download").download = file.name.replace(/\.[^.]*$/, "") + ".png";
+      $("ex-download").hidden = false;
+      // the server's escaped text in <p> … <br>: parsed inertly, shown as text
+      $("ex-info").textContent = new DOMParser().parseFromString(out.html_info, "text/html").body.textContent;
+    } catch (e) {
+      if (e instanceof ApiError) {
+        error.textContent = e.message;
+        error.hidden = false;
+      } else fail(e);
+    } finally {
+      run.disabled = false;
+      run.textContent = "Upscale";
+    }
   }
 
   function bindOutput(inputId, outputId, format) {
@@ -888,20 +961,25 @@
     $("cn-detect").addEventListener("click", detectControlMap);
     $("tab-txt2img").addEventListener("click", () => switchTab("txt2img"));
     $("tab-img2img").addEventListener("click", () => switchTab("img2img"));
+    $("tab-extras").addEventListener("click", () => switchTab("extras"));
+    $("extras-panel").addEventListener("submit", (e) => { e.preventDefault(); runExtras(); });
     document.querySelector(".tabs").addEventListener("keydown", (e) => {
       if (e.key !== "ArrowLeft" && e.key !== "ArrowRight") return;
-      const next = state.mode === "txt2img" ? "img2img" : "txt2img";
+      const step = e.key === "ArrowRight" ? 1 : MODES.length - 1;
+      const next = MODES[(MODES.indexOf(state.mode) + step) % MODES.length];
       switchTab(next);
       $(`tab-${next}`).focus();
     });
     document.addEventListener("keydown", (e) => {
       if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && !e.target.closest("#auth-box")) {
         e.preventDefault();
-        generate();
+        if (state.mode === "extras") runExtras();
+        else generate();
       }
     });
     bindOutput("brush-size", "brush-size-value", (v) => v);
     bindOutput("strength", "strength-value", (v) => Number(v).toFixed(2));
+    bindOutput("ex-visibility", "ex-visibility-value", (v) => Number(v).toFixed(2));
     setupBrush();
     switchTab("txt2img");
     setRunning(false);
