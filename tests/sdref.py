@@ -369,3 +369,46 @@ def random_kohya_lora(modules: dict, rank: int = 4, alpha: float = 2.0, seed: in
         sd[f"{name}.lora_up.weight"] = torch.randn(o, rank, generator=gen) * 0.15
         sd[f"{name}.alpha"] = torch.tensor(alpha)
     return sd
+
+
+# ------------------------------------------------------------------ ControlNets
+
+TRAINED_CONTROL = ("input_hint_block", "zero_convs", "middle_block_out")  # random in the test ControlNets
+
+
+def random_controlnet(unet_cfg, unet_tensor, seed: int, dtype=torch.float32) -> dict:
+    """A ControlNet in lllyasviel's names (no prefix) as training starts one, its encoder a copy of the UNet's
+    (`unet_tensor(name)`: the UNet's tensor named `model.diffusion_model.`+name, None if it has none), then made
+    random where training moves it: the hint encoder and the zero convolutions (far from zero: the control moves
+    the picture). Built one tensor at a time, each in `dtype`."""
+    from kiln.models.controlnet import ControlNetConfig, ControlNetModel
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in ControlNetModel(ControlNetConfig(unet_cfg)).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, shape in shapes.items():
+        copied = None if k.startswith(TRAINED_CONTROL) else unet_tensor("model.diffusion_model." + k)
+        state[k] = (copied if copied is not None else random_tensor(k, shape, gen)).to(dtype)
+    return state
+
+
+def save_diffusers_controlnet(folder: Path, state: dict, config: dict) -> Path:
+    """The lllyasviel-named `state` as diffusers' ControlNetModel folder (config.json and
+    diffusion_pytorch_model.safetensors), renamed by diffusers' own `convert_controlnet_checkpoint`; that converter
+    leaves SDXL's vector embedding out, and diffusers' own table names it."""
+    from diffusers import ControlNetModel as RefControlNet
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_controlnet_checkpoint
+    from safetensors.torch import save_file
+
+    converted = convert_controlnet_checkpoint(state, config)
+    if config.get("addition_embed_type") == "text_time":
+        for theirs, ldm in DIFFUSERS_TO_LDM_MAPPING["controlnet"]["addition_embed_type"].items():
+            converted[theirs] = state[ldm]
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in RefControlNet(**config).state_dict().items()}
+    assert {k: v.shape for k, v in converted.items()} == expected
+    folder.mkdir(parents=True)
+    save_file(converted, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel", **config}, indent=2))
+    return folder

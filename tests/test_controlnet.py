@@ -1,6 +1,8 @@
 """ControlNet on the embedded demo model with a random ControlNet in lllyasviel's layout: loading (layouts, errors),
 the denoiser wrapper (weight, start/end, control modes, several units, batches, AND, hires fix, img2img), the CLI
 flags and the infotext. Parity with diffusers on full-size weights: tests/test_parity_controlnet.py."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -253,6 +255,48 @@ def test_diffusers_layout_folder_and_file_load_the_same_tensors(pipe, cn, tmp_pa
         assert got.keys() == want.keys()
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=0, rtol=0)
+
+
+def test_an_sdxl_controlnet_in_diffusers_layout_gives_diffusers_residuals(tmp_path):
+    """SDXL's layout at a tiny size (a level without attention, 2 transformer layers on the next, linear projections,
+    the vector embedding `add_embedding` → `label_emb`): kiln's loader on diffusers' own `save_pretrained` folder,
+    and the residuals for the same latents, hint, context and vector (pooled text + time-id embedding) as diffusers'
+    `added_cond_kwargs` gives them. Full size, in the pipelines: tests/test_parity_sdxl.py."""
+    diffusers = pytest.importorskip("diffusers")
+    from kiln.models.unet import UNetConfig, timestep_embedding
+
+    torch.manual_seed(0)
+    ref = diffusers.ControlNetModel(
+        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], block_out_channels=[32, 64], layers_per_block=2,
+        cross_attention_dim=64, attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2],
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8).eval()
+    trained = ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+    with torch.no_grad():  # the zero convolutions and the hint's last conv far from zero: the residuals carry all
+        for name, param in ref.named_parameters():
+            if name.startswith(trained):
+                param.normal_(0, 0.1)
+    ref.save_pretrained(tmp_path / "xl")
+    base = UNetConfig(model_channels=32, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=2,
+                      num_heads=-1, num_head_channels=16, transformer_depth=(1, 2), context_dim=64,
+                      use_linear_in_transformer=True, adm_in_channels=80)
+    ours = load_controlnet(tmp_path / "xl", base=base)
+    assert ours.cfg.unet == replace(base, out_channels=4)
+    gen = torch.Generator().manual_seed(1)
+    x, hint = torch.randn(2, 4, 8, 8, generator=gen), torch.rand(2, 3, 64, 64, generator=gen)
+    context, pooled = torch.randn(2, 7, 64, generator=gen), torch.randn(2, 32, generator=gen)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0], [128.0, 96.0, 8.0, 4.0, 64.0, 64.0]])
+    t = torch.tensor([999, 261])
+    y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), 8).reshape(2, -1)], dim=1)
+    with torch.no_grad():
+        got = ours(x, hint, t, context, y)
+        down, mid = ref(x, t, context, hint, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                        return_dict=False)
+    want = [*down, mid]
+    assert len(got) == len(want) == 7
+    for a, b in zip(got, want):
+        assert a.std() > 0.1
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_under_medvram_the_controlnet_is_one_more_offloaded_part(cn, square):

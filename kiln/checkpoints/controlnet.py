@@ -63,14 +63,24 @@ def lllyasviel_key(key: str, layers: int) -> str | None:
     return None
 
 
+def weights_file(path: Path) -> Path:
+    """The file holding a ControlNet's tensors: `path` itself, or a diffusers folder's diffusion_pytorch_model.*."""
+    if not path.is_dir():
+        return path
+    found = [f for f in (path / f"diffusion_pytorch_model{s}" for s in (".safetensors", ".bin")) if f.is_file()]
+    if not found:
+        raise CheckpointError(f"ControlNet {path}: a folder without diffusion_pytorch_model.safetensors (or .bin)")
+    return found[0]
+
+
+def model_name(path: Path) -> str:
+    """A ControlNet's name: the file's stem, or a diffusers folder's own name (`controlnet-canny-sdxl-1.0`)."""
+    return path.name if path.is_dir() else path.stem
+
+
 def open_controlnet(path: Path):
     """(the file or folder as a source under lllyasviel's names, their prefix)."""
-    if path.is_dir():
-        files = [path / f"diffusion_pytorch_model{s}" for s in (".safetensors", ".bin")]
-        found = [f for f in files if f.is_file()]
-        if not found:
-            raise CheckpointError(f"ControlNet {path}: a folder without diffusion_pytorch_model.safetensors (or .bin)")
-        path = found[0]
+    path = weights_file(path)
     src = open_file(path)
     if "controlnet_cond_embedding.conv_in.weight" not in src:
         return src, controlnet_prefix(src)
@@ -122,7 +132,7 @@ def load_controlnet(path, *, dtype: torch.dtype = torch.float32, device="cpu", b
                               f"missing (e.g. {missing[:2]}), {len(wrong)} of the wrong shape (e.g. {wrong[:2]})")
     state = {k: src.get(prefix + k).to(device=device, dtype=dtype) for k in expected}
     model.load_state_dict(state, strict=True, assign=True)
-    model.name = path.stem
+    model.name = model_name(path)
     return model.requires_grad_(False).eval()
 
 

@@ -89,7 +89,7 @@ class Active:
 def load_unit_model(pipe, model):
     """A unit's ControlNet, loaded once per file and pipeline, on its device and in its dtype, checked against the
     model it is to steer."""
-    from ..checkpoints.controlnet import check_fits, load_controlnet
+    from ..checkpoints.controlnet import check_fits, load_controlnet, model_name, weights_file
 
     if not isinstance(model, (str, Path)):
         net = model
@@ -106,7 +106,7 @@ def load_unit_model(pipe, model):
             if offloaded:
                 pipe.offloader.add(cache[key])
             # sd-webui-controlnet names models "name [hash]" with A1111's old 8-digit hash
-            cache[key].title = f"{Path(model).stem} [{legacy_hash(model)}]"
+            cache[key].title = f"{model_name(Path(model))} [{legacy_hash(weights_file(Path(model)))}]"
         net = cache[key]
     try:
         check_fits(net, pipe.cfg.unet, getattr(net, "name", "?"))
