@@ -93,15 +93,24 @@ def test_store_records_pages_expires_and_recovers(tmp_path):
 class Serve:
     """`kiln serve` in a subprocess on the demo model."""
 
-    def __init__(self, out: Path, *extra: str):
+    def __init__(self, out: Path, *extra: str, wait: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         self.log = out.parent / "serve.log"  # a file, not a pipe: a full pipe would block the server
+        self.log_from = len(self.log.read_text()) if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli", "serve", "--port", str(self.port),
                                           "--outdir", str(out), "--preview-every", "0", "--log-level", "warning",
                                           *extra], env=env, stdout=subprocess.DEVNULL, stderr=log)
+        if wait:
+            self.wait_ready()
+
+    def said(self, text: str) -> bool:
+        """Whether this server's stderr holds `text` (the log file is shared by the servers of a test)."""
+        return text in self.log.read_text()[self.log_from:]
+
+    def wait_ready(self):
         deadline = time.time() + 120
         while True:
             assert self.proc.poll() is None, self.log.read_text()
@@ -191,6 +200,97 @@ def sigterm(server, out, before: int):
         assert len(on_disk(out)) == before + 1
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------- 20 x kill -9
+LOADING, SERVING = "kiln: loading the model", "kiln: serving "  # kiln serve's lines around create_app (recovery)
+
+
+@pytest.mark.slow
+def test_twenty_kill_9_at_random_moments_of_a_twenty_job_run(tmp_path):
+    """20 jobs through /api/v1/txt2img, then `kill -9` of the real `kiln serve` 20 times at moments drawn from a
+    seeded RNG — during a restart (model load and the store's recovery) or while it serves (sampling, writing the
+    files, idle once all are done) — each time started again on the same outdir; then it finishes. Every job is done
+    exactly once with its id and the pixels of an uninterrupted in-process run; the store passes SQLite's integrity
+    check; no orphan, partial or second file. Each start costs ~8 s (torch + the demo model), hence `slow`."""
+    import sqlite3
+
+    rng, out = random.Random(3220), tmp_path / "out"
+    seeds = [300 + k for k in range(20)]
+    args = ("--queue-size", "100", "--no-prepack")  # 20 jobs at once; the demo model loads a bit faster unpacked
+    t0 = time.time()
+    server = Serve(out, *args, wait=False)
+    started = time.time()
+    while not server.said(LOADING):
+        time.sleep(0.02)
+    loading = time.time()
+    server.wait_ready()
+    load_s = time.time() - loading  # the model load and the store's recovery: where a start-phase kill lands
+    ids = [server.submit(seed=s)["id"] for s in seeds]
+    assert time.time() - started < 120
+    job_s = 0.15  # one 2-step 64 px job on the demo model (2-core CPU); kills spread over what is left to run
+    phases = {"start": 0, "run": 0, "idle": 0}
+    for kills_left in range(20, 0, -1):
+        if kills_left < 20 and rng.random() < 0.3:  # during the restart that has just begun
+            while not server.said(LOADING):
+                assert server.proc.poll() is None, server.log.read_text()
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.6, 1.2) * load_s)
+            phases["start" if not server.said(SERVING) else "run"] += 1
+        else:
+            server.wait_ready()
+            left = sum(server.status(i)["state"] != "done" for i in ids)
+            time.sleep(rng.uniform(0, 2 * job_s * left / kills_left + 0.05))
+            phases["run" if left else "idle"] += 1
+        assert server.stop() == -signal.SIGKILL
+        server = Serve(out, *args, wait=False)
+    server.wait_ready()
+    try:
+        done = server.wait(ids)
+        assert [s["id"] for s in done] == ids and [s["seeds"] for s in done] == [[s] for s in seeds]
+    finally:
+        server.stop(signal.SIGTERM)
+    wall = time.time() - t0
+    db = sqlite3.connect(out / "jobs.sqlite3")
+    assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    db.close()
+    store = JobStore(out / "jobs.sqlite3", out)
+    check_consistent(store, out, ids, 1)  # one file per job on disk (none twice), no temp file, nothing unclaimed
+    assert len(list((out / "samples").glob("*.png"))) == 20
+    restarted = sum(bool(store.get(i).get("restarts")) for i in ids)
+    assert phases["start"] >= 3 and phases["run"] >= 5 and restarted >= 3, (phases, restarted)
+    reference = uninterrupted(tmp_path / "reference", seeds)
+    for k, job_id in enumerate(ids):
+        rel = store.get(job_id)["files"][0]
+        assert np.array_equal(pixels((out / rel).read_bytes()), reference[k]), f"job {k} differs"
+        assert np.array_equal(pixels(store.images(job_id)[0]), reference[k])
+    store.close()
+    print(f"20 x kill -9: {phases}, {restarted} jobs restarted, {wall:.0f} s")
+
+
+def uninterrupted(out: Path, seeds: list[int]) -> list[np.ndarray]:
+    """The same requests through the same route of an in-process app, never stopped."""
+    from fastapi.testclient import TestClient
+
+    from kiln.server import Limits, ServerConfig
+    from kiln.server.app import create_app
+
+    app = create_app(ServerConfig(outdir=str(out), preview_every=0, limits=Limits(queue_size=100)))
+    try:
+        client = TestClient(app)
+        ids = []
+        for seed in seeds:
+            r = client.post("/api/v1/txt2img", json={**BODY, "seed": seed})
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        deadline = time.time() + 120
+        while any(client.get(f"/api/v1/jobs/{i}").json()["state"] != "done" for i in ids):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        return [pixels(client.get(f"/api/v1/jobs/{i}/images/0").content) for i in ids]
+    finally:
+        app.state.worker.stop()
+        app.state.worker.history.store.close()
 
 
 # ---------------------------------------------------------------------------------------------- 20 random crashes
@@ -329,6 +429,27 @@ def test_twenty_crashes_at_random_moments_lose_nothing_and_leave_no_orphan(tmp_p
         want = [pixels(png) for png in reference.history.store.images(j)]
         assert len(want) == 2 and all(np.array_equal(a, b) for a, b in zip(got[i], want)), f"seed {seed} differs"
     bury(reference)
+
+
+def test_a_recovered_queued_job_keeps_its_client(tmp_path):
+    """The fair queue's lane (`Job.client`, the API key's name) is in the record: after a restart the job waits
+    in its client's lane, not in the anonymous one."""
+    from kiln.server.history import JobLog
+    from kiln.server.worker import Job
+
+    log = JobLog.open(None, str(tmp_path))
+    log.submitted(Job("txt2img", {"prompt": "a", "seed": 1}, client="alice"))
+    log.submitted(Job("txt2img", {"prompt": "b", "seed": 2}))
+    log.store.close()
+    from kiln.server.clients import FairQueue
+
+    again, queue = JobLog.open(None, str(tmp_path)), FairQueue()
+    jobs = again.recover()
+    assert [(j.params["seed"], j.client) for j in jobs] == [(1, "alice"), (2, "")]
+    for job in jobs:
+        queue.append(job)
+    assert {name: [j.params["seed"] for j in lane] for name, lane in queue.lanes.items()} == {"alice": [1], "": [2]}
+    again.store.close()
 
 
 def test_serve_refuses_negative_store_flags(capsys):
