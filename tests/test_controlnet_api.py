@@ -69,7 +69,10 @@ def cn(*units):
 
 
 def title(app, name):
-    return f"{name} [{legacy_hash(next((app.state.root / 'cn').rglob(name + '.*')))}]"
+    from kiln.demo.control_report import EMBEDDED_CONTROLNET
+
+    path = EMBEDDED_CONTROLNET if name == "demo_controlnet" else next((app.state.root / 'cn').rglob(name + '.*'))
+    return f"{name} [{legacy_hash(path)}]"
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +85,9 @@ def test_webuiapi_controlnet_unit_steers_the_image(app, square, plain):
     api = webuiapi.WebUIApi(baseurl="http://testserver/sdapi/v1", sampler="Euler", steps=4)
     api.session = TestClient(app)
     assert api.controlnet_version() == 2
-    assert api.controlnet_model_list() == ["None", title(app, "edges"), title(app, "other")]
+    # the folder's files, then the embedded demo ControlNet (listed when the embedded demo model is served)
+    assert api.controlnet_model_list() == ["None", title(app, "edges"), title(app, "other"),
+                                           title(app, "demo_controlnet")]
     u = webuiapi.ControlNetUnit(image=square, model=title(app, "edges"), weight=2.0)  # webuiapi's defaults else
     # alwayson_scripts given: webuiapi's default {} is one shared dict its txt2img writes the units into, so every
     # later call in this process (other test modules' too) would carry them
@@ -183,7 +188,7 @@ def test_endpoints(client, app, square):
     assert client.get("/controlnet/version").json() == {"version": 2}
     assert client.get("/controlnet/settings").json() == {"control_net_unit_count": 8}
     assert client.get("/controlnet/model_list").json() == {
-        "model_list": ["None", title(app, "edges"), title(app, "other")]}
+        "model_list": ["None", title(app, "edges"), title(app, "other"), title(app, "demo_controlnet")]}
     modules = client.get("/controlnet/module_list").json()
     assert modules["module_list"][0] == "none" and "canny" in modules["module_list"]
     assert modules["module_detail"]["canny"]["sliders"][1]["name"] == "Low Threshold"

@@ -188,7 +188,7 @@ def test_twenty_clients_on_three_keys_take_turns(live):
     assert all(int(r.headers["Retry-After"]) >= 1 and "limit" in r.json()["detail"] for r in refused)
     jobs = {r.json()["id"]: who for who, r in answers if r.status_code == 202}
     assert len(jobs) == 18
-    listed = [j["id"] for j in requests.get(url + "/api/v1/jobs", headers=AUTH["bob"], timeout=10).json()["jobs"]]
+    listed = [j["id"] for j in requests.get(url + "/api/v1/jobs", headers=AUTH["bob"], timeout=10).json()["queue"]]
     metrics = scrape(url)
     assert {s.labels["client"]: s.value for s in metrics["kiln_client_queued_jobs"].samples} == \
         {"alice": 10, "bob": 4, "carol": 4}
