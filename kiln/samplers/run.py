@@ -69,7 +69,7 @@ def sample(spec, eps_fn, x, *, disc, schedule, steps, eta, s_noise, noise, callb
     else:
         x = x * float(sigmas[0])
     keep = (lambda d: keeping(d, known_mask, init)) if known_mask is not None else (lambda d: d)
-    kw = dict(noise=noise, eta=eta, s_noise=s_noise)
+    kw = dict(noise=noise, eta=eta, s_noise=s_noise, disc=disc)  # disc: for samplers that step on trained timesteps
     if refiner is None:
         return spec.fn(keep(denoise), x, sigmas, callback=callback, **kw)
     split, total = max(0, split - skipped), len(sigmas) - 1
