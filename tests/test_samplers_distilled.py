@@ -157,12 +157,19 @@ def test_generation_checks_tcd_gamma_and_lcm_steps(pipe):
         check(GenerationParams(prompt="x", sampler="tcd", steps=60), pipe)
 
 
-@pytest.mark.parametrize("sampler,schedule", [("tcd", None), ("euler", "trailing"), ("ddim", "trailing"),
-                                              ("euler", "align_your_steps")])
-def test_few_step_samplers_run_on_the_demo_model(pipe, sampler, schedule):
-    """Four steps on the embedded model give a real picture, recorded with its schedule."""
-    res = pipe.txt2img("a red circle", steps=4, sampler=sampler, schedule=schedule, cfg_scale=2.0, seed=3,
+@pytest.mark.parametrize("sampler,schedule,eta", [("tcd", None, 0.5), ("euler", "trailing", None),
+                                                  ("ddim", "trailing", None), ("euler", "align_your_steps", None)])
+def test_few_step_samplers_run_on_the_demo_model(pipe, sampler, schedule, eta):
+    """Four steps on the embedded model give a real picture, recorded with its schedule (and TCD's γ) in the
+    infotext, from which the same picture is made again."""
+    from kiln.pipeline.infotext import params_from_infotext, parse_infotext
+
+    res = pipe.txt2img("a red circle", steps=4, sampler=sampler, schedule=schedule, eta=eta, cfg_scale=2.0, seed=3,
                        width=64, height=64)
     img = np.asarray(res.images[0], dtype=np.float64)
     assert img.std() > 20
     assert res.params["schedule"] == (schedule or "lcm")
+    again = params_from_infotext(parse_infotext(res.infotexts[0]))
+    assert again["sampler"] == sampler and again["schedule"] == (schedule or "lcm") and again.get("eta") == eta
+    again.pop("batch_pos", None)
+    assert np.array_equal(pipe.txt2img(**again).pixels, res.pixels)
