@@ -217,3 +217,38 @@ def test_cli_lora_flags(files, tmp_path, capsys):
         assert "Lora hashes: \"kohya: " in im.info["parameters"]
     assert main(["txt2img", "--prompt", "a", "--lora", f"{d / 'peft.safetensors'}:abc", "--outdir", str(out)]) == 1
     assert "--lora" in capsys.readouterr().err
+
+
+def test_sdxl_peft_names_reach_unet_and_both_text_encoders(tmp_path):
+    """An SDXL LoRA in diffusers/PEFT names (as Hyper-SDXL, LCM-LoRA SDXL and TCD-SDXL ship): UNet modules in
+    diffusers' names, `text_encoder.` (CLIP ViT-L) and `text_encoder_2.` (bigG, whose q/k/v are thirds of one fused
+    weight), alphas in diffusers' metadata header per part. Read against the SDXL layout's keys (no weights)."""
+    import json
+
+    import sdref
+    from kiln.checkpoints.lora import read_lora
+    from kiln.models import LatentDiffusion
+
+    cfg = sdref.sdxl_config()
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in LatentDiffusion(cfg).state_dict().items()}
+    nrb = cfg.unet.num_res_blocks
+    ours = "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"
+    unet_name = unet_key(ours[len(UNET):], nrb)[:-len(".weight")]
+    assert unet_name == "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k"
+    g = torch.Generator().manual_seed(0)
+    modules = {f"unet.{unet_name}": shapes[ours],
+               "text_encoder.text_model.encoder.layers.3.self_attn.v_proj": (768, 768),
+               "text_encoder_2.text_model.encoder.layers.5.self_attn.k_proj": (1280, 1280)}
+    sd = {}
+    for name, (o, i) in modules.items():
+        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = torch.randn(4, i, generator=g), torch.randn(o, 4)
+    meta = {"unet.lora_alpha": 8, "unet.r": 4, "text_encoder.lora_alpha": 2, "text_encoder.r": 4,
+            "text_encoder_2.lora_alpha": 1, "text_encoder_2.r": 4}
+    save_file(sd, str(tmp_path / "xl.safetensors"), metadata={"lora_adapter_metadata": json.dumps(meta)})
+    lora = read_lora(tmp_path / "xl.safetensors", shapes.keys(), nrb)
+    assert not lora.unmatched
+    got = {p.key: (p.scale, p.rows) for p in lora.patches}
+    clip_l, big_g = "conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.transformer."
+    assert got == {ours: (2.0, None), clip_l + "encoder.layers.3.self_attn.v_proj.weight": (0.5, None),
+                   big_g + "resblocks.5.attn.in_proj_weight": (0.25, (1280, 2560))}
