@@ -195,6 +195,10 @@ def test_bad_lora_files_and_tags_are_clear_errors(pipe, tmp_path):
                "lora_unet_nowhere_to_q.lora_up.weight": torch.zeros(4, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(KilnError, match="matches this model's layers"):
         pipe.load_lora("other")
+    save_file({"unet.x.lora_A.weight": torch.zeros(2, 4), "unet.x.lora_B.weight": torch.zeros(4, 2)},
+              str(tmp_path / "meta.safetensors"), metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(KilnError, match="lora_adapter_metadata is not JSON"):
+        pipe.load_lora("meta")
     with pytest.raises(KilnError, match="no LoRA named 'missing'"):
         pipe.txt2img("a <lora:missing:1>", steps=1)
     with pytest.raises(KilnError, match="weight must be a number"):
