@@ -31,6 +31,7 @@ class Sampler:
     evals_per_step: int = 1
     aliases: tuple = ()
     eta_max: float | None = None  # where eta is bounded (TCD's gamma is a fraction of the step)
+    vp_start: bool = False  # txt2img starts from unit noise in the VP frame, x_T = ε (as TCDScheduler), not σ_max·ε
 
 
 SAMPLER_LIST = [
@@ -53,7 +54,8 @@ SAMPLER_LIST = [
             schedule="exponential", aliases=("k_dpmpp_3m_sde",)),
     Sampler("unipc", "UniPC", sample_unipc, schedule="karras", aliases=("uni_pc",)),
     Sampler("lcm", "LCM", k.sample_lcm, stochastic=True, schedule="karras"),
-    Sampler("tcd", "TCD", k.sample_tcd, stochastic=True, eta=0.3, schedule="lcm", eta_max=1.0),
+    Sampler("tcd", "TCD", k.sample_tcd, stochastic=True, eta=0.3, schedule="lcm", eta_max=1.0,
+            vp_start=True),
     Sampler("ddpm", "DDPM", k.sample_ddpm, stochastic=True, eta=1.0),
     Sampler("ddim", "DDIM", sample_ddim, kind="eps", eta=0.0),
     Sampler("plms", "PLMS", sample_plms, kind="eps"),
