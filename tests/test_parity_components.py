@@ -131,6 +131,74 @@ def test_kohya_lora_matches_diffusers_load_lora_weights(fp32_pair, sd15, tmp_pat
     del ref, pipe
 
 
+# LCM-LoRA's target modules (latent-consistency/lcm-lora-sdv1-5's adapter config): attention, feed-forward,
+# resnet convolutions (3x3), shortcuts, time embeddings, transformer projections, down/up-samplers
+LCM_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+
+
+def lcm_lora_file(path, params, nrb):
+    """A random LCM-LoRA-style file as diffusers' `save_lora_weights` writes it: PEFT keys (`unet.….lora_A/B`), the
+    alphas in the `lora_adapter_metadata` header (lora_alpha 8 on rank 4, an alpha_pattern of 2 on ff.net.2).
+    → {our key: the diffusers name of its module}."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from kiln.checkpoints.diffusers_keys import unet_key
+
+    gen = torch.Generator().manual_seed(21)
+    sd, modules = {}, {}
+    for key, p in sorted(params.items()):
+        if not key.startswith("model.diffusion_model.") or not key.endswith(".weight") or p.ndim not in (2, 4):
+            continue
+        try:
+            name = unet_key(key[len("model.diffusion_model."):], nrb)[:-len(".weight")]
+        except KeyError:
+            continue
+        if not name.endswith(LCM_TARGETS):
+            continue
+        out, inp, *kernel = p.shape
+        fan = inp * (kernel[0] * kernel[1] if kernel else 1)
+        sd[f"unet.{name}.lora_A.weight"] = torch.randn(4, inp, *kernel, generator=gen) * fan ** -0.5
+        sd[f"unet.{name}.lora_B.weight"] = torch.randn(out, 4, *([1, 1] if kernel else []), generator=gen) * 0.05
+        modules[key] = name
+    meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.alpha_pattern": {"ff.net.2": 2},
+            "unet.target_modules": sorted(modules.values())}
+    save_file(sd, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    return modules
+
+
+def test_lcm_lora_peft_file_fuses_like_diffusers(fp32_pair, sd15, tmp_path):
+    """kiln's merge of a PEFT-named LoRA with its alphas in the metadata equals diffusers' `load_lora_weights` +
+    `fuse_lora` weight for weight (convolutions included); removal is exact."""
+    from kiln.pipeline import Pipeline
+
+    ours, state = fp32_pair
+    pipe = Pipeline(ours, None, torch.device("cpu"), torch.float32)
+    params = dict(ours.named_parameters())
+    path = tmp_path / "lcm-lora-sd15.safetensors"
+    modules = lcm_lora_file(path, params, ours.cfg.unet.num_res_blocks)
+    assert len(modules) > 200 and any(params[k].ndim == 4 for k in modules)
+    lora = pipe.load_lora(path)
+    assert lora.unmatched == [] and sorted(p.key for p in lora.patches) == sorted(modules)
+    before = {k: params[k].detach().clone() for k in modules}
+    pipe.set_loras([(lora, 1.0, 1.0)])
+    mine = {k: params[k].detach().clone() for k in modules}
+    pipe.set_loras([])
+    assert all(torch.equal(params[k], v) for k, v in before.items())
+
+    ref = sdref.ref_pipeline(state, sd15["tokenizer"])
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora()
+    theirs = dict(ref.unet.named_parameters())
+    for key, name in modules.items():
+        t = theirs[name + ".weight"] if name + ".weight" in theirs else theirs[name + ".base_layer.weight"]
+        assert (mine[key] - before[key]).abs().max() > 1e-3, key  # the LoRA changed it
+        assert (mine[key] - t.detach()).abs().max() <= 1e-5, key
+    del ref, pipe
+
+
 def test_textual_inversion_matches_diffusers_load_textual_inversion(fp32_pair, sd15, tmp_path):
     """A random two-vector embedding (A1111's .safetensors layout), used by its file name, conditions exactly as
     diffusers' `load_textual_inversion` makes it condition."""

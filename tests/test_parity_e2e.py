@@ -87,3 +87,62 @@ def test_e2e_ckpt_ema(sd15, tmp_path, ema, ckpt_refs):
     assert_pixels_match(ours, ckpt_refs[ema == "on"])
     assert np.abs(ours / 255.0 - ckpt_refs[ema != "on"]).mean() > 0.01  # EMA and raw weights give different pictures
 
+
+
+# ------------------------------------------------------------------ few-step samplers and schedules
+# kiln's Pipeline and one diffusers pipeline, each loaded once; the diffusers scheduler is swapped per test.
+FEW_STEPS = 4  # distilled models' usual count (divides 1000: diffusers' DDIM steps back 1000 // n)
+SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+@pytest.fixture(scope="module")
+def few_step_pipes(sd15):
+    import kiln
+
+    ours = kiln.load(sd15["fp16"], device="cpu", precision="full")
+    ref = sdref.ref_pipeline(sdref.load_float(sd15["fp16"]), sd15["tokenizer"])
+    gc.collect()
+    yield ours, ref
+    del ours, ref
+    gc.collect()
+
+
+def ays_sigmas(n):
+    """A1111's Align Your Steps at n steps, written out here from NVIDIA's SD 1.5 list."""
+    published = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029]
+    levels = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, 11), np.log(published[::-1])))[::-1]
+    return [*levels.tolist(), 0.0]
+
+
+def reference_scheduler(case):
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, TCDScheduler
+
+    if case == "tcd":
+        return TCDScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False), {"eta": 0.3}
+    if case == "ddim-trailing":
+        return DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                             timestep_spacing="trailing"), {"eta": 0.0}
+    # Euler: trailing spacing starts from σ_max·z (leading would start from √(σ_max² + 1)·z)
+    sched = EulerDiscreteScheduler(**SD_BETAS, steps_offset=1, timestep_spacing="trailing")
+    return sched, ({"sigmas": ays_sigmas(FEW_STEPS)} if case == "euler-ays" else {})
+
+
+@pytest.mark.parametrize("case,sampler,schedule,eta", [
+    ("tcd", "tcd", None, 0.3), ("euler-ays", "euler", "align_your_steps", None),
+    ("ddim-trailing", "ddim", "trailing", None), ("euler-trailing", "euler", "trailing", None)])
+def test_few_step_sampling_matches_diffusers(few_step_pipes, case, sampler, schedule, eta):
+    """TCD (γ 0.3: its fresh noise drawn from each image's generator after the start latents, in both), Euler on
+    Align Your Steps' σ, DDIM and Euler with trailing spacing: 4 steps, the same start latents."""
+    ours, ref = few_step_pipes
+    prompt, n = "a red cube on a blue table", 2
+    res = ours.txt2img(prompt, steps=FEW_STEPS, sampler=sampler, schedule=schedule, eta=eta, cfg_scale=7.5, seed=42,
+                       batch_size=n, width=64, height=64, watermark=False)
+    ref.scheduler, kw = reference_scheduler(case)
+    gens = generators([42 + i for i in range(n)])
+    latents = randn((4, 8, 8), gens, "cpu")
+    if "sigmas" not in kw:
+        kw["num_inference_steps"] = FEW_STEPS
+    with torch.no_grad():
+        images = ref(prompt=[prompt] * n, height=64, width=64, guidance_scale=7.5, latents=latents, generator=gens,
+                     output_type="np", **kw).images
+    assert_pixels_match(res.pixels, images)

@@ -111,7 +111,8 @@ def test_other_schedules_are_decreasing_and_in_range():
         for n in (1, 2, 10, 50):
             s = get_sigmas(DISC, name, n)
             assert len(s) == n + 1 and s[-1] == 0
-            assert torch.all(s[:-1] > 0) and torch.all(s[:-1] <= DISC.sigma_max + 1e-9)
+            # (Align Your Steps' published top level, 14.615, is σ_max rounded to 3 decimals)
+            assert torch.all(s[:-1] > 0) and torch.all(s[:-1] <= DISC.sigma_max + (1e-3 if "align" in name else 1e-9))
             assert torch.all(s[1:] < s[:-1]), (name, n, s)
     # sgm_uniform drops the t = 0 end point; simple counts down in whole trained steps
     assert get_sigmas(DISC, "simple", 10)[0] == DISC.sigma_max
@@ -244,7 +245,8 @@ def test_deterministic_samplers_solve_the_gaussian_ode(name):
     assert rel < bound, f"{name}: relative error {rel:.2e}"
 
 
-@pytest.mark.parametrize("name", [n for n, s in SAMPLERS.items() if s.kind == "denoise"])
+# TCD ends on trained step 0, x̂0 + σ_0·ε̂ (as diffusers' TCDScheduler; tests/test_samplers_distilled.py)
+@pytest.mark.parametrize("name", [n for n, s in SAMPLERS.items() if s.kind == "denoise" and n != "tcd"])
 def test_every_sampler_returns_the_only_data_point(name):
     """With a single data point x*, the exact denoiser is constant; every sampler must end exactly at x*."""
     target = start_noise(4)
@@ -261,8 +263,8 @@ def test_stochastic_samplers_use_the_noise():
     for name, spec in SAMPLERS.items():
         if spec.kind != "denoise" or not spec.stochastic:
             continue
-        a = spec.fn(den, x.clone(), sigmas, noise=NoiseSeq(x.shape, 1))
-        b = spec.fn(den, x.clone(), sigmas, noise=NoiseSeq(x.shape, 2))
+        a = spec.fn(den, x.clone(), sigmas, noise=NoiseSeq(x.shape, 1), disc=DISC)
+        b = spec.fn(den, x.clone(), sigmas, noise=NoiseSeq(x.shape, 2), disc=DISC)
         assert (a - b).abs().max() > 1e-3, name
 
 
@@ -291,7 +293,7 @@ def test_explicit_schedule_wins_and_bad_names_are_refused():
 def test_ddim_and_plms_take_compvis_discretizations_only():
     assert resolve("PLMS", "Quad") == (SAMPLERS["plms"], "quad")
     assert resolve("ddim", "uniform") == (SAMPLERS["ddim"], "normal")
-    with pytest.raises(ValueError, match="normal .* or quad, not karras"):
+    with pytest.raises(ValueError, match="normal .* trailing or linspace, not karras"):
         resolve("ddim", "Karras")
     # A1111's API and infotexts: A1111 ignores a schedule type for DDIM/PLMS, and so does kiln there
     assert resolve("DDIM", "Karras", lenient=True) == (SAMPLERS["ddim"], "normal")
@@ -313,4 +315,4 @@ def test_a_models_default_schedule_applies_only_when_none_is_asked_for():
 
 def test_registry_labels_and_names_are_unique():
     labels = [s.label for s in SAMPLERS.values()]
-    assert len(set(labels)) == len(labels) == len(SAMPLERS) == 16
+    assert len(set(labels)) == len(labels) == len(SAMPLERS) == 17

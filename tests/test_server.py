@@ -303,6 +303,8 @@ def b64png(im, **kw):
     ({"sampler_name": "Nonsense 3000"}, 404, "Sampler not found"),
     ({"cfg_scale": 1e9}, 422, "cfg_scale"),
     ({"seed": -5}, 422, "seed"),
+    ({"sampler_name": "TCD", "eta": 1.5}, 422, "eta must be between 0 and 1"),
+    ({"sampler_name": "TCD", "steps": 60}, 422, "lcm schedule has at most 50 steps"),
     ({"override_settings": {"sd_model_checkpoint": "/etc/passwd"}}, 422, "unknown model"),
 ])
 def test_limits_are_enforced_before_queueing(strict, body, status, words):

@@ -103,8 +103,13 @@ def module_names(state_keys, num_res_blocks: int) -> dict[str, tuple[str, tuple[
 
 
 _KOHYA = re.compile(r"^lora_(unet|te[12]?)_(.+?)\.(lora_down|lora_up|alpha|lora_mid|hada_\w+|lokr_\w+)(?:\.weight)?$")
-_PEFT = re.compile(r"^(unet|text_encoder(?:_2)?)\.(.+?)\.(lora_A|lora_B|lora\.down|lora\.up)\.weight$")
+# diffusers/PEFT: an optional part prefix (none: PEFT's own adapter of one model), PEFT's `base_model.model.`
+# wrapper, the module, the pair (PEFT's lora_A/lora_B or older diffusers' lora.down/lora.up, with or without
+# the adapter's name) or its alpha (files converted from kohya carry one per module).
+_PEFT = re.compile(r"^(?:(unet|text_encoder(?:_2)?)\.)?(?:base_model\.model\.)?(.+?)\."
+                   r"(?:(lora_A|lora_B|lora\.down|lora\.up)(?:\.[\w-]+)?\.weight|(alpha))$")
 _PROCESSOR = re.compile(r"^(.+?)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_PEFT_KIND = {"lora_A": "down", "lora.down": "down", "lora_B": "up", "lora.up": "up"}
 
 
 def _groups(tensors: dict) -> tuple[dict, list]:
@@ -120,12 +125,11 @@ def _groups(tensors: dict) -> tuple[dict, list]:
         elif m := _PROCESSOR.match(k):
             module = f"{m[1]}.{'to_out.0' if m[2] == 'to_out' else m[2]}"
             groups.setdefault(("unet", module.removeprefix("unet.")), {})[m[3]] = t
-        elif m := _PEFT.match(k):
-            part = {"text_encoder": "te", "text_encoder_2": "te2"}.get(m[1], m[1])
-            kind = {"lora_A": "down", "lora.down": "down", "lora_B": "up", "lora.up": "up"}[m[3]]
-            groups.setdefault((part, m[2]), {})[kind] = t
-        elif m := re.match(r"^(.+?)\.(lora\.down|lora\.up)\.weight$", k):  # older diffusers, no prefix: the UNet
-            groups.setdefault(("unet", m[1]), {})["down" if m[2].endswith("down") else "up"] = t
+        elif (m := _PEFT.match(k)) and not (m[4] and m[1] is None and m[2].startswith("lora_")):
+            # no prefix: the UNet, unless the module is a text model's (a PEFT adapter of the text encoder alone)
+            part = {"text_encoder": "te", "text_encoder_2": "te2", None: "te" if m[2].startswith("text_model.")
+                    else "unet"}.get(m[1], m[1])
+            groups.setdefault((part, m[2]), {})[_PEFT_KIND[m[3]] if m[3] else "alpha"] = t
         else:
             other.append(k)
     return groups, other
@@ -150,6 +154,7 @@ def read_lora(path, state_keys, num_res_blocks: int, name: str | None = None) ->
         raise CheckpointError(f"LoRA {path}: no LoRA weights found (keys such as lora_unet_…lora_down.weight or "
                               f"unet.….lora_A.weight); first keys: {', '.join(list(tensors)[:3])}")
     names = module_names(state_keys, num_res_blocks)
+    configs = adapter_configs(path)
     patches, unmatched = [], list(other)
     for (part, module), g in sorted(groups.items()):
         target = names.get(f"{part}:{module}") or names.get(f"{part}:{module.replace('.', '_')}")
@@ -157,16 +162,59 @@ def read_lora(path, state_keys, num_res_blocks: int, name: str | None = None) ->
             unmatched.append(f"{part}:{module}")
             continue
         key, rows = target
-        rank = g["down"].shape[0]
-        alpha = float(g["alpha"].item()) if "alpha" in g else float(rank)
+        scale = _scale(g, configs.get(part, configs.get(None)), module)
         if rows is not None:  # ("qkv", j): the j-th third of the fused in_proj
             n = g["up"].shape[0]
             rows = (rows[1] * n, (rows[1] + 1) * n)
-        patches.append(Patch(key, g["up"], g["down"], alpha / rank, rows))
+        patches.append(Patch(key, g["up"], g["down"], scale, rows))
     if not patches:
         raise CheckpointError(f"LoRA {path}: none of its {len(groups)} modules matches this model's layers "
                               f"(a LoRA for another model family?)")
     return Lora(name or path.stem, str(path.resolve()), addnet_sha256(path), patches, unmatched)
+
+
+def adapter_configs(path: Path) -> dict:
+    """PEFT LoRA settings (`lora_alpha`, `alpha_pattern`, `use_rslora`) that a file's alpha comes from when its
+    tensors carry none: {part: settings} from diffusers' safetensors metadata (`lora_adapter_metadata`, keys
+    prefixed `unet.`, `text_encoder.`, …), or {None: settings} from a PEFT `adapter_config.json` beside the file."""
+    import json
+
+    out = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            raw = (f.metadata() or {}).get("lora_adapter_metadata")
+        try:
+            meta = json.loads(raw) if raw else {}
+        except ValueError:
+            raise CheckpointError(f"LoRA {path}: its lora_adapter_metadata is not JSON") from None
+        for k, v in meta.items():
+            prefix, _, name = k.partition(".")
+            out.setdefault({"text_encoder": "te", "text_encoder_2": "te2"}.get(prefix, prefix), {})[name] = v
+    config = path.parent / "adapter_config.json"
+    if not out and config.is_file():
+        try:
+            out[None] = json.loads(config.read_text())
+        except ValueError:
+            raise CheckpointError(f"LoRA {path}: {config} is not JSON") from None
+    return out
+
+
+def _scale(g: dict, config: dict | None, module: str) -> float:
+    """alpha / rank (PEFT's rsLoRA: alpha / √rank): the alpha of the module's own tensor, else of the adapter's
+    settings (an `alpha_pattern` entry matches the module name's end, as PEFT matches it), else the rank (scale 1)."""
+    rank = g["down"].shape[0] if "down" in g else 1
+    if "alpha" in g:
+        return float(g["alpha"].item()) / rank
+    if not config or "lora_alpha" not in config:
+        return 1.0
+    alpha = float(config["lora_alpha"])
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    return alpha / (rank ** 0.5 if config.get("use_rslora") else rank)
 
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")

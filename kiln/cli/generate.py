@@ -101,9 +101,10 @@ def _sampling_flags(p):
                    help="sampler, our name or A1111's (e.g. dpmpp_2m or \"DPM++ 2M Karras\"); default ddim. "
                         "See `kiln info --samplers`")
     p.add_argument("--schedule", type=str, default=None,
-                   help="noise schedule: normal, karras, exponential, sgm_uniform, simple for the k-diffusion "
-                        "samplers; normal (CompVis' uniform) or quad (CompVis' quadratic) for ddim and plms "
-                        "(default: the sampler's own)")
+                   help="noise schedule: normal, karras, exponential, sgm_uniform, simple, align_your_steps, lcm "
+                        "for the k-diffusion samplers; normal (CompVis' uniform) or quad for ddim and plms; "
+                        "diffusers' timestep spacings leading, trailing (Turbo, Lightning, Hyper-SD), linspace for "
+                        "both (default: the sampler's own)")
     p.add_argument("--fixed_code", action="store_true",
                    help="reuse the first iteration's start codes for every iteration")
     p.add_argument("--ddim_eta", "--eta", dest="ddim_eta", type=float, default=None,

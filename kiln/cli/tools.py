@@ -170,7 +170,8 @@ def print_samplers():
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print("\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows))
     print("\nschedules: " + ", ".join(f"{k} ({SCHEDULE_LABELS[k]})" for k in SCHEDULES)
-          + "; automatic = the sampler's default.\nDDIM and PLMS step on CompVis' timesteps: normal (uniform) or quad")
+          + "; automatic = the sampler's default.\nDDIM and PLMS step on trained timesteps: normal (CompVis' "
+          "uniform), quad, leading, trailing or linspace")
     from ..checkpoints.detect import detect
     from ..checkpoints.sources import open_file
     from ..demo.report import EMBEDDED

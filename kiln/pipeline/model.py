@@ -40,7 +40,7 @@ class Pipeline:
         self.safety_checker = None
         self._model_hash = None
         self.alphas_cumprod = alphas_cumprod(self.cfg)
-        self.discrete = Discrete(self.alphas_cumprod)
+        self.discrete = Discrete(self.alphas_cumprod, sdxl=self.cfg.is_sdxl)
         # one tokenizer per text encoder: the same BPE, but open_clip pads with 0 where OpenAI's CLIP repeats the end
         self.tokenizers = [default_tokenizer(0 if t.kind == "openclip" else EOS)
                            for t in (self.cfg.text, self.cfg.text2) if t is not None]

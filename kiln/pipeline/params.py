@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import KilnError
-from ..samplers import model_default, resolve
+from ..samplers import MAX_STEPS, model_default, resolve
 from .vae import TILES
 
 FILLS = ("original", "fill", "latent-noise", "latent-nothing")
@@ -146,8 +146,12 @@ def check(p: GenerationParams, pipe) -> Checked:
     eta = (spec.eta or 0.0) if p.eta is None else p.eta
     if eta and spec.eta is None:
         raise KilnError(f"the {spec.name} sampler is deterministic and has no eta (got {eta})")
-    if eta < 0:
-        raise KilnError(f"eta must be >= 0, got {eta}")
+    if eta < 0 or (spec.eta_max is not None and eta > spec.eta_max):
+        raise KilnError(f"eta must be between 0 and {spec.eta_max:g} for {spec.name}, got {eta}"
+                        if spec.eta_max is not None else f"eta must be >= 0, got {eta}")
+    most = MAX_STEPS.get(sched)
+    if most is not None and max(p.steps, p.hires_steps or 0) > most:
+        raise KilnError(f"the {sched} schedule has at most {most} steps, got {max(p.steps, p.hires_steps or 0)}")
     if isinstance(p.watermark, str) and not p.watermark.strip():
         raise KilnError("the watermark text must not be empty (switch the watermark off instead)")
     if p.tile not in TILES:

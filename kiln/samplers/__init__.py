@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from . import kdiffusion as k
 from .compvis import ddim_schedule, ddim_timesteps, sample_ddim, sample_plms
-from .schedules import COMPVIS_DISCRETIZE, SCHEDULE_LABELS, SCHEDULES, Discrete, get_sigmas, resolve_schedule
+from .schedules import COMPVIS_DISCRETIZE, MAX_STEPS, SCHEDULE_LABELS, SCHEDULES, Discrete, get_sigmas, resolve_schedule
 from .run import discrete_denoiser
 from .unipc import sample_unipc
 
@@ -30,6 +30,8 @@ class Sampler:
     schedule: str = "normal"     # the default schedule ("Automatic")
     evals_per_step: int = 1
     aliases: tuple = ()
+    eta_max: float | None = None  # where eta is bounded (TCD's gamma is a fraction of the step)
+    vp_start: bool = False  # txt2img starts from unit noise in the VP frame, x_T = ε (as TCDScheduler), not σ_max·ε
 
 
 SAMPLER_LIST = [
@@ -52,6 +54,8 @@ SAMPLER_LIST = [
             schedule="exponential", aliases=("k_dpmpp_3m_sde",)),
     Sampler("unipc", "UniPC", sample_unipc, schedule="karras", aliases=("uni_pc",)),
     Sampler("lcm", "LCM", k.sample_lcm, stochastic=True, schedule="karras"),
+    Sampler("tcd", "TCD", k.sample_tcd, stochastic=True, eta=0.3, schedule="lcm", eta_max=1.0,
+            vp_start=True),
     Sampler("ddpm", "DDPM", k.sample_ddpm, stochastic=True, eta=1.0),
     Sampler("ddim", "DDIM", sample_ddim, kind="eps", eta=0.0),
     Sampler("plms", "PLMS", sample_plms, kind="eps"),
@@ -92,8 +96,8 @@ def parse(name: str, schedule: str | None = None, lenient: bool = False) -> tupl
     chosen = resolve_schedule(schedule) or embedded
     if chosen is not None and sampler.kind == "eps" and chosen not in COMPVIS_DISCRETIZE:
         if not lenient:
-            raise ValueError(f"{sampler.name} steps on CompVis' discrete timesteps: schedule normal (CompVis' "
-                             f"uniform, the default) or quad, not {chosen}")
+            raise ValueError(f"{sampler.name} steps on trained timesteps: schedule normal (CompVis' uniform, the "
+                             f"default), quad, leading, trailing or linspace, not {chosen}")
         chosen = None
     if chosen is not None and sampler.kind == "denoise" and chosen not in SCHEDULES:
         raise ValueError(f"schedule {chosen} is CompVis' DDIM/PLMS discretization; {sampler.name} takes one of: "
@@ -120,6 +124,6 @@ def get_sampler(name: str) -> Sampler:
     return resolve(name)[0]
 
 
-__all__ = ["SAMPLERS", "SAMPLER_LIST", "SCHEDULES", "COMPVIS_DISCRETIZE", "Sampler", "parse", "resolve",
+__all__ = ["SAMPLERS", "SAMPLER_LIST", "SCHEDULES", "COMPVIS_DISCRETIZE", "MAX_STEPS", "Sampler", "parse", "resolve",
            "model_default", "get_sampler", "discrete_denoiser", "Discrete", "get_sigmas", "sample_ddim", "sample_plms",
            "ddim_schedule", "ddim_timesteps"]

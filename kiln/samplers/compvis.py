@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .schedules import spaced_timesteps
+
 
 def ddim_timesteps(steps: int, num_train: int = 1000, discretize: str = "uniform") -> np.ndarray:
     """CompVis' `make_ddim_timesteps`, ascending.
@@ -17,13 +19,19 @@ def ddim_timesteps(steps: int, num_train: int = 1000, discretize: str = "uniform
     the last timestep is clamped to `num_train - 1` and duplicates dropped.
     "quad": squares of `steps` evenly spaced values from 0 to √(0.8·num_train), shifted by one: denser at low noise,
     the first step at t = 0.8·num_train + 1. Beyond about 29 steps of 1000 low timesteps repeat, as in CompVis
-    (a repeated step is a zero-length DDIM step, and PLMS keeps it in its history); kept, for CompVis' numbers."""
+    (a repeated step is a zero-length DDIM step, and PLMS keeps it in its history); kept, for CompVis' numbers.
+    "leading", "trailing", "linspace": diffusers' `timestep_spacing` (`schedules.spaced_timesteps`), exactly `steps`
+    of them, rounded to trained steps. Each step goes to the next timestep of the list (diffusers' DDIM steps back
+    N // steps instead: the same where steps divides N, as it does for the 1, 2, 4 and 8 steps of distilled models)."""
     if not 1 <= steps <= num_train:
         raise ValueError(f"steps must be between 1 and {num_train}, got {steps}")
+    if discretize in ("leading", "trailing", "linspace"):
+        return spaced_timesteps(discretize, steps, num_train).round().astype(int)[::-1].copy()
     if discretize == "quad":
         return (np.linspace(0, np.sqrt(num_train * 0.8), steps) ** 2).astype(int) + 1
     if discretize != "uniform":
-        raise ValueError(f"unknown discretization {discretize!r}: CompVis has 'uniform' and 'quad'")
+        raise ValueError(f"unknown discretization {discretize!r}: 'uniform', 'quad', 'leading', 'trailing' or "
+                         "'linspace'")
     c = num_train // steps
     return np.unique(np.minimum(np.arange(0, num_train, c) + 1, num_train - 1))
 

@@ -344,3 +344,36 @@ def sample_ddpm(denoise, x, sigmas, noise=None, callback=None, eta=1.0, **_):
         if callback:
             callback(i, len(s) - 1, x, denoised)
     return x
+
+
+def _trained_step(disc, sigma: float) -> int:
+    """The trained timestep whose σ this is (the TCD/LCM schedules sit on trained steps; σ → t rounds off)."""
+    return int(round(disc.sigma_to_t(sigma)))
+
+
+@torch.no_grad()
+def sample_tcd(denoise, x, sigmas, noise=None, callback=None, eta=0.3, s_noise=1.0, disc=None, **_):
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024; diffusers'
+    TCDScheduler): from the prediction (x̂0, ε̂) go to the earlier trained step s = ⌊(1 − γ)·t'⌋ of the next one t'
+    deterministically, x_s = x̂0 + σ_s·ε̂, then forward to t' with fresh noise of size √(σ'² − σ_s²). `eta` is γ:
+    0 is deterministic, 1 the LCM sampler. The last step lands, as TCD's does, on trained step 0 (x̂0 + σ_0·ε̂
+    scaled by √ᾱ_0, like CompVis' DDIM), not exactly on σ = 0."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"TCD's gamma (eta) must be between 0 and 1, got {eta}")
+    if disc is None:
+        raise ValueError("TCD steps on trained timesteps: it needs the model's discrete schedule (disc)")
+    s = _floats(sigmas)
+    _need_noise(noise, eta if len(s) > 2 else 0)
+    for i in range(len(s) - 1):
+        denoised = denoise(x, s[i])
+        eps = (x - denoised) / s[i]
+        t_next = _trained_step(disc, s[i + 1]) if s[i + 1] > 0 else 0
+        sigma_s = float(disc.sigmas[math.floor((1 - eta) * t_next)])
+        x = denoised + sigma_s * eps
+        if s[i + 1] == 0:
+            x = x / math.sqrt(1 + sigma_s ** 2)  # the VP latent at step 0, which TCD returns as the image
+        elif eta > 0:
+            x = x + noise(x) * s_noise * math.sqrt(max(s[i + 1] ** 2 - sigma_s ** 2, 0.0))
+        if callback:
+            callback(i, len(s) - 1, x, denoised)
+    return x

@@ -66,10 +66,10 @@ def sample(spec, eps_fn, x, *, disc, schedule, steps, eta, s_noise, noise, callb
         skipped = steps - t_enc
         sigmas = sigmas[skipped:]
         x = init + x * float(sigmas[0])
-    else:
-        x = x * float(sigmas[0])
+    else:  # σ_max·ε in the VE frame; TCD: ε in the VP frame, its reference's start (0.2% larger at σ_max 14.6)
+        x = x * (math.sqrt(1.0 + float(sigmas[0]) ** 2) if spec.vp_start else float(sigmas[0]))
     keep = (lambda d: keeping(d, known_mask, init)) if known_mask is not None else (lambda d: d)
-    kw = dict(noise=noise, eta=eta, s_noise=s_noise)
+    kw = dict(noise=noise, eta=eta, s_noise=s_noise, disc=disc)  # disc: for samplers that step on trained timesteps
     if refiner is None:
         return spec.fn(keep(denoise), x, sigmas, callback=callback, **kw)
     split, total = max(0, split - skipped), len(sigmas) - 1

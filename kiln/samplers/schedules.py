@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
 class Discrete:
-    """σ ↔ t conversions for a model trained on discrete steps with cumulative alphas `alphas_cumprod`."""
+    """σ ↔ t conversions for a model trained on discrete steps with cumulative alphas `alphas_cumprod`.
+    `sdxl` picks the SDXL list of Align Your Steps (SD 1.x and SDXL share the same ᾱ, but not the optimised steps)."""
 
-    def __init__(self, alphas_cumprod: torch.Tensor):
+    def __init__(self, alphas_cumprod: torch.Tensor, sdxl: bool = False):
         ac = alphas_cumprod.double().cpu()
+        self.sdxl = sdxl
         self.alphas_cumprod = ac
         self.sigmas = ((1 - ac) / ac).sqrt()
         self.log_sigmas = self.sigmas.log()
@@ -86,18 +89,83 @@ def simple(d: Discrete, n: int) -> torch.Tensor:
     return _append_zero([float(d.sigmas[-(1 + int(i * stride))]) for i in range(n)])
 
 
+# Align Your Steps (Sabour et al. 2024): the 10-step noise levels NVIDIA published for SD 1.5 and SDXL
+# (research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html), as A1111 and ComfyUI carry them.
+AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
+
+
+def align_your_steps(d: Discrete, n: int) -> torch.Tensor:
+    """The published list for the model's family, resampled to n levels by linear interpolation of log σ over
+    evenly spaced positions (A1111's "Align Your Steps": n levels then 0; n = 11 is the list itself)."""
+    levels = torch.tensor(AYS_SDXL if d.sdxl else AYS_SD15, dtype=torch.float64)
+    if n == len(levels):
+        return _append_zero(levels)
+    pos = torch.linspace(0, 1, n, dtype=torch.float64) * (len(levels) - 1)
+    low = pos.floor().long().clamp(max=len(levels) - 2)
+    w = pos - low
+    logs = levels.log()
+    between = ((1 - w) * logs[low] + w * logs[low + 1]).exp()
+    return _append_zero(torch.where(w == 0, levels[low], between))  # published levels exactly, not exp(log(σ))
+
+
+def spaced_timesteps(spacing: str, n: int, num_train: int = 1000) -> np.ndarray:
+    """n timesteps from high to low as diffusers' `timestep_spacing` places them (SD's scheduler config,
+    steps_offset 1): "leading" every (N // n)-th step from 1 up (the DDIM default; never reaches the top),
+    "trailing" every (N / n)-th step counted down from N − 1 (what Turbo, Lightning and Hyper-SD need: the first
+    step at full noise), "linspace" n evenly spaced (fractional) steps from N − 1 to 0."""
+    if spacing == "leading":
+        return (np.arange(0, n) * (num_train // n)).round()[::-1].astype(np.float64) + 1
+    if spacing == "trailing":
+        return np.arange(num_train, 0, -num_train / n).round().astype(np.float64) - 1
+    if spacing == "linspace":
+        return np.linspace(0, num_train - 1, n, dtype=np.float64)[::-1].copy()
+    raise ValueError(f"unknown timestep spacing {spacing!r}: leading, trailing or linspace")
+
+
+def _spaced(spacing: str):
+    def schedule(d: Discrete, n: int) -> torch.Tensor:
+        """σ at diffusers' spaced timesteps, linear in σ between trained steps (EulerDiscreteScheduler)."""
+        ts = spaced_timesteps(spacing, n, len(d.sigmas))
+        return _append_zero(np.interp(ts, np.arange(len(d.sigmas)), d.sigmas.numpy()))
+    return schedule
+
+
+LCM_ORIGINAL_STEPS = 50
+
+
+def lcm(d: Discrete, n: int) -> torch.Tensor:
+    """diffusers' LCM and TCD timesteps: the distillation grid of 50 steps (every 20th, from 999 down to 19), n of
+    them evenly by index (4 steps: 999, 759, 499, 259)."""
+    if n > LCM_ORIGINAL_STEPS:
+        raise ValueError(f"the lcm schedule has at most {LCM_ORIGINAL_STEPS} steps, got {n}")
+    k = len(d.sigmas) // LCM_ORIGINAL_STEPS
+    grid = np.arange(1, LCM_ORIGINAL_STEPS + 1)[::-1] * k - 1
+    picked = grid[np.floor(np.linspace(0, LCM_ORIGINAL_STEPS, n, endpoint=False)).astype(np.int64)]
+    return _append_zero(d.sigmas[torch.from_numpy(picked.copy())])
+
+
 SCHEDULES = {"normal": normal, "karras": karras, "exponential": exponential,
-             "sgm_uniform": sgm_uniform, "simple": simple}
+             "sgm_uniform": sgm_uniform, "simple": simple, "align_your_steps": align_your_steps,
+             "leading": _spaced("leading"), "trailing": _spaced("trailing"), "linspace": _spaced("linspace"),
+             "lcm": lcm}
+MAX_STEPS = {"lcm": LCM_ORIGINAL_STEPS}
 
-# DDIM and PLMS step on CompVis' trained timesteps (`compvis.ddim_timesteps`): "normal" is CompVis' uniform
-# discretization (their default), "quad" CompVis' quadratic one. The k-diffusion samplers take SCHEDULES.
-COMPVIS_DISCRETIZE = {"normal": "uniform", "quad": "quad"}
+# DDIM and PLMS step on trained timesteps (`compvis.ddim_timesteps`): "normal" is CompVis' uniform
+# discretization (their default), "quad" CompVis' quadratic one, leading/trailing/linspace diffusers' spacings.
+# The k-diffusion samplers take SCHEDULES.
+COMPVIS_DISCRETIZE = {"normal": "uniform", "quad": "quad", "leading": "leading", "trailing": "trailing",
+                      "linspace": "linspace"}
 
-# A1111's "Schedule type" labels ("Quad" is kiln's, for CompVis' quad); "Automatic" means the sampler's default.
+# A1111's "Schedule type" labels ("Quad" is kiln's, for CompVis' quad; A1111 has no spacings); "Automatic" means
+# the sampler's default.
 SCHEDULE_LABELS = {"normal": "Uniform", "karras": "Karras", "exponential": "Exponential",
-                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "quad": "Quad"}
+                   "sgm_uniform": "SGM Uniform", "simple": "Simple", "align_your_steps": "Align Your Steps",
+                   "leading": "Leading", "trailing": "Trailing", "linspace": "Linspace", "lcm": "LCM",
+                   "quad": "Quad"}
 SCHEDULE_ALIASES = {"uniform": "normal", "automatic": None, "auto": None, "sgm uniform": "sgm_uniform",
-                    "sgm-uniform": "sgm_uniform", "default": None}
+                    "sgm-uniform": "sgm_uniform", "default": None, "align your steps": "align_your_steps",
+                    "align-your-steps": "align_your_steps", "ays": "align_your_steps"}
 
 
 def resolve_schedule(name: str | None) -> str | None:
@@ -110,7 +178,7 @@ def resolve_schedule(name: str | None) -> str | None:
     if key in SCHEDULE_ALIASES:
         return SCHEDULE_ALIASES[key]
     raise ValueError(f"unknown schedule {name!r}; choose one of: automatic, {', '.join(SCHEDULES)}, "
-                     "quad (DDIM and PLMS only)")
+                     "quad (DDIM and PLMS take normal, quad, leading, trailing and linspace)")
 
 
 def get_sigmas(d: Discrete, name: str, n: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import KilnError
-from ..samplers import SAMPLERS, parse
+from ..samplers import MAX_STEPS, SAMPLERS, parse
 from ..styles import StyleTable
 from .context import RequestError
 from .fields import REFUSED, UI_ONLY, check_fields, show
@@ -207,7 +207,10 @@ def to_job(req: GenerationRequest, mode: str, limits: Limits, facts, options: di
         status = 404 if "sampler" in str(e) else 422
         raise RequestError(("Sampler not found: " if status == 404 else "") + str(e), status) from None
     # A1111 ignores eta for samplers that have none (clients such as webuiapi always send one)
-    eta = _finite("eta", req.eta, 0.0, 10.0) if spec.eta is not None else None
+    eta = _finite("eta", req.eta, 0.0, spec.eta_max or 10.0) if spec.eta is not None else None
+    most = MAX_STEPS.get(schedule or spec.schedule)  # the lcm schedule (TCD's default) has 50 steps to pick from
+    if most is not None and steps > most:
+        raise RequestError(f"steps: the {schedule or spec.schedule} schedule has at most {most} steps, got {steps}")
     seed = req.seed if req.seed is not None else -1
     if seed == -1:
         seed = _random_seed()
