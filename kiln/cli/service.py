@@ -45,6 +45,12 @@ def serve_parser(sub):
     p.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=8)
     p.add_argument("--preview-every", dest="preview_every", type=int, default=1,
                    help="live preview every N sampler steps (0: none)")
+    p.add_argument("--preview-decoder", dest="preview_decoder", default=None, metavar="FILE",
+                   help="TAESD/TAESDXL decoder of the live previews (default: the model's taesd_decoder.* or "
+                        "taesdxl_decoder.* in --vae-approx-dir when present)")
+    p.add_argument("--vae-approx-dir", dest="vae_approx_dir", default=None, metavar="DIR",
+                   help="TAESD decoders under A1111's names, for previews and sd_vae_decode_method TAESD "
+                        "(default: models/VAE-approx)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="deploy on Ray Serve (a local cluster, or the one at ADDRESS); see --replicas")
     p.add_argument("--replicas", type=int, default=1, help="model replicas on Ray Serve (each loads the model once)")
@@ -87,6 +93,10 @@ def run_serve(opt):
         raise KilnError(f"--lora-dir {opt.lora_dir}: not a folder")
     if opt.embeddings_dir and not Path(opt.embeddings_dir).is_dir():
         raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
+    if opt.vae_approx_dir and not Path(opt.vae_approx_dir).is_dir():
+        raise KilnError(f"--vae-approx-dir {opt.vae_approx_dir}: not a folder")
+    if opt.preview_decoder and not Path(opt.preview_decoder).exists():
+        raise KilnError(f"--preview-decoder {opt.preview_decoder}: no such file or folder")
     if opt.controlnet_dir and not Path(opt.controlnet_dir).is_dir():
         raise KilnError(f"--controlnet-dir {opt.controlnet_dir}: not a folder")
     if opt.styles_file:
@@ -104,7 +114,8 @@ def run_serve(opt):
                           api_auth=auth, token=token, preview_every=opt.preview_every,
                           safety_checker=opt.safety_checker, lora_dir=opt.lora_dir,
                           embeddings_dir=opt.embeddings_dir, styles_file=opt.styles_file, host=opt.host,
-                          port=opt.port, controlnet_dir=opt.controlnet_dir)
+                          port=opt.port, controlnet_dir=opt.controlnet_dir, vae_approx_dir=opt.vae_approx_dir,
+                          preview_decoder=opt.preview_decoder)
     if opt.ray is not None:
         from ..distributed.serve import run
 

@@ -18,6 +18,7 @@ from .lora import apply_networks
 from .noise import randn, start_noise
 from .params import Checked, GenerationParams, check, infotext_fields, record
 from .conds import Clock, prompt_conds
+from .decoders import tiny_decode, tiny_previews
 from .control import activate, control_fields
 from .vae import decode_latents, encode_images, latent_preview, to_model_input, to_uint8
 
@@ -52,8 +53,8 @@ def join(parts: list[Result]) -> Result:
 @dataclass
 class Hooks:
     """How a front end watches a run: a progress bar, `callback(i, total, x, pred_x0)` after every step, and
-    `on_preview(i, total, images, seeds)` every `preview_every` steps (VAE-decoded with `preview_full`, else
-    the cheap latent previews)."""
+    `on_preview(i, total, images, seeds)` every `preview_every` steps (decoded by the pipeline's preview decoder
+    when it has one, else by the VAE with `preview_full`, else the cheap latent previews)."""
     progress: bool = False
     callback: Callable | None = None
     preview_every: int = 0
@@ -117,7 +118,8 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
             if c.hires is not None:
                 z = _hires(pipe, p, c, z, clean, size, gens, noise, on_step)
             bar.close()
-            pixels = to_uint8(decode_latents(pipe, z, p.tile, notices))
+            pixels = to_uint8(tiny_decode(c.decoder, z) if c.decoder is not None
+                              else decode_latents(pipe, z, p.tile, notices))
         pixels = canvas.finish(pixels)
         pixels, flagged = pipe.safety(pixels)
         pixels = _watermark(pipe, p, pixels, notices)
@@ -188,10 +190,19 @@ def _step_callback(pipe, p, bar, hooks: Hooks, seeds):
             hooks.callback(i, total, x_i, pred_x0)
         every = hooks.preview_every
         if hooks.on_preview and every and ((i + 1) % every == 0 or i + 1 == total):
-            images = ([Image.fromarray(px) for px in to_uint8(decode_latents(pipe, pred_x0, p.tile))]
-                      if hooks.preview_full else latent_preview(pipe.cfg, pred_x0))
+            images = _previews(pipe, p, hooks, pred_x0)
             hooks.on_preview(done["before"] + i, bar.total, images, seeds)
     return on_step
+
+
+def _previews(pipe, p, hooks: Hooks, pred_x0) -> list:
+    """The pipeline's preview decoder (TAESD: full size, cheap), else the VAE if the hooks ask for it, else the
+    latent-sized linear approximation."""
+    if pipe.preview_decoder is not None:
+        return tiny_previews(pipe.preview_decoder, pred_x0)
+    if hooks.preview_full:
+        return [Image.fromarray(px) for px in to_uint8(decode_latents(pipe, pred_x0, p.tile))]
+    return latent_preview(pipe.cfg, pred_x0)
 
 
 __all__ = ["Result", "Hooks", "Canvas", "generate", "join"]

@@ -33,6 +33,8 @@ class ServerConfig:
     host: str | None = None  # where `kiln serve` listens (reported by /sdapi/v1/cmd-flags)
     port: int | None = None
     controlnet_dir: str | None = None  # ControlNet files (sd-webui-controlnet's units); None: models/ControlNet
+    vae_approx_dir: str | None = None  # TAESD decoders (A1111's names); None: models/VAE-approx
+    preview_decoder: str | None = None  # a TAESD decoder for live previews; None: the model's in vae_approx_dir
 
 
 class RequestError(Exception):

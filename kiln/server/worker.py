@@ -214,7 +214,7 @@ class Worker:
     def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="auto",
                  outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
                  loader=None, lora_dir: str | None = None, embeddings_dir: str | None = None,
-                 load_options: dict | None = None):
+                 load_options: dict | None = None, decoders: tuple = (None, None)):
         from ..pipeline import load
 
         self.models = models
@@ -225,6 +225,7 @@ class Worker:
         self.safety_checker = safety_checker
         self.lora_dir = lora_dir
         self.embeddings_dir = embeddings_dir
+        self.vae_approx_dir, self.preview_decoder = decoders  # TAESD: see `_set_decoders`
         self._load = loader or load
         self.load_options = load_options or {}  # more `kiln.load` arguments: offload, prepack
         self.pipe = None
@@ -260,6 +261,7 @@ class Worker:
         if self.safety_checker:
             pipe.load_safety_checker(self.safety_checker)
         pipe.lora_dir, pipe.embeddings_dir = self.lora_dir, self.embeddings_dir
+        self._set_decoders(pipe, strict=self.pipe is None)
         self.pipe, self.entry = None, None
         import gc
 
@@ -271,6 +273,25 @@ class Worker:
 
             entry.sha256 = full_sha256(entry.path)
         self.entry = entry
+
+    def _set_decoders(self, pipe, strict: bool):
+        """The model's TAESD: where the decoder "TAESD" is looked up (sd_vae_decode_method), and the previews'
+        decoder: --preview-decoder (refused for the first model if it does not fit; for a model switched to
+        later, left out with a warning), else the model's file in the folder, else none (the VAE or the
+        latent approximation, as `_watch` chooses)."""
+        from ..pipeline.decoders import APPROX_DIR, TAESD, find_approx
+
+        pipe.vae_approx_dir = self.vae_approx_dir or APPROX_DIR
+        if self.preview_decoder:
+            try:
+                pipe.set_preview_decoder(self.preview_decoder)
+                return
+            except KilnError as e:
+                if strict:
+                    raise
+                log.warning("%s: its previews are made without it", e)
+        if find_approx(pipe.vae_approx_dir, pipe.cfg):
+            pipe.set_preview_decoder(TAESD)
 
     @property
     def model_title(self) -> str:
