@@ -13,11 +13,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdref
+import taesdref
 from kiln.pipeline import generators, load, randn, start_noise
 from test_parity_e2e import STEPS, assert_pixels_match
 
 pytestmark = pytest.mark.slow
 PROMPT, OTHER, SIZE = "a red cube on a blue table", "a green cube on a blue table", 64
+TAESD_SIZE = 128
 
 
 def probe_inputs():
@@ -74,7 +76,16 @@ def ref_probes(pipe):
 
 
 @pytest.fixture(scope="module")
-def ours(sdxl, xl_lora):
+def xl_taesd(tmp_path_factory):
+    """Random TAESDXL weights: (the published-layout tensors, the files)."""
+    import taesdref
+
+    decoder = taesdref.random_part("decoder", seed=6)
+    return decoder, taesdref.write_layouts(tmp_path_factory.mktemp("taesdxl"), decoder, stem="taesdxl")
+
+
+@pytest.fixture(scope="module")
+def ours(sdxl, xl_lora, xl_taesd):
     pipe = load(sdxl["fp16"], device="cpu", precision="full")
     assert pipe.cfg == sdxl["config"]
     out = {}
@@ -82,6 +93,8 @@ def ours(sdxl, xl_lora):
     kw = dict(steps=STEPS, sampler="ddim", cfg_scale=7.5, width=SIZE, height=SIZE, seed=42)
     with mock.patch("kiln.pipeline.generate.start_noise", first_seed_noise):
         out["images"] = pipe.txt2img([PROMPT, OTHER], batch_size=2, **kw).pixels
+    taesd = pipe.txt2img(PROMPT, decoder=str(xl_taesd[1]["pth"]), **dict(kw, width=TAESD_SIZE, height=TAESD_SIZE))
+    out["taesd"], out["taesd_infotext"] = taesd.pixels, taesd.infotexts[0]
     params = dict(pipe.model.named_parameters())
     lora = pipe.load_lora(xl_lora)
     out["unmatched"] = lora.unmatched
@@ -101,7 +114,7 @@ def ours(sdxl, xl_lora):
 
 
 @pytest.fixture(scope="module")
-def reference(sdxl, ours, xl_lora):
+def reference(sdxl, ours, xl_lora, xl_taesd):
     state = sdref.load_float(sdxl["fp16"])
     pipe = sdref.ref_sdxl_pipeline(state, sdxl["tokenizer"])
     del state
@@ -112,6 +125,14 @@ def reference(sdxl, ours, xl_lora):
         out["images"] = pipe(prompt=[PROMPT, OTHER], negative_prompt=[""] * 2, height=SIZE, width=SIZE,
                              num_inference_steps=STEPS, guidance_scale=7.5, eta=0.0, latents=latents,
                              output_type="np").images
+    vae = pipe.vae
+    pipe.vae = taesdref.diffusers_tiny(xl_taesd[0])
+    latents = randn((4, TAESD_SIZE // 8, TAESD_SIZE // 8), generators([42]), "cpu")
+    with torch.no_grad():
+        out["taesd"] = pipe(prompt=PROMPT, negative_prompt="", height=TAESD_SIZE, width=TAESD_SIZE,
+                            num_inference_steps=STEPS, guidance_scale=7.5, eta=0.0, latents=latents,
+                            output_type="np").images
+    pipe.vae = vae
     pipe.load_lora_weights(load_file(str(xl_lora)))
     out["lora_context"], out["lora_pooled"], out["lora_eps"] = ref_probes(pipe)
     del pipe
@@ -147,3 +168,9 @@ def test_kohya_lora_matches_diffusers_load_lora_weights(ours, reference):
         moved = (ours["lora_" + key] - ours[key]).abs().max()
         assert moved > 0.05, f"the LoRA barely changed {key}"  # a real change, so that parity means something
         assert (ours["lora_" + key] - reference["lora_" + key]).abs().max() <= 1e-4, key
+
+
+def test_taesdxl_decoder_matches_diffusers_autoencoder_tiny(ours, reference):
+    assert ours["taesd"].shape == (1, TAESD_SIZE, TAESD_SIZE, 3)
+    assert_pixels_match(ours["taesd"], reference["taesd"])
+    assert "VAE Decoder: TAESD" in ours["taesd_infotext"]

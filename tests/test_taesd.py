@@ -2,6 +2,7 @@
 (`decoder`, the preview decoder, the CLI, the server's sd_vae_decode_method) on a tiny random SD model with
 an 8x VAE (TAESD's factor)."""
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -215,3 +216,16 @@ def test_server_sd_vae_decode_method(tiny8, files):
     without = dataclasses.replace(worker.facts, taesd=False)
     with pytest.raises(RequestError, match="the server has no TAESD decoder for this model"):
         validate({"sd_vae_decode_method": "TAESD"}, Context(without))
+
+
+def test_preview_share_skips_previews_that_cost_too_much(tiny8):
+    _, pipe = tiny8
+
+    def slow(i, n, images, seeds):
+        made.append(i)
+        time.sleep(0.2)  # far more than 5 % of these millisecond steps
+
+    for share, expected in ((0.05, [0]), (0.0, [0, 1, 2, 3])):
+        made = []
+        pipe.txt2img("a cube", preview_every=1, on_preview=slow, preview_share=share, **dict(GEN, steps=4))
+        assert made == expected, share

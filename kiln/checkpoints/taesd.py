@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..models.conv import prepack
 from ..models.taesd import DECODER_IN, ENCODER_OUT, TAESDDecoder, TAESDEncoder
 from .sources import open_file
 
@@ -74,6 +75,7 @@ def load_taesd(path, part: str = "decoder", dtype: torch.dtype = torch.float32, 
     state = _our_names({k: src.get(k) for k in src.keys()}, part, what)
     module = _build(state, part, what)
     module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    prepack(module, True)  # on CPUs in fp32: 1.9x faster at 512x512, for a packed copy of 5 MB (kiln.models.conv)
     return TinyAutoencoder(module, part, family, str(path), scale, shift)
 
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .conv import Conv2d
+
 WIDTH = 64  # every published TAESD has 64 channels throughout
 STAGES = 3  # three 2x resamplings: 8x between pixels and latents
 
 
-def _conv(n_in: int, n_out: int, stride: int = 1, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=bias)
+def _conv(n_in: int, n_out: int, stride: int = 1, bias: bool = True) -> Conv2d:
+    return Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=bias)
 
 
 class SoftClamp(nn.Module):

@@ -22,7 +22,7 @@ from . import denoiser, lora, runtime, text, vae
 from .generate import Hooks, Result, generate, join
 from .params import GenerationParams, check_size
 
-HOOKS = ("progress", "callback", "preview_every", "on_preview", "preview_full")
+HOOKS = ("progress", "callback", "preview_every", "on_preview", "preview_full", "preview_share")
 
 
 @dataclass

@@ -25,6 +25,9 @@ from ..output import png_bytes
 from ..pipeline.facts import ModelFacts
 
 log = logging.getLogger("kiln.server")
+# live previews take at most this share of a job's sampling time (a due preview waits while the last one cost more):
+# a TAESD preview at 512x512 costs about 7 % of an SD 1.5 step on a 2-core CPU (docs/taesd.md)
+PREVIEW_SHARE = 0.05
 
 
 @dataclass
@@ -468,7 +471,8 @@ class Worker:
         w, h = params.get("width") or pipe.native_size, params.get("height") or pipe.native_size
         lat = w * h // pipe.cfg.downscale ** 2
         hooks = dict(callback=on_step, preview_every=self.preview_every, on_preview=on_preview,
-                     preview_full=lat <= 32 * 32)  # small latents: the real decoder is cheap enough per step
+                     preview_full=lat <= 32 * 32,  # small latents: the real decoder is cheap enough per step
+                     preview_share=PREVIEW_SHARE)
         return hooks, lambda: state.update(phase=0, last=-1)
 
     def _generate(self, job: Job):
