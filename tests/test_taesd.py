@@ -229,3 +229,12 @@ def test_preview_share_skips_previews_that_cost_too_much(tiny8):
         made = []
         pipe.txt2img("a cube", preview_every=1, on_preview=slow, preview_share=share, **dict(GEN, steps=4))
         assert made == expected, share
+
+
+def test_server_refuses_a_preview_decoder_that_does_not_fit(tiny8, files):
+    from kiln.server import ServerConfig, create_app
+
+    path, _ = tiny8
+    with pytest.raises(KilnError, match="preview decoder .*made for SDXL"):
+        create_app(ServerConfig(ckpt=str(path), outdir=None, save=False,
+                                preview_decoder=str(files["root"] / "taesdxl_decoder.safetensors")))
