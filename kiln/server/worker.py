@@ -26,7 +26,8 @@ from ..pipeline.facts import ModelFacts
 
 log = logging.getLogger("kiln.server")
 # live previews take at most this share of a job's sampling time (a due preview waits while the last one cost more):
-# a TAESD preview at 512x512 costs about 7 % of an SD 1.5 step on a 2-core CPU (docs/taesd.md)
+# a TAESD preview after every step of SD 1.5 at 512x512 measured +8.7 % a step on a 2-core CPU, +3.4 % with this
+# budget (benchmarks/taesd_bench.py, docs/taesd.md)
 PREVIEW_SHARE = 0.05
 
 
