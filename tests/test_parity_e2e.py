@@ -27,8 +27,10 @@ def run_kiln(tmp_path, ckpt, *extra, prompt="a red cube on a blue table", n=2, s
 
 
 def run_diffusers(sd15, state, prompt="a red cube on a blue table", negative=None, n=2, steps=STEPS,
-                  extract_ema=False):
+                  extract_ema=False, vae=None):
     pipe = sdref.ref_pipeline(state, sd15["tokenizer"], extract_ema=extract_ema)
+    if vae is not None:  # e.g. an AutoencoderTiny (TAESD)
+        pipe.vae = vae
     latents = randn((4, 8, 8), generators([42 + i for i in range(n)]), "cpu")  # kiln's documented seed rule
     with torch.no_grad():
         images = pipe(prompt=[prompt] * n, negative_prompt=[negative] * n if negative else None, height=64, width=64,
@@ -146,3 +148,23 @@ def test_few_step_sampling_matches_diffusers(few_step_pipes, case, sampler, sche
         images = ref(prompt=[prompt] * n, height=64, width=64, guidance_scale=7.5, latents=latents, generator=gens,
                      output_type="np", **kw).images
     assert_pixels_match(res.pixels, images)
+
+
+@pytest.fixture(scope="module")
+def taesd(sd15, tmp_path_factory, fp16_run):
+    """Random TAESD weights in every layout, and diffusers' pipeline decoding with an AutoencoderTiny of them."""
+    import taesdref
+
+    decoder = taesdref.random_part("decoder", seed=4)
+    files = taesdref.write_layouts(tmp_path_factory.mktemp("taesd"), decoder)
+    ref = run_diffusers(sd15, sdref.load_float(sd15["fp16"]), vae=taesdref.diffusers_tiny(decoder))
+    return files, ref
+
+
+@pytest.mark.parametrize("layout", ["pth", "safetensors", "diffusers"])
+def test_e2e_taesd_decoder(sd15, tmp_path, taesd, fp16_run, layout):
+    files, ref = taesd
+    ours, out = run_kiln(tmp_path, sd15["fp16"], "--decoder", str(files[layout]))
+    assert_pixels_match(ours, ref)
+    assert np.abs(ours / 255.0 - fp16_run[2]).mean() > 0.05  # TAESD, not the VAE, made these pixels
+    assert "VAE Decoder: TAESD" in Image.open(out / "samples" / "00000.png").info["parameters"]

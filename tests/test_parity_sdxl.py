@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdref
+import taesdref
 from kiln.pipeline import generators, load, randn, start_noise
 from kiln.pipeline.control import ControlUnit
 from test_parity_e2e import STEPS, assert_pixels_match
@@ -40,6 +41,7 @@ XL_CONTROLNET = {
     "only_cross_attention": False, "projection_class_embeddings_input_dim": 2816,
     "resnet_time_scale_shift": "default", "transformer_layers_per_block": [1, 2, 10], "upcast_attention": None,
     "use_linear_projection": True}
+TAESD_SIZE = 128
 
 
 def probe_inputs():
@@ -96,14 +98,23 @@ def ref_probes(pipe):
 
 
 @pytest.fixture(scope="module")
+def xl_taesd(tmp_path_factory):
+    """Random TAESDXL weights: (the published-layout tensors, the files)."""
+    import taesdref
+
+    decoder = taesdref.random_part("decoder", seed=6)
+    return decoder, taesdref.write_layouts(tmp_path_factory.mktemp("taesdxl"), decoder, stem="taesdxl")
+
+
+@pytest.fixture(scope="module")
 def xl_controlnet(sdxl, tmp_path_factory):
-    if not FULL_CONTROLNET:
-        yield None
-        return
     """A random full-size SDXL ControlNet as diffusers/controlnet-canny-sdxl-1.0 ships it: a folder with config.json
     and diffusion_pytorch_model.safetensors; its encoder copied from the UNet, the hint encoder and the zero
     convolutions random, renamed by diffusers' own converter (sdref). Built one tensor at a time in fp16, the values
-    of the repository's fp16 variant (2.5 GB; never the 5 GB of fp32 at once)."""
+    of the repository's fp16 variant (2.5 GB; never the 5 GB of fp32 at once). None unless asked for."""
+    if not FULL_CONTROLNET:
+        yield None
+        return
     from safetensors import safe_open
 
     root = tmp_path_factory.mktemp("xl-controlnet")
@@ -163,7 +174,7 @@ def ref_control_runs(base, folder) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ours(sdxl, xl_lora, xl_controlnet):
+def ours(sdxl, xl_lora, xl_controlnet, xl_taesd):
     pipe = load(sdxl["fp16"], device="cpu", precision="full")
     assert pipe.cfg == sdxl["config"]
     out = {}
@@ -171,6 +182,8 @@ def ours(sdxl, xl_lora, xl_controlnet):
     kw = dict(steps=STEPS, sampler="ddim", cfg_scale=7.5, width=SIZE, height=SIZE, seed=42)
     with mock.patch("kiln.pipeline.generate.start_noise", first_seed_noise):
         out["images"] = pipe.txt2img([PROMPT, OTHER], batch_size=2, **kw).pixels
+    taesd = pipe.txt2img(PROMPT, decoder=str(xl_taesd[1]["pth"]), **dict(kw, width=TAESD_SIZE, height=TAESD_SIZE))
+    out["taesd"], out["taesd_infotext"] = taesd.pixels, taesd.infotexts[0]
     params = dict(pipe.model.named_parameters())
     lora = pipe.load_lora(xl_lora)
     out["unmatched"] = lora.unmatched
@@ -192,7 +205,7 @@ def ours(sdxl, xl_lora, xl_controlnet):
 
 
 @pytest.fixture(scope="module")
-def reference(sdxl, ours, xl_lora, xl_controlnet):
+def reference(sdxl, ours, xl_lora, xl_controlnet, xl_taesd):
     state = sdref.load_float(sdxl["fp16"])
     pipe = sdref.ref_sdxl_pipeline(state, sdxl["tokenizer"])
     del state
@@ -205,6 +218,14 @@ def reference(sdxl, ours, xl_lora, xl_controlnet):
                              output_type="np").images
     if xl_controlnet is not None:
         out["control"] = ref_control_runs(pipe, xl_controlnet)
+    vae = pipe.vae
+    pipe.vae = taesdref.diffusers_tiny(xl_taesd[0])
+    latents = randn((4, TAESD_SIZE // 8, TAESD_SIZE // 8), generators([42]), "cpu")
+    with torch.no_grad():
+        out["taesd"] = pipe(prompt=PROMPT, negative_prompt="", height=TAESD_SIZE, width=TAESD_SIZE,
+                            num_inference_steps=STEPS, guidance_scale=7.5, eta=0.0, latents=latents,
+                            output_type="np").images
+    pipe.vae = vae
     pipe.load_lora_weights(load_file(str(xl_lora)))
     out["lora_context"], out["lora_pooled"], out["lora_eps"] = ref_probes(pipe)
     del pipe
@@ -255,3 +276,9 @@ def test_controlnet_matches_diffusers(ours, reference, case):
     moved = (np.abs(a.astype(int) - ours["control"]["none"].astype(int)).max(axis=-1) > 2).mean()
     print(f"{case}: the control moved {moved:.1%} of the pixels")
     assert moved > 0.5, f"the control moved only {moved:.1%} of the pixels"
+
+
+def test_taesdxl_decoder_matches_diffusers_autoencoder_tiny(ours, reference):
+    assert ours["taesd"].shape == (1, TAESD_SIZE, TAESD_SIZE, 3)
+    assert_pixels_match(ours["taesd"], reference["taesd"])
+    assert "VAE Decoder: TAESD" in ours["taesd_infotext"]

@@ -165,6 +165,12 @@ def _model_flags(p):
                    help="what the UNet predicts: eps (noise) or v (SD 2.x 768 models); default: from the yaml "
                         "beside the weights, else detected (SD 2.x: A1111's test on the weights)")
     p.add_argument("--vae", type=str, default=None, help="a separate VAE file (CompVis layout, e.g. the ft-MSE VAE)")
+    p.add_argument("--decoder", type=str, default=None, metavar="FILE",
+                   help="decode the final images with this TAESD/TAESDXL decoder (.pth, .safetensors or a diffusers "
+                        "AutoencoderTiny folder; TAESD: the model's file in models/VAE-approx) instead of the VAE")
+    p.add_argument("--preview-decoder", dest="preview_decoder", type=str, default=None, metavar="FILE",
+                   help="TAESD decoder for --save-intermediates (default: models/VAE-approx/taesd_decoder.* or "
+                        "taesdxl_decoder.* when present; else the VAE)")
     p.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE decoder (slow first image; for GPUs: on CPUs the eager "
@@ -222,6 +228,8 @@ def apply_png_parameters(opt):
         if name in fields:
             _set_flag(opt, name, fields[name])
     opt.plms = False
+    if "decoder" in fields and opt.decoder is None:  # "VAE Decoder: TAESD": the model's, from models/VAE-approx
+        opt.decoder = fields["decoder"]
     if "Refiner" in info and opt.command == "txt2img":
         try:
             opt.refiner_switch = float(info.get("Refiner switch at", opt.refiner_switch))
@@ -377,6 +385,9 @@ def check_flags(opt):
                          ("--upscaler-dir", opt.upscaler_dir)):
         if folder and not Path(folder).is_dir():
             raise KilnError(f"{flag} {folder}: not a folder")
+    for flag, spec in (("--decoder", opt.decoder), ("--preview-decoder", opt.preview_decoder)):
+        if spec and spec.upper() != "TAESD" and not Path(spec).exists():
+            raise KilnError(f"{flag} {spec}: no such file or folder")
     if getattr(opt, "refiner", None) and not Path(opt.refiner).exists():
         raise KilnError(f"--refiner {opt.refiner}: no such file or folder")
     return loras
@@ -403,6 +414,7 @@ def load_for(opt):
     from ..pipeline.upscalers import Upscalers
 
     pipe.upscalers = Upscalers(opt.upscaler_dir, device=opt.device, precision=opt.precision, progress=True)
+    set_decoders(pipe, opt)
     for note in pipe.info.notes:
         say(f"kiln: {note}")
     if opt.safety is not False and opt.safety_checker:
@@ -419,6 +431,18 @@ def load_for(opt):
         raise KilnError(f"--f {opt.f} does not match the model, whose autoencoder downsamples "
                         f"{pipe.cfg.downscale}x")
     return pipe
+
+
+def set_decoders(pipe, opt):
+    """A1111's models/VAE-approx (where --decoder TAESD looks) and the preview decoder: --preview-decoder, else
+    the model's file there when it exists (used only when previews are made: --save-intermediates)."""
+    from ..pipeline.decoders import APPROX_DIR, TAESD, find_approx
+
+    pipe.vae_approx_dir = APPROX_DIR
+    if opt.preview_decoder:
+        pipe.set_preview_decoder(opt.preview_decoder)
+    elif opt.save_intermediates and find_approx(APPROX_DIR, pipe.cfg):
+        pipe.set_preview_decoder(TAESD)
 
 
 def run_txt2img(opt):

@@ -60,6 +60,12 @@ def serve_parser(sub):
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds the running job may take to finish before it is stopped "
                         "and recorded to run again at the next start")
+    p.add_argument("--preview-decoder", dest="preview_decoder", default=None, metavar="FILE",
+                   help="TAESD/TAESDXL decoder of the live previews (default: the model's taesd_decoder.* or "
+                        "taesdxl_decoder.* in --vae-approx-dir when present)")
+    p.add_argument("--vae-approx-dir", dest="vae_approx_dir", default=None, metavar="DIR",
+                   help="TAESD decoders under A1111's names, for previews and sd_vae_decode_method TAESD "
+                        "(default: models/VAE-approx)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="deploy on Ray Serve (a local cluster, or the one at ADDRESS); see --replicas")
     p.add_argument("--replicas", type=int, default=1, help="model replicas on Ray Serve (each loads the model once)")
@@ -110,6 +116,10 @@ def run_serve(opt):
         raise KilnError(f"--embeddings-dir {opt.embeddings_dir}: not a folder")
     if opt.upscaler_dir and not Path(opt.upscaler_dir).is_dir():
         raise KilnError(f"--upscaler-dir {opt.upscaler_dir}: not a folder")
+    if opt.vae_approx_dir and not Path(opt.vae_approx_dir).is_dir():
+        raise KilnError(f"--vae-approx-dir {opt.vae_approx_dir}: not a folder")
+    if opt.preview_decoder and not Path(opt.preview_decoder).exists():
+        raise KilnError(f"--preview-decoder {opt.preview_decoder}: no such file or folder")
     if opt.controlnet_dir and not Path(opt.controlnet_dir).is_dir():
         raise KilnError(f"--controlnet-dir {opt.controlnet_dir}: not a folder")
     if opt.styles_file:
@@ -129,7 +139,8 @@ def run_serve(opt):
                           embeddings_dir=opt.embeddings_dir, styles_file=opt.styles_file, host=opt.host,
                           port=opt.port, controlnet_dir=opt.controlnet_dir, data_dir=opt.data_dir,
                           keep_days=opt.keep_days or None, keep_jobs=opt.keep_jobs or None,
-                          shutdown_timeout=opt.shutdown_timeout, upscaler_dir=opt.upscaler_dir)
+                          shutdown_timeout=opt.shutdown_timeout, upscaler_dir=opt.upscaler_dir,
+                          vae_approx_dir=opt.vae_approx_dir, preview_decoder=opt.preview_decoder)
     if opt.ray is not None:
         from ..distributed.serve import run
 

@@ -16,13 +16,16 @@ class ModelFacts:
     inpainting: bool  # a 9-channel UNet: needs a mask
     sampler_schedules: dict = field(default_factory=dict)  # the model's own default schedules
     watermark: str | None = None  # the invisible watermark's text
+    taesd: bool = False  # its TAESD decoder is in the pipeline's vae_approx_dir (sd_vae_decode_method TAESD)
 
     @classmethod
     def of(cls, pipe) -> ModelFacts:
+        from .decoders import find_approx
+
         cfg = pipe.cfg
         return cls(pipe.model_name, pipe.model_hash, pipe.native_size, max(8, cfg.downscale), cfg.text.layers,
                    tuple(cfg.context_widths), cfg.unet.in_channels != cfg.latent_channels,
-                   dict(cfg.sampler_schedules), cfg.watermark)
+                   dict(cfg.sampler_schedules), cfg.watermark, find_approx(pipe.vae_approx_dir, cfg) is not None)
 
     def to_dict(self) -> dict:
         return asdict(self)

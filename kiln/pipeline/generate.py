@@ -3,6 +3,7 @@ decoding → compositing → safety check → infotexts. txt2img, img2img, inpai
 their `Canvas`: the latents sampling starts from, and how the decoded pixels are put back into the picture."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from .lora import apply_networks
 from .noise import randn, start_noise
 from .params import Checked, GenerationParams, check, hires_upscaler_key, infotext_fields, record
 from .conds import Clock, prompt_conds
+from .decoders import tiny_decode, tiny_previews
 from .control import activate, control_fields
 from .vae import decode_latents, encode_images, latent_preview, to_model_input, to_uint8
 
@@ -52,13 +54,30 @@ def join(parts: list[Result]) -> Result:
 @dataclass
 class Hooks:
     """How a front end watches a run: a progress bar, `callback(i, total, x, pred_x0)` after every step, and
-    `on_preview(i, total, images, seeds)` every `preview_every` steps (VAE-decoded with `preview_full`, else
-    the cheap latent previews)."""
+    `on_preview(i, total, images, seeds)` every `preview_every` steps (decoded by the pipeline's preview decoder
+    when it has one, else by the VAE with `preview_full`, else the cheap latent previews). With `preview_share`,
+    a due preview is skipped while the last one cost more than that share of the sampling time since it."""
     progress: bool = False
     callback: Callable | None = None
     preview_every: int = 0
     on_preview: Callable | None = None
     preview_full: bool = False
+    preview_share: float = 0.0  # 0: no limit
+
+
+class PreviewBudget:
+    """Previews take at most `share` of the time: one is made only when the last one's cost is at most `share`
+    of the time since it ended (the first is always made). 0: no limit."""
+
+    def __init__(self, share: float):
+        self.share, self.cost, self.since = share, 0.0, time.perf_counter()
+
+    def allows(self) -> bool:
+        return not self.share or self.cost <= self.share * (time.perf_counter() - self.since)
+
+    def spent(self, started: float):
+        self.since = time.perf_counter()
+        self.cost = self.since - started
 
 
 def generate(pipe, p: GenerationParams, hooks: Hooks | None = None):
@@ -117,7 +136,8 @@ def _batch(pipe, p: GenerationParams, c: Checked, canvas: Canvas, batch, seeds, 
             if c.hires is not None:
                 z = _hires(pipe, p, c, z, clean, size, gens, noise, on_step)
             bar.close()
-            pixels = to_uint8(decode_latents(pipe, z, p.tile, notices))
+            pixels = to_uint8(tiny_decode(c.decoder, z) if c.decoder is not None
+                              else decode_latents(pipe, z, p.tile, notices))
         pixels = canvas.finish(pixels)
         pixels, flagged = pipe.safety(pixels)
         pixels = _watermark(pipe, p, pixels, notices)
@@ -179,6 +199,7 @@ def _step_callback(pipe, p, bar, hooks: Hooks, seeds):
     """After every step: the progress bar, `hooks.callback` (the sampler's own i and total: they start again
     with the hires pass), and previews, numbered over both passes (the hires pass's follow the first's)."""
     done = {"last": -1, "before": 0, "total": 0}  # steps of the passes before this one
+    budget = PreviewBudget(hooks.preview_share)
 
     def on_step(i, total, x_i, pred_x0):
         if i <= done["last"]:  # a new pass (the hires fix)
@@ -189,11 +210,22 @@ def _step_callback(pipe, p, bar, hooks: Hooks, seeds):
         if hooks.callback:
             hooks.callback(i, total, x_i, pred_x0)
         every = hooks.preview_every
-        if hooks.on_preview and every and ((i + 1) % every == 0 or i + 1 == total):
-            images = ([Image.fromarray(px) for px in to_uint8(decode_latents(pipe, pred_x0, p.tile))]
-                      if hooks.preview_full else latent_preview(pipe.cfg, pred_x0))
+        if hooks.on_preview and every and ((i + 1) % every == 0 or i + 1 == total) and budget.allows():
+            started = time.perf_counter()
+            images = _previews(pipe, p, hooks, pred_x0)
             hooks.on_preview(done["before"] + i, bar.total, images, seeds)
+            budget.spent(started)
     return on_step
+
+
+def _previews(pipe, p, hooks: Hooks, pred_x0) -> list:
+    """The pipeline's preview decoder (TAESD: full size, cheap), else the VAE if the hooks ask for it, else the
+    latent-sized linear approximation."""
+    if pipe.preview_decoder is not None:
+        return tiny_previews(pipe.preview_decoder, pred_x0)
+    if hooks.preview_full:
+        return [Image.fromarray(px) for px in to_uint8(decode_latents(pipe, pred_x0, p.tile))]
+    return latent_preview(pipe.cfg, pred_x0)
 
 
 __all__ = ["Result", "Hooks", "Canvas", "generate", "join"]

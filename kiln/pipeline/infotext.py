@@ -137,6 +137,8 @@ def params_from_infotext(info: dict) -> dict:
             out["hires_strength"] = float(info.get("Denoising strength", 0.7))
         if "Denoising strength" in info and "Hires upscale" not in info:  # img2img's
             out["strength"] = float(info["Denoising strength"])
+        if info.get("VAE Decoder", "Full") != "Full":  # A1111's TAESD final decode
+            out["decoder"] = info["VAE Decoder"]
         if "Batch size" in info:
             out["batch_size"], out["batch_pos"] = int(info["Batch size"]), int(info.get("Batch pos", 0))
     except ValueError as e:

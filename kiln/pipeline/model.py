@@ -23,7 +23,7 @@ from .generate import Hooks, Result, generate, join
 from .params import GenerationParams, check_size
 from .upscalers import Upscalers
 
-HOOKS = ("progress", "callback", "preview_every", "on_preview", "preview_full")
+HOOKS = ("progress", "callback", "preview_every", "on_preview", "preview_full", "preview_share")
 
 
 @dataclass
@@ -55,6 +55,9 @@ class Pipeline:
         self.offloader = None  # see `offload`
         self.deepcache = None  # (interval, depth): see `set_deepcache`
         self.frozen = None  # after `compile`: whether inductor froze the weights into the graphs
+        self.vae_approx_dir = None  # where the decoder "TAESD" is looked up (A1111's models/VAE-approx)
+        self.tiny_decoders = {}  # TAESD files → loaded decoders (`decoders.load_decoder`)
+        self.preview_decoder = None  # a TAESD decoder for the live previews: see `set_preview_decoder`
 
     # ------------------------------------------------------------------ facts
     @property
@@ -159,7 +162,8 @@ class Pipeline:
     @contextlib.contextmanager
     def seamless(self, on: bool = True):
         """Circular padding in every UNet and VAE convolution: the image tiles seamlessly with itself."""
-        convs = [m for m in self.model.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)]
+        nets = [self.model, *(t.module for t in self.tiny_decoders.values())]
+        convs = [m for net in nets for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.padding != (0, 0)]
         old = [m.padding_mode for m in convs]
         try:
             for m in convs:
@@ -178,6 +182,13 @@ class Pipeline:
 
     def attention_slicing(self, size: int | None) -> None:
         runtime.attention_slicing(self, size)
+
+    def set_preview_decoder(self, spec: str | None) -> None:
+        """Live previews (`Hooks.on_preview`) decoded at full size by a TAESD decoder: a file, a diffusers
+        AutoencoderTiny folder, or "TAESD" (the model family's file in `vae_approx_dir`); None: off."""
+        from .decoders import load_decoder
+
+        self.preview_decoder = None if spec is None else load_decoder(self, spec, "preview decoder")
 
     def load_safety_checker(self, path) -> None:
         """Check every generated image with CompVis' safety checker (weights: a diffusers folder or file)."""

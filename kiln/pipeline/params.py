@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import KilnError
 from ..samplers import MAX_STEPS, model_default, resolve
+from .decoders import TAESD, load_decoder
 from .vae import TILES
 
 FILLS = ("original", "fill", "latent-noise", "latent-nothing")
@@ -48,6 +49,7 @@ class GenerationParams:
     loras: list = field(default_factory=list)  # [(file or name, weight)], besides <lora:…> tags in the prompt
     watermark: bool | str = True  # the invisible watermark: True the model's text, a text, or False for none
     controlnets: list = field(default_factory=list)  # [kiln.pipeline.control.ControlUnit], applied in order
+    decoder: str | None = None  # the final decode: None the model's VAE; a TAESD file, or "TAESD" (decoders.py)
     # img2img and inpainting: with an init image
     init_image: Any = None  # a path or a PIL image
     strength: float = 0.75
@@ -111,6 +113,7 @@ class Checked:
     batches: list
     variation: Any
     hires: tuple[int, int] | None = None
+    decoder: Any = None  # the loaded TAESD decoder (`decoders.load_decoder`), or None: the VAE
 
 
 def size_unit(cfg) -> int:
@@ -160,7 +163,8 @@ def check(p: GenerationParams, pipe) -> Checked:
     if not prompts:
         raise KilnError("no prompts given")
     batches = [prompts[i:i + p.batch_size] for i in range(0, len(prompts), p.batch_size)]
-    return Checked(spec, sched, float(eta), batches, _variation(p, cfg), _hires_size(p, pipe))
+    decoder = load_decoder(pipe, p.decoder) if p.decoder else None
+    return Checked(spec, sched, float(eta), batches, _variation(p, cfg), _hires_size(p, pipe), decoder)
 
 
 def _check_img2img(p, pipe):
@@ -234,6 +238,8 @@ def record(p: GenerationParams, c: Checked, pipe, width: int, height: int, maske
                    hires_strength=p.hires_strength)
     if pipe.refiner is not None:
         out.update(refiner=pipe.refiner.info.path, refiner_switch=pipe.refiner_switch)
+    if c.decoder is not None:
+        out.update(decoder=c.decoder.name)
     return out
 
 
@@ -279,4 +285,6 @@ def infotext_fields(p: GenerationParams, recorded: dict, pipe, region: bool, mas
         r = pipe.refiner
         f["Refiner"] = f"{r.model_name} [{r.model_hash[:10]}]" if r.model_hash else r.model_name
         f["Refiner switch at"] = _fmt(recorded["refiner_switch"])
+    if recorded.get("decoder"):
+        f["VAE Decoder"] = TAESD  # A1111's key and value (its sd_vae_decode_method); the file is in `record`
     return f

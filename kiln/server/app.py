@@ -28,6 +28,7 @@ def make_worker(config: ServerConfig) -> Worker:
     return Worker(models, str(first), config.limits, device=config.device, precision=config.precision,
                   outdir=config.outdir, preview_every=config.preview_every, safety_checker=config.safety_checker,
                   lora_dir=config.lora_dir, embeddings_dir=config.embeddings_dir, upscalers=upscalers_for(config),
+                  decoders=(config.vae_approx_dir, config.preview_decoder),
                   load_options={k: v for k, v in (("offload", config.offload), ("prepack", config.prepack))
                                 if v != ServerConfig.__dataclass_fields__[k].default})
 

@@ -39,6 +39,8 @@ class ServerConfig:
     keep_jobs: int | None = None  # … or beyond this many (None: all kept; a store in memory keeps 100)
     shutdown_timeout: float = 30.0  # SIGTERM/SIGINT: how long the running job may take to finish
     upscaler_dir: str | None = None  # model upscaler files (ESRGAN, …), besides models/ESRGAN and the like
+    vae_approx_dir: str | None = None  # TAESD decoders (A1111's names); None: models/VAE-approx
+    preview_decoder: str | None = None  # a TAESD decoder for live previews; None: the model's in vae_approx_dir
 
 
 class RequestError(Exception):

@@ -67,6 +67,15 @@ def _hash(v, ctx):
     return v
 
 
+def _decode_method(v, ctx):
+    if v not in ("Full", "TAESD"):
+        raise RequestError(f"sd_vae_decode_method must be Full or TAESD, got {v!r}")
+    if v == "TAESD" and not getattr(ctx.facts, "taesd", False):
+        raise RequestError("sd_vae_decode_method TAESD: the server has no TAESD decoder for this model "
+                           "(taesd_decoder.* or taesdxl_decoder.* in --vae-approx-dir, default models/VAE-approx)")
+    return v
+
+
 OPTIONS = {
     "sd_model_checkpoint": Option(None, _model, "the model jobs run on (by title, file name, name or hash); "
                                   "setting it loads the model, queued behind running jobs"),
@@ -84,6 +93,9 @@ OPTIONS = {
                                             "ancestral samplers' noise (ENSD)"), "0 only"),
     "sd_vae": Option("Automatic", _only("sd_vae", ("Automatic", "None"), "jobs use the checkpoint's own VAE"),
                      "Automatic (or None): the checkpoint's own VAE"),
+    "sd_vae_decode_method": Option("Full", _decode_method, "Full (the model's VAE) or TAESD: the final images "
+                                   "decoded by the model's TAESD decoder from --vae-approx-dir (default "
+                                   "models/VAE-approx); the infotext records VAE Decoder: TAESD, as A1111's"),
     "randn_source": Option("CPU", _only("randn_source", ("CPU",), "kiln draws its noise on the CPU, as A1111's "
                                         "'CPU' source, so seeds give the same images on every device"), "CPU only"),
 }

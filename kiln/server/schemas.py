@@ -221,6 +221,8 @@ def to_job(req: GenerationRequest, mode: str, limits: Limits, facts, options: di
                   width=size["width"], height=size["height"], seed=seed, batch_size=batch_size, n_iter=n_iter,
                   eta=eta, s_noise=_finite("s_noise", req.s_noise if req.s_noise is not None else 1.0, 0.0, 10.0),
                   clip_skip=settings["CLIP_stop_at_last_layers"], seamless=bool(req.tiling))
+    if settings.get("sd_vae_decode_method") == "TAESD":  # A1111's setting: the model's TAESD decodes the images
+        params["decoder"] = "TAESD"
     strength = _finite("subseed_strength", req.subseed_strength or 0.0, 0.0, 1.0)
     if strength:
         subseed = req.subseed if req.subseed not in (None, -1) else _random_seed()

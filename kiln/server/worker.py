@@ -26,6 +26,10 @@ from .clients import FairQueue, current_client
 from .model_index import ModelEntry, ModelIndex  # noqa: F401 (importers take them from here)
 
 log = logging.getLogger("kiln.server")
+# live previews take at most this share of a job's sampling time (a due preview waits while the last one cost more):
+# a TAESD preview after every step of SD 1.5 at 512x512 measured +8.7 % a step on a 2-core CPU, +3.4 % with this
+# budget (benchmarks/taesd_bench.py, docs/taesd.md)
+PREVIEW_SHARE = 0.05
 
 
 @dataclass
@@ -138,7 +142,7 @@ class Worker:
     def __init__(self, models: ModelIndex, first_model: str, limits: Limits, *, device="auto", precision="auto",
                  outdir: str | None = None, preview_every: int = 1, safety_checker: str | None = None,
                  loader=None, lora_dir: str | None = None, embeddings_dir: str | None = None,
-                 load_options: dict | None = None, upscalers=None):
+                 load_options: dict | None = None, upscalers=None, decoders: tuple = (None, None)):
         from ..pipeline import load
 
         self.models = models
@@ -150,6 +154,7 @@ class Worker:
         self.lora_dir = lora_dir
         self.embeddings_dir = embeddings_dir
         self.upscalers = upscalers  # kiln.pipeline.upscalers.Upscalers, shared with the extras API (None: the pipe's)
+        self.vae_approx_dir, self.preview_decoder = decoders  # TAESD: see `_set_decoders`
         self._load = loader or load
         self.load_options = load_options or {}  # more `kiln.load` arguments: offload, prepack
         self.pipe = None
@@ -205,6 +210,7 @@ class Worker:
             pipe.upscalers = self.upscalers
         else:
             self.upscalers = pipe.upscalers
+        self._set_decoders(pipe, strict=self.pipe is None)
         self.pipe, self.entry = None, None
         import gc
 
@@ -217,6 +223,25 @@ class Worker:
             entry.sha256 = full_sha256(entry.path)
         self.entry = entry
         self.load_seconds = time.perf_counter() - start  # with the safety checker and the hash (/metrics)
+
+    def _set_decoders(self, pipe, strict: bool):
+        """The model's TAESD: where the decoder "TAESD" is looked up (sd_vae_decode_method), and the previews'
+        decoder: --preview-decoder (refused for the first model if it does not fit; for a model switched to
+        later, left out with a warning), else the model's file in the folder, else none (the VAE or the
+        latent approximation, as `_watch` chooses)."""
+        from ..pipeline.decoders import APPROX_DIR, TAESD, find_approx
+
+        pipe.vae_approx_dir = self.vae_approx_dir or APPROX_DIR
+        if self.preview_decoder:
+            try:
+                pipe.set_preview_decoder(self.preview_decoder)
+                return
+            except KilnError as e:
+                if strict:
+                    raise
+                log.warning("%s: its previews are made without it", e)
+        if find_approx(pipe.vae_approx_dir, pipe.cfg):
+            pipe.set_preview_decoder(TAESD)
 
     @property
     def model_title(self) -> str:
@@ -435,7 +460,8 @@ class Worker:
         w, h = params.get("width") or pipe.native_size, params.get("height") or pipe.native_size
         lat = w * h // pipe.cfg.downscale ** 2
         hooks = dict(callback=on_step, preview_every=self.preview_every, on_preview=on_preview,
-                     preview_full=lat <= 32 * 32)  # small latents: the real decoder is cheap enough per step
+                     preview_full=lat <= 32 * 32,  # small latents: the real decoder is cheap enough per step
+                     preview_share=PREVIEW_SHARE)
         return hooks, lambda: state.update(phase=0, last=-1)
 
     def _generate(self, job: Job):
