@@ -122,7 +122,7 @@ def test_cli_refuses_unknown_sampler_cleanly(tmp_path, capsys):
     # DDIM and PLMS step on CompVis' timesteps: a k-diffusion schedule is refused, not silently ignored
     assert main(["txt2img", "--plms", "--schedule", "karras", "--outdir", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert "normal (CompVis' uniform, the default) or quad" in err and "Traceback" not in err
+    assert "schedule normal (CompVis' uniform, the default), quad, leading" in err and "Traceback" not in err
     assert main(["txt2img", "--sampler", "euler", "--schedule", "quad", "--outdir", str(tmp_path / "o")]) == 1
     assert "quad is CompVis' DDIM/PLMS discretization" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -177,8 +177,8 @@ def get_png(base, path) -> Image.Image:
 
 
 def open_ui(page, base):
-    page.goto(base + "/")
-    expect(page.locator("#generate")).to_be_enabled()  # enabled once /api/v1/info has filled the form
+    page.goto(base + "/", timeout=90_000)  # CI runs this beside a second pytest process on 2 cores
+    expect(page.locator("#generate")).to_be_enabled(timeout=30_000)  # once /api/v1/info has filled the form
     expect(page.locator("#sampler")).to_have_value("Euler a")
 
 
@@ -227,7 +227,7 @@ def test_generate_shows_progress_preview_and_result(page, server):
     page.evaluate(RECORD)
     page.click("#generate")
     expect(page.locator("#generate")).to_be_disabled()
-    expect(page.locator("#cancel")).to_be_enabled()
+    expect(page.locator("#cancel")).to_be_enabled(timeout=30_000)
     page.wait_for_function("() => window.__kiln.progress.some((v) => v > 0 && v < 1)", polling=20,
                            timeout=60_000)
     page.wait_for_function("() => window.__kiln.previews.length > 0", polling=20, timeout=60_000)
@@ -307,7 +307,7 @@ def test_cancel_stops_a_running_job(page, server):
     status = get_json(server.base, f"/api/v1/jobs/{job_id}")
     assert status["state"] in ("cancelled", "interrupted"), status["state"]
     assert status["progress"] < 0.5 and status["images"] == 0
-    assert elapsed < 15, f"cancelling took {elapsed:.1f} s"
+    assert elapsed < 60, f"cancelling took {elapsed:.1f} s"  # the job stopped at a step, not after its 150
     assert job_id not in [j["id"] for j in get_json(server.base, "/api/v1/jobs")["queue"]]
     expect(page.locator("#progress")).to_have_attribute("data-state", status["state"])
     expect(page.locator("#progress-text")).to_contain_text("Interrupted" if status["state"] == "interrupted"
@@ -500,8 +500,10 @@ def test_controlnet_panel(page, server, tmp_path):
     square.save(tmp_path / "square.png")
     open_ui(page, server.base)
     page.click("#controlnet summary")
-    expect(page.locator("#cn-model option")).to_have_count(1)
+    # the folder's ControlNet, then the embedded demo ControlNet (the embedded demo model is served)
+    expect(page.locator("#cn-model option")).to_have_count(2)
     assert page.locator("#cn-model").input_value().startswith("edges [")
+    assert page.locator("#cn-model option").nth(1).inner_text().startswith("demo_controlnet [")
     page.set_input_files("#cn-image", str(tmp_path / "square.png"))
     page.select_option("#cn-module", "invert")
     with page.expect_response(lambda r: r.url.endswith("/controlnet/detect")) as detected:
