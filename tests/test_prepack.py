@@ -1,4 +1,4 @@
-"""oneDNN weight pre-packing of `kiln.models.conv.Conv2d` (the CPU inference default)."""
+"""oneDNN weight pre-packing of `kiln.models.conv.Conv2d` and `Linear` (the CPU inference default)."""
 import copy
 import pickle
 import sys
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kiln.models.conv import _MKLDNN, Conv2d, file_backed, prepack, release_pages
+from kiln.models.conv import _MKLDNN, Conv2d, Linear, file_backed, prepack, release_pages
 
 needs_mkldnn = pytest.mark.skipif(not _MKLDNN, reason="this torch build has no oneDNN")
 
@@ -100,6 +100,40 @@ def test_copies_and_pickles_leave_the_packed_weight_behind():
             assert getattr(other, "_packed", None) is None
             assert torch.equal(other.weight, conv.weight)
             assert (other(x) - want).abs().max().item() < 1e-6
+
+
+@needs_mkldnn
+@pytest.mark.parametrize("shape,cin,cout,bias", [((2, 1024, 320), 320, 320, False), ((2, 77, 768), 768, 320, False),
+                                                  ((128, 1280), 1280, 5120, True), ((2, 16, 8, 64), 64, 48, True)])
+def test_packed_linear_equals_pytorch_and_repacks(shape, cin, cout, bias):
+    torch.manual_seed(0)
+    lin = Linear(cin, cout, bias=bias).eval().requires_grad_(False)
+    lin.prepack = True
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        out = lin(x)
+        assert lin._packed_key is not None and lin._packed.is_mkldnn  # the packed path ran
+        assert close(out, F.linear(x, lin.weight, lin.bias))
+        y = x[:1]  # fewer rows: the layout oneDNN picks depends on them
+        assert close(lin(y), F.linear(y, lin.weight, lin.bias)) and lin._packed_key[0] == (y.numel() // cin,)
+    with torch.no_grad():
+        lin.weight.mul_(-1)  # what a LoRA merge does
+        out = lin(x)
+    assert close(out, F.linear(x, lin.weight, lin.bias))
+    assert (out - F.linear(x, -lin.weight, lin.bias)).abs().max().item() > 0.1
+
+
+@needs_mkldnn
+def test_linear_takes_pytorch_path_for_training_and_when_off():
+    lin = Linear(32, 16).eval()
+    lin.prepack = True
+    x = torch.randn(4, 32)
+    lin(x).sum().backward()
+    assert getattr(lin, "_packed_key", None) is None and lin.weight.grad is not None
+    prepack(lin, False)
+    with torch.no_grad():
+        lin.requires_grad_(False)(x)
+    assert getattr(lin, "_packed_key", None) is None
 
 
 def _rss_kb():

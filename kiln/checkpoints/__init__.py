@@ -12,6 +12,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.sd import LatentDiffusion, ModelConfig
+from ..models.conv import release_pages
 from . import diffusers_keys
 from .detect import CLIP, UNET, VAE, clip_config, config_from_yaml, detect, guess_v_prediction, unet_config, vae_config
 from .sources import TensorSource, open_file
@@ -216,7 +217,10 @@ def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: 
     nhwc = lambda key, t: channels_last and t.dim() == 4 and key.startswith((UNET, VAE))
     for key in expected:
         s, k = pick(key)
-        t = s.get(k).to(device=device, dtype=dtype)
+        raw = s.get(k)
+        t = raw.to(device=device, dtype=dtype)
+        if t.data_ptr() != raw.data_ptr():  # converted: the file's pages need not stay resident (peak RSS)
+            release_pages(raw)
         state[key] = t.contiguous(memory_format=torch.channels_last) if nhwc(key, t) else t
     try:
         model.load_state_dict(state, strict=True, assign=True)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 _MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+_DTYPES = (torch.float32,)  # + torch.bfloat16 where measured to pay (see PACK_BF16)
 _MADV_PAGEOUT = 21  # Linux ≥ 5.4: reclaim clean file pages now; dirty private pages without swap stay (no loss)
 _libc = None
 
@@ -72,44 +73,34 @@ def tensor_version(t: torch.Tensor) -> int:
         return -1
 
 
-class Conv2d(nn.Conv2d):
+class PackedWeight:
+    """What `Conv2d` and `Linear` share: the weight packed once per input shape, kept while the weight is unchanged."""
     prepack: bool | str = "auto"  # "auto" | True | False, per instance through `prepack(model, mode)`
 
     def _packable(self, x) -> bool:
-        return (_MKLDNN and self.prepack and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and x.dim() == 4
-                and not (torch.is_grad_enabled() and self.weight.requires_grad)
+        return (_MKLDNN and self.prepack and x.device.type == "cpu" and x.dtype in _DTYPES
+                and self.weight.dtype == x.dtype and not (torch.is_grad_enabled() and self.weight.requires_grad)
                 and not torch.compiler.is_compiling())
 
-    def forward(self, x):
-        if not self._packable(x):
-            return super().forward(x)
+    def _packed_weight(self, shape: tuple, pack):
+        """The weight packed by `pack(weight)` for inputs of `shape`; None where this layer takes PyTorch's path."""
         w = self.weight
         if self.prepack == "auto":  # decided once per weight tensor: pack only what can leave memory flat
             if getattr(self, "_auto", (None,))[0] != w.data_ptr():
                 self._auto = (w.data_ptr(), sys.platform == "linux" and file_backed(w))
             if not self._auto[1]:
-                return super().forward(x)
-        key = (tuple(x.shape), w.data_ptr(), tensor_version(w))
+                return None
+        key = (shape, w.data_ptr(), tensor_version(w), w.dtype)
         if getattr(self, "_packed_key", None) != key:
             self._packed = None  # free the old copy before making the new one
             try:
-                self._packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                    w.detach().to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                    list(x.shape))
+                self._packed = pack(w.detach())
             except RuntimeError:  # a oneDNN build without this layout: use PyTorch's path from now on
                 self.prepack = False
-                return super().forward(x)
+                return None
             self._packed_key = key
             release_pages(w)
-        # The answer is channels-last, and the layers after run channels-last from here on. Converting back to
-        # NCHW measured 0.68x diffusers' VAE decode speed instead of 1.02x; the cost is float order only (PyTorch's
-        # NHWC group norm sums differently: a tiny VAE decoder's max error from an fp64 run is 6.7e-5, not 1.9e-6;
-        # on SD 1.5 the image differs from diffusers' by 1.5e-5 either way).
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, self._packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
-            "none", [], "")
+        return self._packed
 
     def __getstate__(self):  # copies and pickles carry the weights, not the packed copy
         state = super().__getstate__()
@@ -118,12 +109,43 @@ class Conv2d(nn.Conv2d):
         return state
 
 
+class Conv2d(PackedWeight, nn.Conv2d):
+    def forward(self, x):
+        packed = None
+        if self._packable(x) and self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4:
+            packed = self._packed_weight(tuple(x.shape), lambda w: torch._C._nn.mkldnn_reorder_conv2d_weight(
+                w.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
+        if packed is None:
+            return super().forward(x)
+        # The answer is channels-last, and the layers after run channels-last from here on. Converting back to
+        # NCHW measured 0.68x diffusers' VAE decode speed instead of 1.02x; the cost is float order only (PyTorch's
+        # NHWC group norm sums differently: a tiny VAE decoder's max error from an fp64 run is 6.7e-5, not 1.9e-6;
+        # on SD 1.5 the image differs from diffusers' by 1.5e-5 either way).
+        return torch.ops.mkldnn._convolution_pointwise(
+            x, packed, self.bias, list(self.padding), list(self.stride), list(self.dilation), self.groups,
+            "none", [], "")
+
+
+class Linear(PackedWeight, nn.Linear):
+    """oneDNN's packed GEMM: 1.1-1.8x PyTorch's fp32 `linear` (MKL) on SD's shapes on a 2-core EPYC (the gain is
+    largest for the deep levels' few rows); the layout depends on the number of rows, hence one pack per shape."""
+
+    def forward(self, x):
+        packed = None
+        if self._packable(x) and x.dim() >= 2:
+            rows = x.numel() // x.shape[-1]
+            packed = self._packed_weight((rows,), lambda w: torch.ops.mkldnn._reorder_linear_weight(w, rows))
+        if packed is None:
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+
+
 def prepack(model: nn.Module, mode: bool | str = True) -> None:
     """Weight pre-packing for every `Conv2d` in `model`: True, False (also frees the packed copies) or "auto"."""
     if mode not in (True, False, "auto"):
         raise ValueError(f"prepack must be True, False or 'auto', not {mode!r}")
     for m in model.modules():
-        if isinstance(m, Conv2d):
+        if isinstance(m, PackedWeight):
             m.prepack = mode
             if not mode:
                 m._packed, m._packed_key = None, None

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Conv2d
+from .conv import Conv2d, Linear
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.upcast = heads, upcast
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(0.0))
 
     def forward(self, x, context=None):
         context = x if context is None else context
@@ -111,7 +111,7 @@ class CrossAttention(nn.Module):
 class GEGLU(nn.Module):
     def __init__(self, dim_in, dim_out):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -121,7 +121,7 @@ class GEGLU(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim, mult=4):
         super().__init__()
-        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), Linear(dim * mult, dim))
 
     def forward(self, x):
         return self.net(x)
@@ -147,10 +147,10 @@ class SpatialTransformer(nn.Module):
         inner = heads * dim_head
         self.linear = linear
         self.norm = nn.GroupNorm(32, ch, eps=1e-6)
-        self.proj_in = nn.Linear(ch, inner) if linear else Conv2d(ch, inner, 1)
+        self.proj_in = Linear(ch, inner) if linear else Conv2d(ch, inner, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, upcast) for _ in range(depth))
-        self.proj_out = nn.Linear(inner, ch) if linear else Conv2d(inner, ch, 1)
+        self.proj_out = Linear(inner, ch) if linear else Conv2d(inner, ch, 1)
 
     def forward(self, x, context):
         b, c, h, w = x.shape

@@ -1,0 +1,134 @@
+"""Where kiln's CPU time goes: a per-stage and per-op-kind profile of one SD 1.5 generation (issue #34).
+
+    python benchmarks/stage_profile.py --size 256 --precision full   # random full-size SD 1.5 (kiln bench's file)
+    python benchmarks/stage_profile.py --size 512 --precision autocast --json prof.json
+
+Stages (median of --repeat after one warm-up, prompt encoding and decode as a generation runs them): the text
+encoder (prompt + empty negative), one CFG UNet step (batch 2), the VAE decode. Then torch.profiler over one UNet
+step and one decode, self CPU time summed by op kind (convolution, attention, group norm, linear/GEMM,
+elementwise, layout copies, other), and wall time by UNet block kind (forward hooks). Run it alone: two torch
+processes on 2 cores thrash.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# aten op name fragments → kind (first match wins; order matters: "convolution" before "add")
+KINDS = [("attention", ("scaled_dot_product", "flash_attention", "softmax", "baddbmm", "bmm")),
+         ("convolution", ("convolution", "conv2d", "mkldnn_conv", "kiln::", "packed")),
+         ("group norm", ("group_norm",)), ("layer norm", ("layer_norm",)),
+         ("linear/GEMM", ("addmm", "aten::mm", "matmul", "linear")),
+         ("layout copies", ("copy_", "contiguous", "clone", "to_dense", "reorder", "cat", "upsample", "pad")),
+         ("elementwise", ("add", "mul", "silu", "gelu", "sigmoid", "div", "sub", "chunk", "exp", "where", "neg"))]
+
+
+def kind_of(op: str) -> str:
+    for kind, parts in KINDS:
+        if any(p in op for p in parts):
+            return kind
+    return "other"
+
+
+def median_time(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def op_kinds(fn) -> dict[str, float]:
+    """Self CPU seconds by op kind over one call of `fn` (ops nested in others are counted once, as self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    out: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        out[kind_of(ev.key)] += ev.self_cpu_time_total / 1e6
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def block_times(unet, fn) -> dict[str, float]:
+    """Wall seconds by UNet block kind over one call (hooks on the outermost ResBlock/attention/sampling layers)."""
+    spent: dict[str, float] = defaultdict(float)
+    starts, hooks = {}, []
+    for name, mod in unet.named_modules():
+        kind = type(mod).__name__
+        if kind not in ("ResBlock", "SpatialTransformer", "Downsample", "Upsample"):
+            continue
+        hooks.append(mod.register_forward_pre_hook(lambda m, a, n=name: starts.__setitem__(n, time.perf_counter())))
+        hooks.append(mod.register_forward_hook(
+            lambda m, a, r, n=name, k=kind: spent.__setitem__(k, spent[k] + time.perf_counter() - starts[n])))
+    try:
+        t = time.perf_counter()
+        fn()
+        total = time.perf_counter() - t
+    finally:
+        for h in hooks:
+            h.remove()
+    spent["rest (embeddings, in/out layers, glue)"] = total - sum(spent.values())
+    return dict(spent)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--weights", default=None, help="a CompVis SD 1.x file (default: kiln bench's random weights)")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--precision", default="full", choices=("full", "autocast"))
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None)
+    opt = p.parse_args(argv)
+    if opt.threads:
+        torch.set_num_threads(opt.threads)
+    from kiln.bench import PROMPT, cache_dir, random_weights
+    from kiln.pipeline import generators, load, randn
+
+    weights = opt.weights or random_weights(cache_dir() / "sd15-random-fp32.safetensors")
+    t = time.perf_counter()
+    pipe = load(str(weights), device="cpu", precision=opt.precision)
+    load_s = time.perf_counter() - t
+    h = w = opt.size // 8
+    with torch.no_grad():
+        cond, uncond = pipe.conditioning([PROMPT], [""])
+        eps_fn = pipe.eps_fn(cond, uncond, 7.5)
+        x = randn((4, h, w), generators([1]), torch.device("cpu"))
+        stages = {"text encoder (prompt + negative)": median_time(lambda: pipe.conditioning([PROMPT], [""]),
+                                                                  opt.repeat),
+                  "UNet step (CFG, batch 2)": median_time(lambda: eps_fn(x, 500), opt.repeat),
+                  "VAE decode": median_time(lambda: pipe.decode_latents(x), opt.repeat)}
+        unet_ops = op_kinds(lambda: eps_fn(x, 500))
+        vae_ops = op_kinds(lambda: pipe.decode_latents(x))
+        blocks = block_times(pipe.model.unet, lambda: eps_fn(x, 500))
+    report = {"size": opt.size, "precision": opt.precision, "compute_dtype": str(pipe.dtype),
+              "threads": torch.get_num_threads(), "load_s": load_s, "stages_s": stages,
+              "unet_step_by_op_kind_s": unet_ops, "vae_decode_by_op_kind_s": vae_ops,
+              "unet_step_by_block_kind_s": blocks}
+    print(f"kiln stage profile: SD 1.5 {opt.size}x{opt.size}, precision {opt.precision} ({pipe.dtype}), "
+          f"{report['threads']} threads, load {load_s:.1f} s")
+    for title, table in (("stages (median)", stages), ("UNet step, self CPU time by op kind", unet_ops),
+                         ("VAE decode, self CPU time by op kind", vae_ops),
+                         ("UNet step, wall time by block kind", blocks)):
+        total = sum(table.values())
+        print(f"\n{title}:")
+        for k, v in table.items():
+            print(f"  {k:42} {v:8.3f} s  {100 * v / total:5.1f}%")
+    if opt.json:
+        Path(opt.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
