@@ -205,6 +205,7 @@ def sigterm(server, out, before: int):
 
 
 # ---------------------------------------------------------------------------------------------- 20 x kill -9
+STEPS_20 = 8  # jobs long enough that the status polls between kills do not drain the queue
 LOADING, SERVING = "kiln: loading the model", "kiln: serving "  # kiln serve's lines around create_app (recovery)
 
 
@@ -228,9 +229,9 @@ def test_twenty_kill_9_at_random_moments_of_a_twenty_job_run(tmp_path):
     loading = time.time()
     server.wait_ready()
     loads = [time.time() - loading]  # model load + the store's recovery: where a start-phase kill lands
-    ids = [server.submit(seed=s)["id"] for s in seeds]
+    ids = [server.submit(seed=s, steps=STEPS_20)["id"] for s in seeds]
     assert time.time() - started < 120
-    job_s = 0.15  # one 2-step 64 px job on the demo model until measured; kills spread over what is left
+    job_s = 0.3  # one 64 px job on the demo model until measured; kills spread over what is left
     phases = {"start": 0, "run": 0, "idle": 0}
     for kills_left in range(20, 0, -1):
         if kills_left < 20 and rng.random() < 0.3:  # during the restart that has just begun
@@ -300,7 +301,7 @@ def uninterrupted(out: Path, seeds: list[int]) -> list[np.ndarray]:
         client = TestClient(app)
         ids = []
         for seed in seeds:
-            r = client.post("/api/v1/txt2img", json={**BODY, "seed": seed})
+            r = client.post("/api/v1/txt2img", json={**BODY, "seed": seed, "steps": STEPS_20})
             assert r.status_code == 202, r.text
             ids.append(r.json()["id"])
         deadline = time.time() + 120
