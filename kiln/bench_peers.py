@@ -36,10 +36,14 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 # huggingface-hub < 1.22 rules out diffusers >= 0.42, which wants hub >= 1.32).
 VENV_PACKAGES = {
     "openvino": ["optimum-intel==2.2.0", "optimum==2.3.0", "openvino==2026.4.1", "openvino-tokenizers==2026.4.1.0",
-                 "nncf==3.4.0", "torch==2.13.0", "torchvision==0.28.0", "diffusers==0.39.0", "transformers==5.5.4",
+                 "nncf==3.4.0", "torch==2.13.0", "diffusers==0.39.0", "transformers==5.5.4",
                  "huggingface-hub==1.21.0", "numpy"],
     "sdcpp": ["stable-diffusion-cpp-python==0.4.7", "numpy"],
 }
+# optimum-intel pulls torchvision, whose PyPI wheel does not load against the local torch 2.13.0+cpu build
+# ("operator torchvision::nms does not exist") and then breaks `from transformers import AutoProcessor`, which
+# optimum.intel imports; nothing here needs torchvision, so it goes.
+VENV_REMOVE = {"openvino": ["torchvision"]}
 # stable-diffusion.cpp is a C++ source build: for this CPU's own instruction set (AVX512, AVX512-BF16).
 VENV_ENV = {"sdcpp": {"CMAKE_ARGS": "-DGGML_NATIVE=ON"}}
 VERSION_OF = {"kiln": ("torch",), "diffusers": ("diffusers", "transformers", "torch"),
@@ -284,23 +288,37 @@ def _worker_main(argv) -> None:
 # ---------------------------------------------------------------- the driver (in kiln's process)
 
 def player_python(player: str) -> str:
-    """The interpreter that runs `player`: this one for kiln and diffusers, else the player's venv (made once)."""
+    """The interpreter that runs `player`: this one for kiln and diffusers, else the player's venv, made (or
+    brought to the pinned packages) once: a marker file records the packages it was made with."""
     if player not in VENV_PACKAGES:
         return sys.executable
     venv = peers_dir() / player / "venv"
-    python = venv / "bin" / "python"
+    python, marker = venv / "bin" / "python", venv / "kiln-peer-packages.txt"
+    wanted = "\n".join(VENV_PACKAGES[player] + [f"-{p}" for p in VENV_REMOVE.get(player, [])])
+    if marker.is_file() and marker.read_text() == wanted:
+        return str(python)
+    print(f"kiln bench: setting up {venv} ({' '.join(VENV_PACKAGES[player])}; once)", file=sys.stderr)
     if not python.is_file():
-        print(f"kiln bench: creating {venv} ({' '.join(VENV_PACKAGES[player])}; once)", file=sys.stderr)
         _check_call([sys.executable, "-m", "venv", str(venv)], f"python -m venv {venv}")
-        _check_call([str(python), "-m", "pip", "install", "-q", *VENV_PACKAGES[player]],
-                    f"pip install {' '.join(VENV_PACKAGES[player])} in {venv}", env=VENV_ENV.get(player))
+    _check_call([str(python), "-m", "pip", "install", "-q", *VENV_PACKAGES[player]],
+                f"pip install {' '.join(VENV_PACKAGES[player])} in {venv}", env=VENV_ENV.get(player))
+    if VENV_REMOVE.get(player):
+        _check_call([str(python), "-m", "pip", "uninstall", "-y", "-q", *VENV_REMOVE[player]],
+                    f"pip uninstall {' '.join(VENV_REMOVE[player])} in {venv}")
+    marker.write_text(wanted)
     return str(python)
+
+
+def _last_line(text: str) -> str:
+    """The last non-empty line of a process' output: the error itself, for a one-line message."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no output"
 
 
 def _check_call(cmd, what, env=None) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if r.returncode:
-        raise KilnError(f"kiln bench: {what} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+        raise KilnError(f"kiln bench: {what} failed: {_last_line(r.stderr or r.stdout)}")
 
 
 def _worker(python: str, args: list[str], env=None) -> subprocess.CompletedProcess:
@@ -327,7 +345,7 @@ def openvino_ir(weights: Path) -> Path:
             r = _worker(python, ["--player", step, "--weights", str(weights), "--folder", str(folder),
                                  "--ir", str(ir)], env={"HF_HUB_OFFLINE": "1"})
             if r.returncode:
-                raise KilnError(f"kiln bench: {step} failed: {r.stderr.strip()[-2000:]}")
+                raise KilnError(f"kiln bench: {step} failed: {_last_line(r.stderr)}")
     return ir
 
 
@@ -358,8 +376,7 @@ def run_peer(player, weights, size, precision, plan, image_out) -> dict:
                 env={"OMP_NUM_THREADS": str(plan["threads"])})
     lines = [line for line in r.stdout.splitlines() if line.startswith("KILN_PEER ")]
     if r.returncode or not lines:
-        tail = [line for line in (r.stderr or r.stdout).strip().splitlines() if line.strip()][-1:] or ["no output"]
-        return {"error": f"exit {r.returncode}: {tail[0][:300]}", "stderr": r.stderr[-3000:]}
+        return {"error": f"exit {r.returncode}: {_last_line(r.stderr or r.stdout)}", "stderr": r.stderr[-3000:]}
     return json.loads(lines[-1][len("KILN_PEER "):])
 
 
