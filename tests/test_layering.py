@@ -25,7 +25,8 @@ LAYERS = [
     (3, {"output", "scripts"}, "what becomes of finished images (PNG metadata, grids, file naming, the atomic "
      "writer), and A1111's scripts: many generations, their labelled grids"),
     (4, {"demo"}, "the demo model's trainer, analyzer and report, which drive the pipeline"),
-    (5, {"server", "distributed", "bench", "compat", "cli", ROOT}, "front ends; kiln/__init__.py is the public API"),
+    (5, {"server", "distributed", "bench", "bench_peers", "compat", "cli", ROOT},
+     "front ends; kiln/__init__.py is the public API"),
 ]
 FRONT_END_LEVEL = 5
 
@@ -33,6 +34,7 @@ FRONT_END_LEVEL = 5
 FRONT_END_EXCEPTIONS = {
     ("cli", "*"): "cli is the command dispatcher: its subcommands start the other front ends",
     ("distributed", "server"): "Ray Serve wraps the HTTP server (its app and worker)",
+    ("bench_peers", "bench"): "the peers benchmark reuses kiln bench's weights file and its diffusers pipeline",
 }
 
 # Names of the package root that any module may import (`from kiln import __version__`, `from .. import __version__`).

@@ -188,7 +188,8 @@ def bench_parser(sub):
                                    "kiln/diffusers ratios: UNet step, VAE decode, txt2img, load time, peak memory, "
                                    "and the largest difference between the two images.")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default 256; 512 on a GPU)")
-    p.add_argument("--steps", type=int, default=4, help="DDIM steps of the txt2img run (default 4)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps of the txt2img run (default 4; with --peers: Euler steps, default 6)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     p.add_argument("--repeat", type=int, default=3, help="timed UNet calls (the median is reported)")
@@ -204,11 +205,25 @@ def bench_parser(sub):
     p.add_argument("--lowvram", action="store_true", help="GPU: also run kiln with --lowvram (peak device memory)")
     p.add_argument("--weights", default=None, help="a CompVis SD 1.x file instead of the random weights")
     p.add_argument("--json", default=None, help="write the report here as JSON")
+    p.add_argument("--peers", nargs="?", const="kiln,diffusers,openvino,sdcpp", default=None, metavar="LIST",
+                   help="CPU: kiln against diffusers, OpenVINO and stable-diffusion.cpp (or a subset: "
+                        "kiln,diffusers,openvino,sdcpp), each in its own venv under ~/.cache/kiln/peers; "
+                        "end-to-end txt2img, Euler, CFG 7.5 (see docs/performance.md)")
+    p.add_argument("--sizes", default="256,512", help="with --peers: image sides (default 256,512)")
+    p.add_argument("--precisions", default=None,
+                   help="with --peers: fp32,bf16 (default: both where the CPU has native bf16, else fp32)")
 
 
 def run_bench(opt):
     from ..bench import bench
 
+    if opt.peers is not None:
+        from ..bench_peers import bench_peers
+
+        opt.steps = 6 if opt.steps is None else opt.steps
+        bench_peers(opt)
+        return 0
+    opt.steps = 4 if opt.steps is None else opt.steps
     if opt.repeat < 1 or opt.steps < 1:
         raise KilnError("--repeat and --steps must be at least 1")
     bench(opt)
