@@ -76,10 +76,16 @@ def test_pytorch_path_for_training_circular_padding_other_dtypes_and_when_off():
     assert getattr(conv, "_packed_key", None) is None
     assert (out - F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), conv.weight, conv.bias)).abs().max() < 1e-5
     conv.padding_mode = "zeros"
-    half = copy.deepcopy(conv).to(torch.bfloat16)
+    double = copy.deepcopy(conv).to(torch.float64)
     with torch.no_grad():
-        half(x.bfloat16())
-    assert getattr(half, "_packed_key", None) is None
+        double(x.double())
+    assert getattr(double, "_packed_key", None) is None
+    half = copy.deepcopy(conv).to(torch.bfloat16)  # bf16 packs, even under "auto" (not file-backed)
+    half.prepack = "auto"
+    with torch.no_grad():
+        out = half(x.bfloat16())
+    assert half._packed_key is not None and out.dtype == torch.bfloat16
+    assert torch.equal(out, F.conv2d(x.bfloat16(), half.weight, half.bias, padding=1))
     prepack(conv, False)
     with torch.no_grad():
         conv(x)

@@ -155,6 +155,15 @@ def sidecar_yaml(path) -> Path | None:
     return side if side.is_file() else None
 
 
+def converted(raw: torch.Tensor, device, dtype) -> torch.Tensor:
+    """`raw` on `device` in `dtype`. A converted copy hands back the pages `raw` was read from: a memory-mapped
+    file's pages would otherwise stay resident beside the copy (SD 1.5 fp32 computed in bf16: +4.3 GB of RSS)."""
+    t = raw.to(device=device, dtype=dtype)
+    if t.data_ptr() != raw.data_ptr():
+        release_pages(raw)
+    return t
+
+
 def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: str | None = None,
                prediction: str | None = None, dtype: torch.dtype = torch.float32,
                device="cpu", channels_last: bool = False) -> tuple[LatentDiffusion, LoadInfo]:
@@ -217,10 +226,7 @@ def load_model(path, *, ema: str = "auto", vae: str | None = None, config_yaml: 
     nhwc = lambda key, t: channels_last and t.dim() == 4 and key.startswith((UNET, VAE))
     for key in expected:
         s, k = pick(key)
-        raw = s.get(k)
-        t = raw.to(device=device, dtype=dtype)
-        if t.data_ptr() != raw.data_ptr():  # converted: the file's pages need not stay resident (peak RSS)
-            release_pages(raw)
+        t = converted(s.get(k), device, dtype)
         state[key] = t.contiguous(memory_format=torch.channels_last) if nhwc(key, t) else t
     try:
         model.load_state_dict(state, strict=True, assign=True)
