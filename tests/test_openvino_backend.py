@@ -121,3 +121,10 @@ def test_cli_refuses_with_one_line(flags, message, capsys, tmp_path):
                "openvino", *flags])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_bench_checks_openvino_before_running(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "openvino.torch", None)
+    assert main(["bench", "--openvino", "--device", "cpu", "--weights", str(tmp_path / "w.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "needs OpenVINO" in err and len(err.splitlines()) == 1, err
