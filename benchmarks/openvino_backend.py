@@ -34,6 +34,14 @@ VARIANTS = {  # name: (backend, precision)
 }
 
 
+def rss_gb() -> float:
+    """This process's resident memory now (after the runs: the steady state, compile transients gone)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
 def child(opt) -> None:
     """One variant, in this process: prints one JSON line."""
     import torch
@@ -59,7 +67,8 @@ def child(opt) -> None:
     print("RESULT " + json.dumps({
         "variant": opt.variant, "size": opt.size, "steps": opt.steps, "load_s": load_s, "first_s": first_s,
         "median_s": statistics.median(s for s, _ in runs), "runs_s": [s for s, _ in runs],
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "image": str(opt.image),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_gb": rss_gb(),
+        "image": str(opt.image),
         "threads": torch.get_num_threads()}), flush=True)
 
 
@@ -95,8 +104,8 @@ def table(path) -> str:
         ref = group.get("eager-f32")
         ref_image = np.load(ref["image"]) if ref else None
         out += [f"\n{size}x{size}, {next(iter(group.values()))['steps']} Euler steps, CFG 7.5, one image",
-                "| variant | load | first call | steady (median) | vs eager f32 | peak RSS | image max abs diff |",
-                "|---|---|---|---|---|---|---|"]
+                "| variant | load | first call | steady (median) | vs eager f32 | peak RSS | RSS after | image max Δ |",
+                "|---|---|---|---|---|---|---|---|"]
         for name in VARIANTS:
             if name not in group:
                 continue
@@ -105,7 +114,7 @@ def table(path) -> str:
             diff = f"{np.abs(np.load(r['image']) - ref_image).max():.1e}" if ref and name != "eager-f32" else "—"
             runs = ", ".join(f"{s:.2f}" for s in r["runs_s"])
             out.append(f"| {name} | {r['load_s']:.1f} s | {r['first_s']:.1f} s | {r['median_s']:.2f} s ({runs}) "
-                       f"| {ratio} | {r['peak_rss_gb']:.2f} GB | {diff} |")
+                       f"| {ratio} | {r['peak_rss_gb']:.2f} GB | {r.get('rss_gb', float('nan')):.2f} GB | {diff} |")
     return "\n".join(out)
 
 

@@ -62,14 +62,28 @@ def options(precision: str, cache_dir: str | Path | None = None) -> dict:
 
 
 class _Owned:
-    """A compiled forward whose tensor outputs are the caller's own (OpenVINO reuses its output buffers)."""
+    """A compiled forward whose tensor outputs are the caller's own (OpenVINO reuses its output buffers). After a
+    call that compiled, the module's weights' pages go back to the kernel: OpenVINO runs on its own re-laid-out
+    copy, and pages mapped from the checkpoint are re-read from it if anything (a LoRA merge, the next compile)
+    reads them again, so the process does not hold the weights twice."""
 
-    def __init__(self, compiled):
-        self.compiled = compiled
+    def __init__(self, compiled, module):
+        self.compiled, self.module = compiled, module
 
     def __call__(self, *args, **kwargs):
+        compiled_before = _compiled_count()
         out = self.compiled(*args, **kwargs)
+        if _compiled_count() != compiled_before:
+            from ..models.conv import release_pages
+
+            for t in (*self.module.parameters(), *self.module.buffers()):
+                release_pages(t)
         return out.clone() if isinstance(out, torch.Tensor) else type(out)(t.clone() for t in out)
+
+
+def _compiled_count() -> int:
+    execute = sys.modules.get("openvino.frontend.pytorch.torchdynamo.execute")
+    return len(execute.compiled_cache) if execute is not None else 0
 
 
 def compile_openvino(pipe, cache_dir: str | Path | None = None) -> None:
@@ -88,7 +102,7 @@ def compile_openvino(pipe, cache_dir: str | Path | None = None) -> None:
     opts = options(pipe.precision, cache_dir)
     m = pipe.model
     for module in (m.unet, m.vae.decoder, m.vae.encoder, *m.text_models):
-        module.forward = _Owned(torch.compile(module.forward, backend="openvino", dynamic=False, options=opts))
+        module.forward = _Owned(torch.compile(module.forward, backend="openvino", dynamic=False, options=opts), module)
     pipe.frozen = True  # LoRA changes reset the compiled code (`runtime.reset_compiled`)
 
 
