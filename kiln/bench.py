@@ -106,7 +106,7 @@ def run_kiln(opt, device, dtype) -> dict:
     t = time.perf_counter()
     pipe = load(opt.weights, device=str(device), precision="full" if dtype == torch.float32 else "autocast",
                 channels_last=True if opt.channels_last else None, prepack=False if opt.no_prepack else "auto",
-                offload=opt.offload)
+                offload=opt.offload, backend="openvino" if opt.openvino else "torch")
     if opt.compile:
         pipe.compile()
     if opt.deepcache:
@@ -241,6 +241,7 @@ def _worker_main(argv):
     p.add_argument("--repeat", type=int, required=True)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--openvino", action="store_true")
     p.add_argument("--channels-last", dest="channels_last", action="store_true")
     p.add_argument("--no-prepack", dest="no_prepack", action="store_true")
     p.add_argument("--offload", default=None)
@@ -276,6 +277,10 @@ def bench(opt) -> dict:
     if opt.size % 8:
         raise KilnError(f"--size must be a multiple of 8, got {opt.size}")
     device = pick_device(opt.device)
+    if getattr(opt, "openvino", False):
+        from .pipeline.openvino_backend import check_openvino
+
+        check_openvino(device)
     if opt.weights:
         weights = Path(opt.weights)
         if not weights.is_file():
@@ -302,6 +307,8 @@ def bench(opt) -> dict:
             variants.append((f"kiln --{mode}", "kiln", ("--offload", mode)))
     if opt.compile:
         variants.append(("kiln --compile", "kiln", ("--compile",)))
+    if getattr(opt, "openvino", False):
+        variants.append(("kiln --backend openvino", "kiln", ("--openvino",)))
     for name, side, flags in variants:
         print(f"kiln bench: {name} …", file=sys.stderr)
         runs[name] = run_side(side, weights, opt, device, work / f"{name.replace(' ', '_')}.npy", flags)
@@ -309,7 +316,7 @@ def bench(opt) -> dict:
     ref = runs["diffusers"]
     report = {"device": str(device), "dtype": opt.dtype, "size": opt.size, "steps": opt.steps,
               "threads": opt.threads or torch.get_num_threads(), "weights": str(weights), "runs": runs,
-              "ratios": {}, "max_abs_diff": {}}
+              "ratios": {}, "ratios_vs_kiln": {}, "max_abs_diff": {}}
     for name in runs:
         if name == "diffusers":
             continue
@@ -321,6 +328,8 @@ def bench(opt) -> dict:
             "load_speedup": ref["load_s"] / r["load_s"],
             "peak_memory_ratio": r["peak_bytes"] / ref["peak_bytes"]}
         report["max_abs_diff"][name] = float(np.abs(images[name].astype(np.float64) - images["diffusers"]).max())
+        if name != "kiln":  # a kiln option against kiln's default path
+            report["ratios_vs_kiln"][name] = {k: runs["kiln"][k] / r[k] for k in ("unet_step_s", "txt2img_s")}
     print(format_report(report))
     if opt.json:
         Path(opt.json).write_text(json.dumps(report, indent=2))
@@ -346,6 +355,8 @@ def format_report(rep) -> str:
                    f"txt2img {r['txt2img_speedup']:.2f}x, VAE decode {r['vae_decode_speedup']:.2f}x, "
                    f"load {r['load_speedup']:.2f}x faster; peak memory "
                    f"{r['peak_memory_ratio']:.2f}x; image max |diff| {rep['max_abs_diff'][name]:.2e}")
+    for name, r in rep.get("ratios_vs_kiln", {}).items():
+        out.append(f"{name} vs kiln: UNet step {r['unet_step_s']:.2f}x, txt2img {r['txt2img_s']:.2f}x faster")
     return "\n".join(out)
 
 

@@ -175,6 +175,9 @@ def _model_flags(p):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and VAE decoder (slow first image; for GPUs: on CPUs the eager "
                         "pre-packed path measured faster; docs/performance.md)")
+    p.add_argument("--backend", choices=["torch", "openvino"], default="torch",
+                   help="openvino: run the UNet, VAE and text encoder through OpenVINO on the CPU (pip install "
+                        "'kiln[openvino]'; the first image at a size compiles; cached in ~/.cache/kiln/openvino)")
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="NHWC convolution weights (the default on CUDA; on CPUs ~10%% faster UNet, +2.7 GB memory)")
     add_memory_flags(p)
@@ -390,6 +393,12 @@ def check_flags(opt):
             raise KilnError(f"{flag} {spec}: no such file or folder")
     if getattr(opt, "refiner", None) and not Path(opt.refiner).exists():
         raise KilnError(f"--refiner {opt.refiner}: no such file or folder")
+    if opt.backend == "openvino":
+        from ..pipeline.openvino_backend import check_openvino
+
+        if opt.compile:
+            raise KilnError("--compile and --backend openvino do not go together (openvino compiles already)")
+        check_openvino(opt.device, opt.offload)
     return loras
 
 
@@ -400,7 +409,7 @@ def load_for(opt):
     config = opt.config or (COMPVIS_CONFIG if not opt.ckpt and Path(COMPVIS_CONFIG).exists() else None)
     pipe = load(resolve_ckpt(opt), device=opt.device, precision=opt.precision, ema=opt.ema, vae=opt.vae,
                 config=config, prediction=opt.prediction, channels_last=opt.channels_last,
-                prepack=PREPACK[opt.prepack], offload=opt.offload)
+                prepack=PREPACK[opt.prepack], offload=opt.offload, backend=opt.backend)
     if opt.compile:
         say("kiln: compiling the UNet and VAE decoder (the first image takes longer)")
         pipe.compile()
@@ -409,7 +418,8 @@ def load_for(opt):
     if getattr(opt, "refiner", None):
         say(f"kiln: loading the refiner {opt.refiner}")
         pipe.set_refiner(load(opt.refiner, device=opt.device, precision=opt.precision,
-                              prepack=PREPACK[opt.prepack], offload=opt.offload), opt.refiner_switch)
+                              prepack=PREPACK[opt.prepack], offload=opt.offload, backend=opt.backend),
+                       opt.refiner_switch)
     pipe.lora_dir, pipe.embeddings_dir = opt.lora_dir, opt.embeddings_dir
     from ..pipeline.upscalers import Upscalers
 

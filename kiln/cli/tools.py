@@ -195,6 +195,9 @@ def bench_parser(sub):
     p.add_argument("--repeat", type=int, default=3, help="timed UNet calls (the median is reported)")
     p.add_argument("--threads", type=int, default=0, help="torch threads in both runs (default: torch's)")
     p.add_argument("--compile", action="store_true", help="also run kiln with torch.compile (--compile)")
+    p.add_argument("--openvino", action="store_true",
+                   help="also run kiln --backend openvino (pip install openvino; compiled models cached in "
+                        "~/.cache/kiln/openvino)")
     p.add_argument("--channels-last", dest="channels_last", action="store_true",
                    help="also run kiln with channels-last weights (--channels-last)")
     p.add_argument("--no-prepack", dest="no_prepack", action="store_true",

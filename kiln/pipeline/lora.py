@@ -50,7 +50,9 @@ def set_loras(pipe, loras) -> None:
             target.add_((patch.delta(target.shape, torch.float32, p.device) * w).to(p.dtype))
     pipe._lora_applied = want
     if pipe.frozen:  # compiled graphs hold the old weights as constants
-        torch._dynamo.reset()
+        from .runtime import reset_compiled
+
+        reset_compiled()
 
 
 def apply_networks(pipe, batch: list[str], loras) -> tuple[list[str], dict]:

@@ -174,7 +174,10 @@ class Pipeline:
                 m.padding_mode = mode
 
     # ------------------------------------------------------------------ settings
-    def compile(self, freeze: bool | None = None) -> None:
+    def compile(self, freeze: bool | None = None, backend: str = "torch") -> None:
+        """torch.compile (`runtime.compile_model`), or `backend` "openvino" (`openvino_backend`; fp32 weights)."""
+        if backend == "openvino":
+            return runtime.compile_openvino(self)
         runtime.compile_model(self, freeze)
 
     def offload(self, mode: str | None) -> None:

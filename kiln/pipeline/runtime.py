@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..checkpoints import load_model
 from ..errors import KilnError
 from .devices import compute_dtype, pick_device, resolve_precision
+from .openvino_backend import BACKENDS, check_openvino, clear_caches, compile_openvino
 
 
 def load(path: str | Path, *, device: str = "auto", precision: str = "auto", ema: str = "auto",
          vae: str | None = None, config: str | None = None, prediction: str | None = None,
-         channels_last: bool | None = None, prepack: bool | str = "auto", offload: str | None = None):
+         channels_last: bool | None = None, prepack: bool | str = "auto", offload: str | None = None,
+         backend: str = "torch"):
     """Load a checkpoint (CompVis file or diffusers folder) into a ready Pipeline. `precision`: "auto" (every
     front end's default: fp16 on CUDA/MPS, fp32 on CPUs), "full" (fp32) or "autocast" (fp16 on CUDA/MPS, bf16 on
     CPUs with native bf16); see `kiln.pipeline.devices`. `prediction` ("eps" | "v")
@@ -23,11 +27,17 @@ def load(path: str | Path, *, device: str = "auto", precision: str = "auto", ema
     image size (`kiln.models.conv`): "auto" where memory stays flat (weights memory-mapped from an fp32 file), True
     everywhere, False never (PyTorch's plain eager convolution). `offload` ("medvram" | "lowvram") keeps the
     weights in CPU memory and moves each part to the GPU while it runs (`offload`); on a CPU there is nothing to
-    offload, and it is ignored with a notice."""
+    offload, and it is ignored with a notice. `backend` "openvino" runs the models through OpenVINO on the CPU
+    (`openvino_backend`): the weights load in fp32 and `precision` picks OpenVINO's compute precision."""
     from .model import Pipeline
 
+    if backend not in BACKENDS:
+        raise KilnError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "openvino":
+        check_openvino(device, offload)
+        device = "cpu"
     dev = pick_device(device)
-    dtype = compute_dtype(precision, dev)
+    dtype = compute_dtype(precision, dev) if backend == "torch" else torch.float32
     nhwc = channels_last if channels_last is not None else dev.type == "cuda"
     notices = []
     if offload and dev.type == "cpu":
@@ -42,7 +52,16 @@ def load(path: str | Path, *, device: str = "auto", precision: str = "auto", ema
     pipe = Pipeline(model, info, dev, dtype, resolve_precision(precision, dev), notices=notices)
     if offload:
         set_offload(pipe, offload)
+    if backend == "openvino":
+        compile_openvino(pipe)
     return pipe
+
+
+def reset_compiled() -> None:
+    """After a weight change (LoRA): compiled graphs that hold the weights as constants recompile at their next
+    call (`compile_model` on a CPU, `--backend openvino`)."""
+    torch._dynamo.reset()
+    clear_caches()
 
 
 def compile_model(pipe, freeze: bool | None = None) -> None:
