@@ -2,12 +2,14 @@
 
     python benchmarks/stage_profile.py --size 256 --precision full   # random full-size SD 1.5 (kiln bench's file)
     python benchmarks/stage_profile.py --size 512 --precision autocast --json prof.json
+    python benchmarks/stage_profile.py --size 256 --backend openvino        # the same stages through OpenVINO
 
 Stages (median of --repeat after one warm-up, prompt encoding and decode as a generation runs them): the text
 encoder (prompt + empty negative), one CFG UNet step (batch 2), the VAE decode. Then torch.profiler over one UNet
 step and one decode, self CPU time summed by op kind (convolution, attention, group norm, linear/GEMM,
-elementwise, layout copies, other), and wall time by UNet block kind (forward hooks). Run it alone: two torch
-processes on 2 cores thrash.
+elementwise, layout copies, other), and wall time by UNet block kind (forward hooks); with `--backend openvino` the
+stages only (OpenVINO's kernels are out of torch.profiler's sight), after a first call that compiles each stage.
+Run it alone: two torch processes on 2 cores thrash.
 """
 from __future__ import annotations
 
@@ -90,6 +92,7 @@ def main(argv=None):
     p.add_argument("--precision", default="full", choices=("full", "autocast"))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--backend", default="torch", choices=("torch", "openvino"))
     p.add_argument("--json", default=None)
     opt = p.parse_args(argv)
     if opt.threads:
@@ -99,7 +102,7 @@ def main(argv=None):
 
     weights = opt.weights or random_weights(cache_dir() / "sd15-random-fp32.safetensors")
     t = time.perf_counter()
-    pipe = load(str(weights), device="cpu", precision=opt.precision)
+    pipe = load(str(weights), device="cpu", precision=opt.precision, backend=opt.backend)
     load_s = time.perf_counter() - t
     h = w = opt.size // 8
     with torch.no_grad():
@@ -110,18 +113,21 @@ def main(argv=None):
                                                                   opt.repeat),
                   "UNet step (CFG, batch 2)": median_time(lambda: eps_fn(x, 500), opt.repeat),
                   "VAE decode": median_time(lambda: pipe.decode_latents(x), opt.repeat)}
-        unet_ops = op_kinds(lambda: eps_fn(x, 500))
-        vae_ops = op_kinds(lambda: pipe.decode_latents(x))
-        blocks = block_times(pipe.model.unet, lambda: eps_fn(x, 500))
-    report = {"size": opt.size, "precision": opt.precision, "compute_dtype": str(pipe.dtype),
+        torch_only = opt.backend == "torch"
+        unet_ops = op_kinds(lambda: eps_fn(x, 500)) if torch_only else {}
+        vae_ops = op_kinds(lambda: pipe.decode_latents(x)) if torch_only else {}
+        blocks = block_times(pipe.model.unet, lambda: eps_fn(x, 500)) if torch_only else {}
+    report = {"size": opt.size, "precision": opt.precision, "backend": opt.backend, "compute_dtype": str(pipe.dtype),
               "threads": torch.get_num_threads(), "load_s": load_s, "stages_s": stages,
               "unet_step_by_op_kind_s": unet_ops, "vae_decode_by_op_kind_s": vae_ops,
               "unet_step_by_block_kind_s": blocks}
-    print(f"kiln stage profile: SD 1.5 {opt.size}x{opt.size}, precision {opt.precision} ({pipe.dtype}), "
+    print(f"kiln stage profile: SD 1.5 {opt.size}x{opt.size}, backend {opt.backend}, precision {opt.precision}, "
           f"{report['threads']} threads, load {load_s:.1f} s")
     for title, table in (("stages (median)", stages), ("UNet step, self CPU time by op kind", unet_ops),
                          ("VAE decode, self CPU time by op kind", vae_ops),
                          ("UNet step, wall time by block kind", blocks)):
+        if not table:
+            continue
         total = sum(table.values())
         print(f"\n{title}:")
         for k, v in table.items():

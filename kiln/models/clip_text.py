@@ -9,8 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import Linear
-
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -35,10 +33,10 @@ class Attention(nn.Module):
     def __init__(self, width, heads, causal=True):
         super().__init__()
         self.heads, self.causal = heads, causal
-        self.q_proj = Linear(width, width)
-        self.k_proj = Linear(width, width)
-        self.v_proj = Linear(width, width)
-        self.out_proj = Linear(width, width)
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
 
     def forward(self, x):
         b, n, c = x.shape
@@ -50,8 +48,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, width, hidden, act):
         super().__init__()
-        self.fc1 = Linear(width, hidden)
-        self.fc2 = Linear(hidden, width)
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
         self.act = quick_gelu if act == "quick_gelu" else F.gelu
 
     def forward(self, x):
@@ -135,7 +133,7 @@ class ResidualAttention(nn.Module):
         self.heads = heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
-        self.out_proj = Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
 
     def forward(self, x):
         b, n, c = x.shape
@@ -148,8 +146,8 @@ class ResidualAttention(nn.Module):
 class OpenCLIPMLP(nn.Module):
     def __init__(self, width, hidden):
         super().__init__()
-        self.c_fc = Linear(width, hidden)
-        self.c_proj = Linear(hidden, width)
+        self.c_fc = nn.Linear(width, hidden)
+        self.c_proj = nn.Linear(hidden, width)
 
     def forward(self, x):
         return self.c_proj(F.gelu(self.c_fc(x)))
