@@ -26,7 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-WEIGHTS = Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "bench" / "sd15-random-fp32.safetensors"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kiln.cache import cache_dir  # noqa: E402
+
+WEIGHTS = cache_dir("bench", "sd15-random-fp32.safetensors")  # what `kiln bench` writes
 PROMPT = "a photograph of an astronaut riding a horse"
 VARIANTS = {  # name: (backend, precision)
     "eager-f32": ("torch", "full"), "ov-f32": ("openvino", "full"), "ov-f32-warm": ("openvino", "full"),

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -39,16 +38,6 @@ def kind_of(op: str) -> str:
         if any(p in op for p in parts):
             return kind
     return "other"
-
-
-def median_time(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def op_kinds(fn) -> dict[str, float]:
@@ -97,7 +86,7 @@ def main(argv=None):
     opt = p.parse_args(argv)
     if opt.threads:
         torch.set_num_threads(opt.threads)
-    from kiln.bench import PROMPT, cache_dir, random_weights
+    from kiln.bench import PROMPT, _timed, cache_dir, random_weights
     from kiln.pipeline import generators, load, randn
 
     weights = opt.weights or random_weights(cache_dir() / "sd15-random-fp32.safetensors")
@@ -109,10 +98,11 @@ def main(argv=None):
         cond, uncond = pipe.conditioning([PROMPT], [""])
         eps_fn = pipe.eps_fn(cond, uncond, 7.5)
         x = randn((4, h, w), generators([1]), torch.device("cpu"))
-        stages = {"text encoder (prompt + negative)": median_time(lambda: pipe.conditioning([PROMPT], [""]),
-                                                                  opt.repeat),
-                  "UNet step (CFG, batch 2)": median_time(lambda: eps_fn(x, 500), opt.repeat),
-                  "VAE decode": median_time(lambda: pipe.decode_latents(x), opt.repeat)}
+        cpu = torch.device("cpu")  # kiln bench's timer: one warm-up call, then the median of `repeat`
+        stages = {"text encoder (prompt + negative)": _timed(lambda: pipe.conditioning([PROMPT], [""]), opt.repeat,
+                                                             cpu),
+                  "UNet step (CFG, batch 2)": _timed(lambda: eps_fn(x, 500), opt.repeat, cpu),
+                  "VAE decode": _timed(lambda: pipe.decode_latents(x), opt.repeat, cpu)}
         torch_only = opt.backend == "torch"
         unet_ops = op_kinds(lambda: eps_fn(x, 500)) if torch_only else {}
         vae_ops = op_kinds(lambda: pipe.decode_latents(x)) if torch_only else {}

@@ -12,7 +12,6 @@ builds it (diffusers' own single-file converters), without the hub.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import cache
 from .errors import KilnError
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -39,7 +39,7 @@ V1_ORIGINAL = {"model": {"params": {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "bench"
+    return cache.cache_dir("bench")
 
 
 def random_weights(path: Path) -> Path:

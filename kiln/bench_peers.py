@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from .cache import cache_dir
 from .errors import KilnError
 
 PLAYERS = ("kiln", "diffusers", "openvino", "sdcpp")
@@ -53,7 +54,7 @@ VERSION_OF = {"kiln": ("torch",), "diffusers": ("diffusers", "transformers", "to
 
 
 def peers_dir() -> Path:
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "peers"
+    return cache_dir("peers")
 
 
 # ---------------------------------------------------------------- options and the CPU

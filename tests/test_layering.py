@@ -16,10 +16,10 @@ KILN = Path(__file__).resolve().parent.parent / "kiln"
 # The layers, lowest first: a module may import its own layer and the layers below it.
 LAYERS = [
     # (level, top-level names, why they sit there)
-    (0, {"errors", "models", "tokenizer", "prompts", "samplers", "tiling", "images", "upscalers", "styles",
+    (0, {"errors", "cache", "models", "tokenizer", "prompts", "samplers", "tiling", "images", "upscalers", "styles",
          "preprocessors"},
-     "base: exceptions, torch modules, tokenizer, prompt parsing and styles, samplers, tiling, image helpers, "
-     "ControlNet preprocessors"),
+     "base: exceptions, the cache folder, torch modules, tokenizer, prompt parsing and styles, samplers, tiling, "
+     "image helpers, ControlNet preprocessors"),
     (1, {"checkpoints"}, "reads weight files into the models"),
     (2, {"pipeline", "offload"}, "the generation core: checkpoints, models and samplers put together"),
     (3, {"output", "scripts"}, "what becomes of finished images (PNG metadata, grids, file naming, the atomic "

@@ -13,12 +13,12 @@ What the backend needs from kiln, found with torch 2.13 and openvino 2026.4:
   precision to compute in (`INFERENCE_PRECISION_HINT`)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from ..cache import cache_dir
 from ..errors import KilnError
 
 BACKENDS = ("torch", "openvino")
@@ -27,7 +27,7 @@ BACKENDS = ("torch", "openvino")
 def default_cache_dir() -> Path:
     """Compiled models are kept in $KILN_CACHE/openvino (default ~/.cache/kiln/openvino). OpenVINO's cache key
     covers the weights' values, so another checkpoint or a LoRA never picks up a stale compiled model."""
-    return Path(os.environ.get("KILN_CACHE", Path.home() / ".cache" / "kiln")) / "openvino"
+    return cache_dir("openvino")
 
 
 def check_openvino(device: str | torch.device = "cpu", offload: str | None = None) -> None:
