@@ -29,6 +29,25 @@ def tiny(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def cross_attention_lora(tmp_path):
+    """A function: a random rank-4 LoRA file (kohya names) on the first cross-attention key projection of
+    `model` (a `LatentDiffusion`), returned as kiln's `loras` argument."""
+    def make(model):
+        from safetensors.torch import save_file
+
+        key = next(k for k, _ in model.named_parameters() if k.endswith("attn2.to_k.weight"))
+        out, inp = dict(model.named_parameters())[key].shape
+        name = "lora_unet_" + key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
+        g = torch.Generator().manual_seed(0)
+        path = tmp_path / "l.safetensors"
+        save_file({f"{name}.lora_down.weight": torch.randn(4, inp, generator=g),
+                   f"{name}.lora_up.weight": torch.randn(out, 4, generator=g), f"{name}.alpha": torch.tensor(4.0)},
+                  str(path))
+        return [(str(path), 1.0)]
+    return make
+
+
 @pytest.fixture(scope="session")
 def sd15(tmp_path_factory):
     """Random full-size SD 1.5 weights written once per run, in every layout the loader reads:

@@ -66,16 +66,8 @@ def test_vae_encoder_matches_eager(pipe, ov):
     assert (a - b).abs().max() <= 1e-3 * a.abs().max()
 
 
-def test_lora_changes_reach_the_compiled_models(pipe, ov, tmp_path):
-    from safetensors.torch import save_file
-
-    key = next(k for k, _ in ov.model.named_parameters() if k.endswith("attn2.to_k.weight"))
-    out, inp = dict(ov.model.named_parameters())[key].shape
-    name = "lora_unet_" + key[len("model.diffusion_model."):-len(".weight")].replace(".", "_")
-    g = torch.Generator().manual_seed(0)
-    save_file({f"{name}.lora_down.weight": torch.randn(4, inp, generator=g), f"{name}.lora_up.weight":
-               torch.randn(out, 4, generator=g), f"{name}.alpha": torch.tensor(4.0)}, str(tmp_path / "l.safetensors"))
-    lora = [(str(tmp_path / "l.safetensors"), 1.0)]
+def test_lora_changes_reach_the_compiled_models(pipe, ov, cross_attention_lora):
+    lora = cross_attention_lora(ov.model)
     plain = run(ov).latents
     a, b = run(pipe, lora).latents, run(ov, lora).latents
     assert (a - plain).abs().max() > 1e-2 * a.abs().max()  # the LoRA changes the result
