@@ -20,9 +20,10 @@ def add_precision_flag(p):
 
 def add_memory_flags(p):
     p.add_argument("--prepack", choices=["auto", "on", "off"], default="auto",
-                   help="CPU: pre-pack convolution weights for oneDNN (UNet 1.3-1.7x faster at 256x256, about even at "
-                        "512x512). auto: where memory stays flat (weights mapped from an fp32 file); on: also for "
-                        "weights converted at load (+ the conv weights' size); docs/performance.md")
+                   help="CPU: pre-pack convolution and UNet linear weights for oneDNN (UNet 1.3-1.7x faster at "
+                        "256x256, about even at 512x512). auto: fp32 where memory stays flat (weights mapped from an "
+                        "fp32 file), bf16 always; on: also fp32 weights converted at load (+ their size); "
+                        "docs/performance.md")
     p.add_argument("--no-prepack", dest="prepack", action="store_const", const="off", help="the same as --prepack off")
     vram = p.add_mutually_exclusive_group()
     vram.add_argument("--medvram", dest="offload", action="store_const", const="medvram", default=None,

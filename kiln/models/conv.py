@@ -144,7 +144,8 @@ class Linear(PackedWeight, nn.Linear):
 
 
 def prepack(model: nn.Module, mode: bool | str = True) -> None:
-    """Weight pre-packing for every `Conv2d` in `model`: True, False (also frees the packed copies) or "auto"."""
+    """Weight pre-packing for every `Conv2d` and `Linear` in `model`: True, False (also frees the packed copies)
+    or "auto"."""
     if mode not in (True, False, "auto"):
         raise ValueError(f"prepack must be True, False or 'auto', not {mode!r}")
     for m in model.modules():

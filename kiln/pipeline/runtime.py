@@ -23,12 +23,13 @@ def load(path: str | Path, *, device: str = "auto", precision: str = "auto", ema
     CUDA) stores the UNet's and VAE's convolution weights NHWC, which cuDNN and oneDNN run faster; results differ
     from NCHW only by float summation order. Not the CPU default: there the weights stay in the file's memory map
     (no copy, fast load), and NHWC copies would add 2.7 GB of resident memory for a 10% faster UNet
-    (docs/performance.md). `prepack` (CPU, fp32) packs the convolution weights for oneDNN at the first call at an
-    image size (`kiln.models.conv`): "auto" where memory stays flat (weights memory-mapped from an fp32 file), True
-    everywhere, False never (PyTorch's plain eager convolution). `offload` ("medvram" | "lowvram") keeps the
-    weights in CPU memory and moves each part to the GPU while it runs (`offload`); on a CPU there is nothing to
-    offload, and it is ignored with a notice. `backend` "openvino" runs the models through OpenVINO on the CPU
-    (`openvino_backend`): the weights load in fp32 and `precision` picks OpenVINO's compute precision."""
+    (docs/performance.md). `prepack` (CPU, fp32 and bf16) packs the convolution and UNet linear weights for oneDNN at
+    the first call at an input shape (`kiln.models.conv`): "auto" for fp32 where memory stays flat (weights
+    memory-mapped from an fp32 file) and for bf16 always, True everywhere, False never (PyTorch's plain eager
+    kernels). `offload` ("medvram" | "lowvram") keeps the weights in CPU memory and moves each part to the GPU
+    while it runs (`offload`); on a CPU there is nothing to offload, and it is ignored with a notice. `backend`
+    "openvino" runs the models through OpenVINO on the CPU (`openvino_backend`): the weights load in fp32 and
+    `precision` picks OpenVINO's compute precision."""
     from .model import Pipeline
 
     if backend not in BACKENDS:

@@ -21,7 +21,7 @@ class ServerConfig:
     device: str = "auto"
     precision: str = "auto"
     offload: str | None = None  # "medvram" | "lowvram" (GPU)
-    prepack: bool | str = "auto"  # CPU: oneDNN pre-packed convolution weights (kiln.models.conv)
+    prepack: bool | str = "auto"  # CPU: oneDNN pre-packed convolution and linear weights (kiln.models.conv)
     limits: Limits = field(default_factory=Limits)
     api_auth: list = field(default_factory=list)  # [(user, password), ...]
     token: str | None = None
